@@ -42,6 +42,13 @@ impl PageSize {
             PageSize::Huge1G => 1 << 30,
         }
     }
+    /// The `--size` flag of `scripts/hugepages` for this size.
+    pub fn flag(self) -> &'static str {
+        match self {
+            PageSize::Huge2M => "2M",
+            PageSize::Huge1G => "1G",
+        }
+    }
     fn shift(self) -> u32 {
         match self {
             PageSize::Huge2M => 21,
@@ -91,7 +98,7 @@ pub enum PoolError {
     #[error("invalid buffer pool config: {0}")]
     InvalidConfig(String),
     /// `require_hugepages` was set and the hugepage mapping failed.
-    #[error("cannot map {bytes} bytes of {size:?} hugepages: {source} (reserve them with `scripts/hugepages setup --mem {mib}M`)")]
+    #[error("cannot map {bytes} bytes of {size:?} hugepages: {source} (reserve them as root with `scripts/hugepages setup --size {flag} --mem {mib}M`)")]
     NoHugepages {
         /// Bytes requested.
         bytes: usize,
@@ -99,6 +106,8 @@ pub enum PoolError {
         size: PageSize,
         /// Megabytes to suggest reserving.
         mib: usize,
+        /// `--size` value for the script.
+        flag: &'static str,
         /// The kernel's answer.
         source: std::io::Error,
     },
@@ -179,6 +188,7 @@ impl BufferPool {
                     bytes: huge_len,
                     size: cfg.page_size,
                     mib: huge_len.div_ceil(1 << 20),
+                    flag: cfg.page_size.flag(),
                     source,
                 })
             }
@@ -187,8 +197,9 @@ impl BufferPool {
                     tracing::warn!(
                         "no {:?} hugepages available ({e}); the buffer pool uses ordinary locked \
                          pages instead (slower DMA mapping, no contiguous physical pages). Reserve \
-                         hugepages as root with: scripts/hugepages setup --mem {}M",
+                         hugepages as root with: scripts/hugepages setup --size {} --mem {}M",
                         cfg.page_size,
+                        cfg.page_size.flag(),
                         huge_len.div_ceil(1 << 20)
                     );
                 }

@@ -1,0 +1,15 @@
+//! ClaudeFS data plane: polled per-core reactors and the chunk store.
+//!
+//! Layering: [`store`] holds the on-disk format (pure encoders in `store::format`, the
+//! allocator in `store::alloc`) and the per-shard engine; [`exec`] and [`io`] are the
+//! single-threaded task executor and queue-pair plumbing a reactor runs; [`reactor`] starts the
+//! pinned reactor threads and routes requests to them by message passing; [`config`] reads the
+//! TOML configuration.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod exec;
+pub mod io;
+pub mod reactor;
+pub mod store;
