@@ -1,1 +1,455 @@
+//! `cfs-dataplane` configuration (TOML). Only `data_dir` is required; everything else has a
+//! default that works on any Linux box. Errors name the key and the problem.
 
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for state: default device files live here.
+    pub data_dir: PathBuf,
+    /// Devices (files or block devices); default: one 4 GiB file `data_dir/data0.img`.
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+    /// Reactor threads.
+    #[serde(default)]
+    pub reactors: ReactorConfig,
+    /// Hugepage buffer pool.
+    #[serde(default)]
+    pub hugepages: HugepageConfig,
+    /// Format-time layout.
+    #[serde(default)]
+    pub format: FormatConfig,
+}
+
+/// One device.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Path of a regular file or block device; relative paths are under `data_dir`.
+    pub path: PathBuf,
+    /// Size of a file device created by `format` (e.g. "4G"); ignored for block devices.
+    #[serde(default = "default_device_size")]
+    pub size: String,
+}
+
+fn default_device_size() -> String {
+    "4G".into()
+}
+
+/// Reactor settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorConfig {
+    /// CPU cores to pin one reactor each to.
+    #[serde(default = "default_cores")]
+    pub cores: Vec<usize>,
+    /// Never sleep when idle (dedicates the cores; lowest latency).
+    #[serde(default)]
+    pub busy_poll: bool,
+    /// Idle loop iterations before an idle reactor starts sleeping.
+    #[serde(default = "default_idle_spin")]
+    pub idle_spin: u32,
+    /// Longest idle sleep in microseconds (a new request wakes a sleeping reactor at once).
+    #[serde(default = "default_idle_sleep_us")]
+    pub idle_sleep_us: u64,
+    /// Commands in flight per queue pair.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: u32,
+    /// Use io_uring SQPOLL (a kernel thread polls submissions: no syscall per I/O).
+    #[serde(default)]
+    pub sqpoll: bool,
+    /// Capacity of each reactor's inbound message queue.
+    #[serde(default = "default_inbox")]
+    pub inbox: usize,
+    /// Most requests a reactor works on at once (the rest wait in its inbox).
+    #[serde(default = "default_max_tasks")]
+    pub max_tasks: usize,
+}
+
+fn default_cores() -> Vec<usize> {
+    vec![0]
+}
+fn default_idle_spin() -> u32 {
+    2000
+}
+fn default_idle_sleep_us() -> u64 {
+    2000
+}
+fn default_queue_depth() -> u32 {
+    128
+}
+fn default_inbox() -> usize {
+    4096
+}
+fn default_max_tasks() -> usize {
+    1024
+}
+
+impl Default for ReactorConfig {
+    fn default() -> Self {
+        ReactorConfig {
+            cores: default_cores(),
+            busy_poll: false,
+            idle_spin: default_idle_spin(),
+            idle_sleep_us: default_idle_sleep_us(),
+            queue_depth: default_queue_depth(),
+            sqpoll: false,
+            inbox: default_inbox(),
+            max_tasks: default_max_tasks(),
+        }
+    }
+}
+
+/// Buffer pool settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HugepageConfig {
+    /// Pool size in MiB, split evenly between reactors.
+    #[serde(default = "default_pool_mib")]
+    pub pool_mib: usize,
+    /// Buffer size in KiB (power of two, 4..=2048).
+    #[serde(default = "default_buf_kib")]
+    pub buf_kib: usize,
+    /// "2M" or "1G".
+    #[serde(default = "default_page_size")]
+    pub page_size: String,
+    /// Refuse to start without hugepages instead of falling back to locked 4 KiB pages.
+    #[serde(default)]
+    pub require: bool,
+}
+
+fn default_pool_mib() -> usize {
+    64
+}
+fn default_buf_kib() -> usize {
+    128
+}
+fn default_page_size() -> String {
+    "2M".into()
+}
+
+impl Default for HugepageConfig {
+    fn default() -> Self {
+        HugepageConfig {
+            pool_mib: default_pool_mib(),
+            buf_kib: default_buf_kib(),
+            page_size: default_page_size(),
+            require: false,
+        }
+    }
+}
+
+/// Layout chosen by `format`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatConfig {
+    /// Shards per device; each is owned by one reactor (shard i -> reactor i mod reactors).
+    #[serde(default = "default_shards")]
+    pub shards_per_device: u32,
+    /// Largest chunk in MiB.
+    #[serde(default = "default_max_chunk_mib")]
+    pub max_chunk_mib: u64,
+    /// Journal blocks (4 KiB) per shard; default scales with the shard.
+    #[serde(default)]
+    pub journal_blocks: Option<u32>,
+}
+
+fn default_shards() -> u32 {
+    4
+}
+fn default_max_chunk_mib() -> u64 {
+    64
+}
+
+impl Default for FormatConfig {
+    fn default() -> Self {
+        FormatConfig {
+            shards_per_device: default_shards(),
+            max_chunk_mib: default_max_chunk_mib(),
+            journal_blocks: None,
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Config path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/mistyped key (the message names it and the line).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// Config path.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Parses "4G", "512M", "64k", "4096" into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].trim().to_ascii_uppercase();
+            let unit = unit
+                .strip_suffix("IB")
+                .or_else(|| unit.strip_suffix('B'))
+                .unwrap_or(&unit)
+                .to_string();
+            let m: u64 = match unit.as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return None,
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+impl Config {
+    /// Defaults for everything but the data directory.
+    pub fn with_data_dir(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: dir.into(),
+            devices: Vec::new(),
+            reactors: ReactorConfig::default(),
+            hugepages: HugepageConfig::default(),
+            format: FormatConfig::default(),
+        }
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value that the type system does not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if parse_size(&d.size).is_none_or(|b| b < 16 << 20) {
+                return Err(invalid(
+                    format!("devices[{i}].size"),
+                    format!("`{}` is not a size of at least 16M (e.g. \"4G\")", d.size),
+                ));
+            }
+        }
+        let r = &self.reactors;
+        if r.cores.is_empty() {
+            return Err(invalid("reactors.cores", "needs at least one core"));
+        }
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let max_core = core_affinity::get_core_ids()
+            .map(|ids| ids.iter().map(|c| c.id).max().unwrap_or(0))
+            .unwrap_or(ncpu - 1);
+        for (i, &c) in r.cores.iter().enumerate() {
+            if c > max_core {
+                return Err(invalid(
+                    format!("reactors.cores[{i}]"),
+                    format!("core {c} does not exist (highest is {max_core})"),
+                ));
+            }
+            if r.cores[..i].contains(&c) {
+                return Err(invalid(
+                    format!("reactors.cores[{i}]"),
+                    format!("core {c} listed twice"),
+                ));
+            }
+        }
+        if !(1..=4096).contains(&r.queue_depth) {
+            return Err(invalid(
+                "reactors.queue_depth",
+                "must be between 1 and 4096",
+            ));
+        }
+        if !(16..=1 << 20).contains(&r.inbox) {
+            return Err(invalid("reactors.inbox", "must be between 16 and 1048576"));
+        }
+        if !(1..=1 << 16).contains(&r.max_tasks) {
+            return Err(invalid("reactors.max_tasks", "must be between 1 and 65536"));
+        }
+        let h = &self.hugepages;
+        if !h.buf_kib.is_power_of_two() || !(4..=2048).contains(&h.buf_kib) {
+            return Err(invalid(
+                "hugepages.buf_kib",
+                "must be a power of two between 4 and 2048",
+            ));
+        }
+        if h.pool_mib == 0 {
+            return Err(invalid("hugepages.pool_mib", "must be at least 1"));
+        }
+        if h.pool_mib * 1024 / r.cores.len() < h.buf_kib * 32 {
+            return Err(invalid(
+                "hugepages.pool_mib",
+                format!(
+                    "{} MiB leaves fewer than 32 buffers of {} KiB per reactor",
+                    h.pool_mib, h.buf_kib
+                ),
+            ));
+        }
+        self.page_size()?;
+        let f = &self.format;
+        if f.shards_per_device == 0 || f.shards_per_device > 1024 {
+            return Err(invalid(
+                "format.shards_per_device",
+                "must be between 1 and 1024",
+            ));
+        }
+        if f.max_chunk_mib == 0 || f.max_chunk_mib > 1 << 20 {
+            return Err(invalid(
+                "format.max_chunk_mib",
+                "must be between 1 and 1048576",
+            ));
+        }
+        if let Some(j) = f.journal_blocks {
+            if j < 512 {
+                return Err(invalid("format.journal_blocks", "must be at least 512"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hugepage size.
+    pub fn page_size(&self) -> Result<cfs_hugepages::PageSize, ConfigError> {
+        match self.hugepages.page_size.to_ascii_uppercase().as_str() {
+            "2M" => Ok(cfs_hugepages::PageSize::Huge2M),
+            "1G" => Ok(cfs_hugepages::PageSize::Huge1G),
+            other => Err(invalid(
+                "hugepages.page_size",
+                format!("`{other}` is not \"2M\" or \"1G\""),
+            )),
+        }
+    }
+
+    /// Devices with paths resolved against `data_dir` and sizes in bytes.
+    pub fn resolved_devices(&self) -> Vec<(PathBuf, u64)> {
+        let list = if self.devices.is_empty() {
+            vec![DeviceConfig {
+                path: "data0.img".into(),
+                size: default_device_size(),
+            }]
+        } else {
+            self.devices.clone()
+        };
+        list.into_iter()
+            .map(|d| {
+                let p = if d.path.is_absolute() {
+                    d.path
+                } else {
+                    self.data_dir.join(d.path)
+                };
+                (p, parse_size(&d.size).unwrap_or(4 << 30))
+            })
+            .collect()
+    }
+
+    /// Format parameters.
+    pub fn format_params(&self) -> crate::store::FormatParams {
+        crate::store::FormatParams {
+            shards_per_device: self.format.shards_per_device,
+            journal_blocks: self.format.journal_blocks,
+            max_chunk_bytes: self.format.max_chunk_mib << 20,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_is_just_a_data_dir() {
+        let c = parse("data_dir = \"/tmp/x\"").unwrap();
+        assert_eq!(c.reactors.cores, vec![0]);
+        let devs = c.resolved_devices();
+        assert_eq!(devs, vec![(PathBuf::from("/tmp/x/data0.img"), 4 << 30)]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("data_dir = \"/x\"\n[reactors]\ncores = [0, 999]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reactors.cores[1]") && e.contains("999"), "{e}");
+        let e = parse("data_dir = \"/x\"\n[reactors]\ncorez = [0]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("corez"), "{e}");
+        let e = parse("data_dir = \"/x\"\n[[devices]]\npath = \"a\"\nsize = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("devices[0].size"), "{e}");
+        let e = parse("[reactors]\n").unwrap_err().to_string();
+        assert!(e.contains("data_dir"), "{e}");
+        let e = parse("data_dir = \"/x\"\n[hugepages]\nbuf_kib = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hugepages.buf_kib"), "{e}");
+        let e = parse("data_dir = \"/x\"\n[hugepages]\npage_size = \"4M\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hugepages.page_size"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G"), Some(4 << 30));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("4X"), None);
+        assert_eq!(parse_size(""), None);
+    }
+}

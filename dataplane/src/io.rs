@@ -201,6 +201,11 @@ impl Buffers {
         }
     }
 
+    /// A buffer if one is free right now.
+    pub fn try_get(&self) -> Option<DmaBuf> {
+        self.core.borrow_mut().alloc()
+    }
+
     /// Returns a buffer and wakes waiters.
     pub fn put(&self, buf: DmaBuf) {
         self.core.borrow_mut().free(buf);

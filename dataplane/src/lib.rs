@@ -13,3 +13,4 @@ pub mod exec;
 pub mod io;
 pub mod reactor;
 pub mod store;
+pub mod workload;

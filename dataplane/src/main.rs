@@ -1,1 +1,394 @@
-fn main() {}
+//! `cfs-dataplane`: format and run a ClaudeFS data plane node, plus crash-test and benchmark
+//! tools that drive the real engine.
+
+use anyhow::{bail, Context, Result};
+use cfs_dataplane::config::Config;
+use cfs_dataplane::reactor::{self, Engine};
+use cfs_nvme::uring::UringDevice;
+use cfs_nvme::BlockDevice;
+use clap::{Parser, Subcommand};
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "cfs-dataplane", version, about = "ClaudeFS data plane node")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create (if needed) and format the configured devices as a new, empty store.
+    Format {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file: all defaults).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overwrite an existing store.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the data plane until SIGINT/SIGTERM.
+    Run {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print store statistics every this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        stats_every: u64,
+    },
+    /// Print the store's layout and per-shard statistics (the node must not be running).
+    Status {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Crash-test load: seeded durable writes, printing `I id chunk first_sector sectors`
+    /// before each write and `A id` once it is acknowledged durable.
+    Load {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Workload seed.
+        #[arg(long)]
+        seed: u64,
+        /// Operations to issue.
+        #[arg(long, default_value_t = 100_000)]
+        ops: u64,
+        /// Writes in flight.
+        #[arg(long, default_value_t = 16)]
+        depth: usize,
+        /// Id of the first operation (ids must be unique across runs).
+        #[arg(long, default_value_t = 1)]
+        first_id: u64,
+        /// Chunks written.
+        #[arg(long, default_value_t = 8)]
+        chunks: u64,
+        /// Bytes of each chunk written.
+        #[arg(long, default_value_t = 1 << 20)]
+        span: u64,
+    },
+    /// Benchmark the chunk store and fio on the same file.
+    Bench(bench::BenchArgs),
+}
+
+fn load_config(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<Config> {
+    match (config, data_dir) {
+        (Some(p), None) => Ok(Config::load(&p)?),
+        (None, Some(d)) => {
+            let c = Config::with_data_dir(d);
+            c.validate()?;
+            Ok(c)
+        }
+        (Some(_), Some(_)) => bail!("give either --config or --data-dir, not both"),
+        (None, None) => bail!("give --config FILE or --data-dir DIR"),
+    }
+}
+
+/// Opens the configured devices, holding an exclusive lock on each so two processes can never
+/// drive the same store.
+pub(crate) fn open_devices(
+    cfg: &Config,
+    create: bool,
+) -> Result<(Vec<Arc<dyn BlockDevice>>, Vec<File>)> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    let mut devs: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let mut locks = Vec::new();
+    for (path, size) in cfg.resolved_devices() {
+        if create && !path.exists() {
+            UringDevice::create_file(&path, size)?;
+        }
+        let lock =
+            File::open(&path).with_context(|| format!("cannot open device {}", path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                bail!(
+                    "device {} is in use by another cfs-dataplane process",
+                    path.display()
+                )
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock device {}", path.display()))
+            }
+        }
+        locks.push(lock);
+        devs.push(Arc::new(UringDevice::open(&path)?));
+    }
+    Ok((devs, locks))
+}
+
+fn random_uuid() -> Result<[u8; 16]> {
+    let mut u = [0u8; 16];
+    let mut f = File::open("/dev/urandom").context("cannot open /dev/urandom")?;
+    std::io::Read::read_exact(&mut f, &mut u)?;
+    u[6] = (u[6] & 0x0f) | 0x40; // version 4
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
+}
+
+fn uuid_str(u: &[u8; 16]) -> String {
+    let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h[..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..].concat()
+    )
+}
+
+pub(crate) fn start_engine(cfg: &Config) -> Result<(Engine, Vec<File>)> {
+    let (devs, locks) = open_devices(cfg, false)?;
+    let engine = Engine::start(cfg, devs).context("cannot start the data plane")?;
+    Ok((engine, locks))
+}
+
+fn cmd_format(cfg: &Config, force: bool) -> Result<()> {
+    let (devs, _locks) = open_devices(cfg, true)?;
+    if !force {
+        // Refuse to destroy an existing store by accident.
+        if let Ok(e) = Engine::start(cfg, devs.clone()) {
+            let uuid = e.layout().uuid();
+            drop(e);
+            bail!(
+                "the devices already hold store {}; pass --force to overwrite it",
+                uuid_str(&uuid)
+            );
+        }
+    }
+    let uuid = random_uuid()?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let layout = reactor::format(cfg, &devs, uuid, now).context("format failed")?;
+    println!(
+        "formatted store {} on {} device(s):",
+        uuid_str(&uuid),
+        layout.devices.len()
+    );
+    for (sb, d) in layout.devices.iter().zip(&devs) {
+        println!(
+            "  {}: {} MiB, {} shards x {} MiB data, journal {} MiB per shard",
+            d.name(),
+            sb.device_blocks * 4096 >> 20,
+            sb.shards,
+            u64::from(sb.data_blocks) * 4096 >> 20,
+            u64::from(sb.journal_blocks) * 4096 >> 20
+        );
+    }
+    Ok(())
+}
+
+fn cmd_status(cfg: &Config) -> Result<()> {
+    let (engine, _locks) = start_engine(cfg)?;
+    let l = engine.layout().clone();
+    println!(
+        "store {}: {} device(s), {} shards, {} reactor(s)",
+        uuid_str(&l.uuid()),
+        l.devices.len(),
+        l.total_shards(),
+        engine.reactors()
+    );
+    let (region, phys) = engine.pool_region();
+    println!(
+        "buffer pool: {} MiB of {} at {:#x}{}",
+        region.len >> 20,
+        region.backing,
+        region.base,
+        if phys {
+            " (physical addresses known)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:>6} {:>8} {:>12} {:>12} {:>9}",
+        "shard", "chunks", "used MiB", "free MiB", "crc errs"
+    );
+    for (i, s) in engine.stats()? {
+        println!(
+            "{i:>6} {:>8} {:>12} {:>12} {:>9}",
+            s.chunks,
+            s.live_blocks * 4096 >> 20,
+            s.free_blocks * 4096 >> 20,
+            s.checksum_errors
+        );
+    }
+    engine.shutdown()?;
+    Ok(())
+}
+
+fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
+    let term = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&term))
+            .context("cannot install signal handler")?;
+    }
+    let (engine, _locks) = start_engine(cfg)?;
+    let l = engine.layout();
+    let (region, _) = engine.pool_region();
+    tracing::info!(
+        store = %uuid_str(&l.uuid()),
+        devices = l.devices.len(),
+        shards = l.total_shards(),
+        reactors = engine.reactors(),
+        pool = %region.backing,
+        "cfs-dataplane running"
+    );
+    println!("cfs-dataplane running: store {} ({} shards, {} reactors, buffers on {}); SIGINT/SIGTERM to stop", uuid_str(&l.uuid()), l.total_shards(), engine.reactors(), region.backing);
+    let mut last = Instant::now();
+    while !term.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if stats_every > 0 && last.elapsed() >= Duration::from_secs(stats_every) {
+            last = Instant::now();
+            let stats = engine.stats()?;
+            let used: u64 = stats.iter().map(|(_, s)| s.live_blocks).sum();
+            let chunks: u64 = stats.iter().map(|(_, s)| s.chunks).sum();
+            tracing::info!(chunks, used_mib = used * 4096 >> 20, "store status");
+        }
+    }
+    println!("stopping: checkpointing shards");
+    engine.shutdown()?;
+    println!("stopped cleanly");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_load(
+    cfg: &Config,
+    seed: u64,
+    ops: u64,
+    depth: usize,
+    first_id: u64,
+    chunks: u64,
+    span: u64,
+) -> Result<()> {
+    use cfs_dataplane::workload::{fill_range, SECTOR};
+    use cfs_nvme::rng::SimRng;
+    let (engine, _locks) = start_engine(cfg)?;
+    let mut rng = SimRng::new(seed);
+    let sectors = span / SECTOR as u64;
+    let mut inflight: Vec<(
+        u64,
+        u64,
+        u64,
+        u64,
+        std::sync::mpsc::Receiver<Result<(), cfs_dataplane::store::StoreError>>,
+    )> = Vec::new();
+    let out = std::io::stdout();
+    let mut issued = 0u64;
+    let mut id = first_id;
+    println!("READY");
+    while issued < ops || !inflight.is_empty() {
+        while issued < ops && inflight.len() < depth {
+            let chunk = 1 + rng.below(chunks);
+            let start = rng.below(sectors);
+            let cap = if rng.chance(1, 8) { 2048 } else { 64 };
+            let len = 1 + rng.below((sectors - start).min(cap));
+            if inflight
+                .iter()
+                .any(|&(_, c, s, n, _)| c == chunk && s < start + len && start < s + n)
+            {
+                continue;
+            }
+            let mut data = vec![0u8; (len as usize) * SECTOR];
+            fill_range(id, start, &mut data);
+            writeln!(out.lock(), "I {id} {chunk} {start} {len}")?;
+            let rx = engine.write_async(chunk, start * SECTOR as u64, data);
+            inflight.push((id, chunk, start, len, rx));
+            id += 1;
+            issued += 1;
+        }
+        let mut i = 0;
+        let mut progressed = false;
+        while i < inflight.len() {
+            match inflight[i].4.try_recv() {
+                Ok(r) => {
+                    let (oid, ..) = inflight.swap_remove(i);
+                    match r {
+                        Ok(()) => writeln!(out.lock(), "A {oid}")?,
+                        Err(e) => writeln!(out.lock(), "E {oid} {e}")?,
+                    }
+                    progressed = true;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => i += 1,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => bail!("reactor went away"),
+            }
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    engine.shutdown()?;
+    println!("DONE");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CFS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Format {
+            config,
+            data_dir,
+            force,
+        } => cmd_format(&load_config(config, data_dir)?, force),
+        Cmd::Run {
+            config,
+            data_dir,
+            stats_every,
+        } => cmd_run(&load_config(config, data_dir)?, stats_every),
+        Cmd::Status { config, data_dir } => cmd_status(&load_config(config, data_dir)?),
+        Cmd::Load {
+            config,
+            data_dir,
+            seed,
+            ops,
+            depth,
+            first_id,
+            chunks,
+            span,
+        } => {
+            if span % 512 != 0 || span == 0 || chunks == 0 || depth == 0 {
+                bail!("--span must be a non-zero multiple of 512; --chunks and --depth non-zero");
+            }
+            cmd_load(
+                &load_config(config, data_dir)?,
+                seed,
+                ops,
+                depth,
+                first_id,
+                chunks,
+                span,
+            )
+        }
+        Cmd::Bench(args) => bench::run(args),
+    }
+}

@@ -368,7 +368,8 @@ async fn worker(
 
 fn run_seed(seed: u64, cycles: u32) {
     let mut pool = BufferPool::new(&PoolConfig {
-        total_bytes: 8 << 20,
+        // Few buffers on purpose: operations must share them without deadlocking.
+        total_bytes: 512 << 10,
         buf_bytes: 32 << 10,
         cores: 1,
         page_size: PageSize::Huge2M,

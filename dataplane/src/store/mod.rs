@@ -175,58 +175,93 @@ impl DevIo {
         Ok(res?)
     }
 
-    /// Reads `n` consecutive blocks into a vector (metadata paths).
-    pub async fn read_meta(&self, dev_block: u64, n: u64) -> Result<Vec<u8>, StoreError> {
-        let per = u64::from(self.buf_blocks());
-        let mut futs = Vec::new();
-        let mut done = 0;
-        while done < n {
-            let k = (n - done).min(per) as u32;
-            let buf = self.bufs.get().await;
-            futs.push((k, self.submit_rw(false, dev_block + done, k, buf)));
-            done += u64::from(k);
-        }
-        let mut out = Vec::with_capacity(n as usize * BLOCK);
+    /// Runs one I/O per job through the buffer pool, at most `window` in flight, calling
+    /// `start` to fill a buffer and submit it and `done` with each result in job order.
+    ///
+    /// It never waits for a free buffer while holding one of its own: when the pool is empty it
+    /// first completes its oldest I/O. So tasks can't deadlock on the pool, however many run.
+    pub async fn pipeline<J: Copy>(
+        &self,
+        jobs: &[J],
+        window: usize,
+        mut start: impl FnMut(J, DmaBuf) -> IoFuture,
+        mut done: impl FnMut(J, Result<&DmaBuf, &StoreError>),
+    ) -> Result<(), StoreError> {
+        let mut pending: std::collections::VecDeque<(J, IoFuture)> =
+            std::collections::VecDeque::new();
+        let mut next = 0;
         let mut first_err = None;
-        for (k, f) in futs {
+        while next < jobs.len() || !pending.is_empty() {
+            if next < jobs.len() && pending.len() < window.max(1) {
+                let buf = match self.bufs.try_get() {
+                    Some(b) => Some(b),
+                    None if pending.is_empty() => Some(self.bufs.get().await),
+                    None => None,
+                };
+                if let Some(buf) = buf {
+                    pending.push_back((jobs[next], start(jobs[next], buf)));
+                    next += 1;
+                    continue;
+                }
+            }
+            let Some((job, f)) = pending.pop_front() else {
+                break;
+            };
             match self.finish(f).await {
                 Ok(buf) => {
-                    out.extend_from_slice(&buf.as_slice()[..k as usize * BLOCK]);
+                    done(job, Ok(&buf));
                     self.bufs.put(buf);
                 }
                 Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        first_err.map_or(Ok(out), Err)
-    }
-
-    /// Writes `data` (whole blocks) at `dev_block`, all pieces in flight at once.
-    pub async fn write_meta(&self, dev_block: u64, data: &[u8]) -> Result<(), StoreError> {
-        assert_eq!(data.len() % BLOCK, 0);
-        let per = self.buf_blocks() as usize;
-        let mut futs = Vec::new();
-        for (i, piece) in data.chunks(per * BLOCK).enumerate() {
-            let mut buf = self.bufs.get().await;
-            buf.as_mut_slice()[..piece.len()].copy_from_slice(piece);
-            futs.push(self.submit_rw(
-                true,
-                dev_block + (i * per) as u64,
-                (piece.len() / BLOCK) as u32,
-                buf,
-            ));
-        }
-        let mut first_err = None;
-        for f in futs {
-            match self.finish(f).await {
-                Ok(b) => self.bufs.put(b),
-                Err(e) => {
+                    done(job, Err(&e));
                     first_err.get_or_insert(e);
                 }
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Reads `n` consecutive blocks into a vector (metadata paths).
+    pub async fn read_meta(&self, dev_block: u64, n: u64) -> Result<Vec<u8>, StoreError> {
+        let per = u64::from(self.buf_blocks());
+        let jobs: Vec<(u64, u32)> = (0..n)
+            .step_by(per as usize)
+            .map(|off| (off, (n - off).min(per) as u32))
+            .collect();
+        let mut out = vec![0u8; n as usize * BLOCK];
+        self.pipeline(
+            &jobs,
+            8,
+            |(off, k), buf| self.submit_rw(false, dev_block + off, k, buf),
+            |(off, k), r| {
+                if let Ok(buf) = r {
+                    let at = off as usize * BLOCK;
+                    out[at..at + k as usize * BLOCK]
+                        .copy_from_slice(&buf.as_slice()[..k as usize * BLOCK]);
+                }
+            },
+        )
+        .await?;
+        Ok(out)
+    }
+
+    /// Writes `data` (whole blocks) at `dev_block`, several pieces in flight at once.
+    pub async fn write_meta(&self, dev_block: u64, data: &[u8]) -> Result<(), StoreError> {
+        assert_eq!(data.len() % BLOCK, 0);
+        let per = self.buf_blocks() as usize;
+        let jobs: Vec<usize> = (0..data.len() / BLOCK).step_by(per).collect();
+        self.pipeline(
+            &jobs,
+            8,
+            |first, mut buf| {
+                let k = (data.len() / BLOCK - first).min(per);
+                buf.as_mut_slice()[..k * BLOCK]
+                    .copy_from_slice(&data[first * BLOCK..(first + k) * BLOCK]);
+                self.submit_rw(true, dev_block + first as u64, k as u32, buf)
+            },
+            |_, _| {},
+        )
+        .await
     }
 }
 
@@ -429,10 +464,12 @@ pub async fn load_layout(devs: &[DevIo]) -> Result<(StoreLayout, Vec<usize>), St
                     tracing::warn!(device = %d.name, "primary superblock unreadable ({first}); using the copy");
                     sb
                 }
-                Err(_) => return Err(StoreError::Layout(format!(
+                Err(_) => {
+                    return Err(StoreError::Layout(format!(
                     "device {} holds no ClaudeFS store ({first}); run `cfs-dataplane format` first",
                     d.name
-                ))),
+                )))
+                }
             },
         };
         if sb.device_blocks > d.blocks {

@@ -318,48 +318,44 @@ impl Shard {
                 _ => runs.push((i, r.phys, 1)),
             }
         }
-        let mut futs = Vec::with_capacity(runs.len());
-        for &(_, phys, n) in &runs {
-            let buf = self.bufs.get().await;
-            futs.push(self.submit_rw(false, self.layout.data_start + u64::from(phys), n, buf));
-        }
         let mut out = vec![0u8; len];
         let mut result = Ok(());
-        for (f, &(start, phys, n)) in futs.into_iter().zip(&runs) {
-            let buf = match self.finish(f).await {
-                Ok(b) => b,
-                Err(e) => {
-                    if result.is_ok() {
-                        result = Err(e);
+        let data_start = self.layout.data_start;
+        let r = self
+            .dev
+            .pipeline(
+                &runs,
+                16,
+                |(_, phys, n), buf| self.submit_rw(false, data_start + u64::from(phys), n, buf),
+                |(start, phys, n), r| {
+                    let Ok(buf) = r else { return };
+                    for j in 0..n as usize {
+                        let i = start + j;
+                        let block = &buf.as_slice()[j * BLOCK..(j + 1) * BLOCK];
+                        let expected = refs[i].map_or(0, |r| r.crc);
+                        let actual = crc(block);
+                        let logical = u64::from(first) + i as u64;
+                        if actual != expected {
+                            self.st.borrow_mut().stats.checksum_errors += 1;
+                            if result.is_ok() {
+                                result = Err(StoreError::Checksum {
+                                    device: self.device.to_string(),
+                                    chunk,
+                                    offset: logical * BLOCK as u64,
+                                    lba: (data_start + u64::from(phys) + j as u64)
+                                        * self.lbas_per_block,
+                                    expected,
+                                    actual,
+                                });
+                            }
+                            continue;
+                        }
+                        copy_block_part(block, logical, offset, &mut out);
                     }
-                    continue;
-                }
-            };
-            for j in 0..n as usize {
-                let i = start + j;
-                let block = &buf.as_slice()[j * BLOCK..(j + 1) * BLOCK];
-                let expected = refs[i].map_or(0, |r| r.crc);
-                let actual = crc(block);
-                let logical = u64::from(first) + i as u64;
-                if actual != expected {
-                    self.st.borrow_mut().stats.checksum_errors += 1;
-                    if result.is_ok() {
-                        result = Err(StoreError::Checksum {
-                            device: self.device.to_string(),
-                            chunk,
-                            offset: logical * BLOCK as u64,
-                            lba: (self.layout.data_start + u64::from(phys) + j as u64)
-                                * self.lbas_per_block,
-                            expected,
-                            actual,
-                        });
-                    }
-                    continue;
-                }
-                copy_block_part(block, logical, offset, &mut out);
-            }
-            self.bufs.put(buf);
-        }
+                },
+            )
+            .await;
+        r?;
         result.map(|()| out)
     }
 
@@ -474,41 +470,43 @@ impl Shard {
                 free,
             })?
         };
+        // One job per buffer-sized piece of each extent: (first phys block, blocks, first logical).
         let per = self.buf_blocks();
-        let mut refs = Vec::with_capacity(n as usize);
-        let mut futs = Vec::new();
+        let mut jobs = Vec::new();
         let mut logical = first;
         for e in &extents {
             let mut done = 0;
             while done < e.len {
                 let k = (e.len - done).min(per);
-                let mut buf = self.bufs.get().await;
-                for j in 0..k {
-                    let block =
-                        &mut buf.as_mut_slice()[j as usize * BLOCK..(j as usize + 1) * BLOCK];
-                    block.fill(0);
-                    fill(logical, block);
-                    refs.push(BlockRef {
-                        phys: e.start + done + j,
-                        crc: crc(block),
-                    });
-                    logical += 1;
-                }
-                let at = self.layout.data_start + u64::from(e.start + done);
-                futs.push(self.submit_rw(true, at, k, buf));
+                jobs.push((e.start + done, k, logical));
+                logical += k;
                 done += k;
             }
         }
-        let mut failed = None;
-        for f in futs {
-            match self.finish(f).await {
-                Ok(b) => self.bufs.put(b),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = failed {
+        let mut refs = vec![BlockRef { phys: 0, crc: 0 }; n as usize];
+        let data_start = self.layout.data_start;
+        let r = self
+            .dev
+            .pipeline(
+                &jobs,
+                16,
+                |(phys, k, logical), mut buf| {
+                    for j in 0..k {
+                        let block =
+                            &mut buf.as_mut_slice()[j as usize * BLOCK..(j as usize + 1) * BLOCK];
+                        block.fill(0);
+                        fill(logical + j, block);
+                        refs[(logical + j - first) as usize] = BlockRef {
+                            phys: phys + j,
+                            crc: crc(block),
+                        };
+                    }
+                    self.submit_rw(true, data_start + u64::from(phys), k, buf)
+                },
+                |_, _| {},
+            )
+            .await;
+        if let Err(e) = r {
             self.st.borrow_mut().alloc.free_extents(&extents);
             return Err(e);
         }
