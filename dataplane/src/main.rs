@@ -102,12 +102,21 @@ fn load_config(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<Con
     }
 }
 
+/// Open devices and the files whose locks keep other processes off them.
+type LockedDevices = (Vec<Arc<dyn BlockDevice>>, Vec<File>);
+
+/// Pending write of the crash-test load: (id, chunk, first sector, sectors, result).
+type InFlight = (
+    u64,
+    u64,
+    u64,
+    u64,
+    std::sync::mpsc::Receiver<Result<(), cfs_dataplane::store::StoreError>>,
+);
+
 /// Opens the configured devices, holding an exclusive lock on each so two processes can never
 /// drive the same store.
-pub(crate) fn open_devices(
-    cfg: &Config,
-    create: bool,
-) -> Result<(Vec<Arc<dyn BlockDevice>>, Vec<File>)> {
+pub(crate) fn open_devices(cfg: &Config, create: bool) -> Result<LockedDevices> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     let mut devs: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -191,10 +200,10 @@ fn cmd_format(cfg: &Config, force: bool) -> Result<()> {
         println!(
             "  {}: {} MiB, {} shards x {} MiB data, journal {} MiB per shard",
             d.name(),
-            sb.device_blocks * 4096 >> 20,
+            (sb.device_blocks * 4096) >> 20,
             sb.shards,
-            u64::from(sb.data_blocks) * 4096 >> 20,
-            u64::from(sb.journal_blocks) * 4096 >> 20
+            (u64::from(sb.data_blocks) * 4096) >> 20,
+            (u64::from(sb.journal_blocks) * 4096) >> 20
         );
     }
     Ok(())
@@ -230,8 +239,8 @@ fn cmd_status(cfg: &Config) -> Result<()> {
         println!(
             "{i:>6} {:>8} {:>12} {:>12} {:>9}",
             s.chunks,
-            s.live_blocks * 4096 >> 20,
-            s.free_blocks * 4096 >> 20,
+            (s.live_blocks * 4096) >> 20,
+            (s.free_blocks * 4096) >> 20,
             s.checksum_errors
         );
     }
@@ -265,7 +274,7 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             let stats = engine.stats()?;
             let used: u64 = stats.iter().map(|(_, s)| s.live_blocks).sum();
             let chunks: u64 = stats.iter().map(|(_, s)| s.chunks).sum();
-            tracing::info!(chunks, used_mib = used * 4096 >> 20, "store status");
+            tracing::info!(chunks, used_mib = (used * 4096) >> 20, "store status");
         }
     }
     println!("stopping: checkpointing shards");
@@ -289,13 +298,7 @@ fn cmd_load(
     let (engine, _locks) = start_engine(cfg)?;
     let mut rng = SimRng::new(seed);
     let sectors = span / SECTOR as u64;
-    let mut inflight: Vec<(
-        u64,
-        u64,
-        u64,
-        u64,
-        std::sync::mpsc::Receiver<Result<(), cfs_dataplane::store::StoreError>>,
-    )> = Vec::new();
+    let mut inflight: Vec<InFlight> = Vec::new();
     let out = std::io::stdout();
     let mut issued = 0u64;
     let mut id = first_id;

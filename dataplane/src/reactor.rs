@@ -26,6 +26,9 @@ use std::time::Duration;
 /// A reply channel for one request.
 pub type Reply<T> = SyncSender<Result<T, StoreError>>;
 
+/// A closure run on a reactor's thread with its context.
+pub type ReactorFn = Box<dyn FnOnce(&Rc<ReactorCtx>) + Send>;
+
 /// Work for a reactor.
 pub enum Request {
     /// Durable write.
@@ -73,13 +76,22 @@ pub enum Request {
         /// Where the answer goes.
         reply: Reply<Option<ChunkInfo>>,
     },
+    /// Device location of a chunk's byte.
+    Locate {
+        /// Chunk.
+        chunk: ChunkId,
+        /// Byte offset.
+        offset: u64,
+        /// Where the answer goes.
+        reply: Reply<Option<(String, u64)>>,
+    },
     /// Counters of every shard of the reactor.
     Stats {
         /// Where the answer goes.
         reply: Reply<Vec<(u32, ShardStats)>>,
     },
     /// Run a closure on the reactor (benchmarks, tests): it may spawn tasks on the executor.
-    Run(Box<dyn FnOnce(&Rc<ReactorCtx>) + Send>),
+    Run(ReactorFn),
     /// Checkpoint every shard and stop.
     Shutdown {
         /// Where the result goes.
@@ -414,6 +426,15 @@ impl Engine {
         })
     }
 
+    /// Where byte `offset` of `chunk` lives: (device name, byte offset on the device).
+    pub fn locate(&self, chunk: ChunkId, offset: u64) -> Result<Option<(String, u64)>, StoreError> {
+        self.call(self.reactor_of(chunk), |reply| Request::Locate {
+            chunk,
+            offset,
+            reply,
+        })
+    }
+
     /// Counters of every shard.
     pub fn stats(&self) -> Result<Vec<(u32, ShardStats)>, StoreError> {
         let mut all = Vec::new();
@@ -631,6 +652,21 @@ fn dispatch(ctx: &Rc<ReactorCtx>, req: Request, stop: &Rc<std::cell::Cell<bool>>
                 .shard_for(chunk)
                 .ok_or_else(|| missing(chunk))
                 .map(|s| s.stat(chunk));
+            let _ = reply.send(r);
+        }
+        Request::Locate {
+            chunk,
+            offset,
+            reply,
+        } => {
+            let r = ctx.shard_for(chunk).ok_or_else(|| missing(chunk)).map(|s| {
+                s.locate(chunk, offset).map(|b| {
+                    (
+                        s.device().to_string(),
+                        b * crate::store::format::BLOCK as u64,
+                    )
+                })
+            });
             let _ = reply.send(r);
         }
         Request::Stats { reply } => {

@@ -238,7 +238,7 @@ async fn worker(
             let mut r = rng.borrow_mut();
             let chunk = CHUNKS[r.below(CHUNKS.len() as u64) as usize];
             let kind = r.below(100);
-            if kind < 80 || kind >= 92 {
+            if !(80..92).contains(&kind) {
                 let start = r.below(SECTORS as u64) as usize;
                 let max_len = (SECTORS - start).min(if r.chance(1, 4) { SECTORS } else { 24 });
                 let len = 1 + r.below(max_len as u64) as usize;
@@ -249,16 +249,14 @@ async fn worker(
                 (3, chunk, 0, SECTORS) // delete
             }
         };
-        {
-            let m = model.borrow();
-            if m.busy
-                .iter()
-                .any(|&(c, s, e)| c == chunk && s < end && start < e)
-            {
-                drop(m);
-                cfs_dataplane::exec::yield_now().await;
-                continue;
-            }
+        let busy = model
+            .borrow()
+            .busy
+            .iter()
+            .any(|&(c, s, e)| c == chunk && s < end && start < e);
+        if busy {
+            cfs_dataplane::exec::yield_now().await;
+            continue;
         }
         let shard = Rc::clone(&o.0[o.1.shard_of(chunk) as usize]);
         let op = {

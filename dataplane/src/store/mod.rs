@@ -114,7 +114,7 @@ impl DevIo {
         bufs: Rc<Buffers>,
         ns: cfs_nvme::Namespace,
     ) -> Result<DevIo, StoreError> {
-        if ns.lba_size as usize > BLOCK || BLOCK % ns.lba_size as usize != 0 {
+        if ns.lba_size as usize > BLOCK || !BLOCK.is_multiple_of(ns.lba_size as usize) {
             return Err(StoreError::Layout(format!(
                 "device {name}: LBA size {} does not divide the {BLOCK}-byte store block",
                 ns.lba_size
@@ -301,7 +301,7 @@ pub fn plan_device(device_blocks: u64, p: &FormatParams) -> Result<Superblock, S
         ));
     }
     if p.max_chunk_bytes == 0
-        || p.max_chunk_bytes % BLOCK as u64 != 0
+        || !p.max_chunk_bytes.is_multiple_of(BLOCK as u64)
         || p.max_chunk_bytes > (1 << 40)
     {
         return Err(StoreError::Layout(format!(

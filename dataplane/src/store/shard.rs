@@ -10,6 +10,7 @@
 //! 3. Only after the flush completes are the records applied in memory and the writers
 //!    acknowledged, and only then do the blocks they replaced become free (and even then not
 //!    while a read that might still be reading them is in flight).
+//!
 //! Recovery loads the newest valid checkpoint and replays complete journal batches in sequence.
 //! Only the last batch can be partly durable (the next batch is not started before the previous
 //! flush completes), so the data CRCs of its records are verified and the batch dropped if any
@@ -176,7 +177,7 @@ pub struct ShardSpec {
 impl Shard {
     fn new(spec: ShardSpec, dev: DevIo) -> Shard {
         let bufs = Rc::clone(&dev.bufs);
-        assert!(bufs.buf_bytes() >= BLOCK && bufs.buf_bytes() % BLOCK == 0);
+        assert!(bufs.buf_bytes() >= BLOCK && bufs.buf_bytes().is_multiple_of(BLOCK));
         Shard {
             index: spec.index,
             device: spec.device,
@@ -405,12 +406,14 @@ impl Shard {
         let n = last - first + 1;
         let _lock = self.lock_range(chunk, first, last + 1).await;
         // Edges that are only partly overwritten keep their old bytes.
-        let head = if offset % BLOCK as u64 != 0 || (first == last && end % BLOCK as u64 != 0) {
+        let head = if !offset.is_multiple_of(BLOCK as u64)
+            || (first == last && !end.is_multiple_of(BLOCK as u64))
+        {
             Some(self.read_block(chunk, first).await?)
         } else {
             None
         };
-        let tail = if last != first && end % BLOCK as u64 != 0 {
+        let tail = if last != first && !end.is_multiple_of(BLOCK as u64) {
             Some(self.read_block(chunk, last).await?)
         } else {
             None
@@ -537,7 +540,7 @@ impl Shard {
             .chunks
             .get(&chunk)
             .is_some_and(|m| m.blocks.contains_key(&tail_block));
-        if len % BLOCK as u64 != 0 && mapped {
+        if !len.is_multiple_of(BLOCK as u64) && mapped {
             let old = self.read_block(chunk, tail_block).await?;
             let keep = (len % BLOCK as u64) as usize;
             let (refs, _) = self
@@ -561,6 +564,19 @@ impl Shard {
             len: m.len,
             blocks: m.blocks.len() as u64,
         })
+    }
+
+    /// Device block holding byte `offset` of `chunk`, if it is allocated (for tools and tests).
+    pub fn locate(&self, chunk: ChunkId, offset: u64) -> Option<u64> {
+        let logical = u32::try_from(offset / BLOCK as u64).ok()?;
+        let st = self.st.borrow();
+        let r = st.chunks.get(&chunk)?.blocks.get(&logical)?;
+        Some(self.layout.data_start + u64::from(r.phys))
+    }
+
+    /// Device name.
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// Every chunk id in the shard.
@@ -893,10 +909,11 @@ impl Shard {
         if replayed > 0 || dropped_tail {
             // Start the journal afresh past every sequence number seen, so no stale block can
             // ever look like a continuation.
-            let mut st = self.st.borrow_mut();
-            st.next_seq = st.next_seq.max(max_seen + 1);
-            drop(st);
-            self.st.borrow_mut().committing = true;
+            {
+                let mut st = self.st.borrow_mut();
+                st.next_seq = st.next_seq.max(max_seen + 1);
+                st.committing = true;
+            }
             let r = self.write_checkpoint().await;
             self.st.borrow_mut().committing = false;
             r?;

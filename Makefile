@@ -1,0 +1,51 @@
+# ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
+# runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
+CARGO ?= cargo
+CRATES := hugepages nvme dataplane
+
+.PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
+
+all: build
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --workspace --release
+
+deps:
+	./scripts/deps test
+
+test: deps
+	$(CARGO) test --workspace
+	./scripts/test-hugepages.sh
+
+test-hugepages: deps
+	$(CARGO) test -p cfs-hugepages
+	./scripts/test-hugepages.sh
+
+test-nvme: deps
+	$(CARGO) test -p cfs-nvme
+
+test-dataplane: deps
+	$(CARGO) test -p cfs-dataplane
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+check: fmt clippy doc test
+
+# Benchmark (not a test): the chunk store vs fio on the same file. See docs/benchmarks.md.
+bench:
+	./scripts/deps bench
+	$(CARGO) build --release -p cfs-dataplane
+	./target/release/cfs-dataplane bench --dir $${BENCH_DIR:-/var/tmp/cfs-bench}
+
+clean:
+	$(CARGO) clean
