@@ -27,6 +27,8 @@ pub struct IoDriver {
     /// Commands waiting for room in the queue pair (bounded by the number of slots).
     backlog: RefCell<VecDeque<Command>>,
     scratch: RefCell<Vec<Completion>>,
+    /// Commands were queued since the last poll (so the poll does submission work).
+    queued: std::cell::Cell<bool>,
 }
 
 impl IoDriver {
@@ -38,6 +40,7 @@ impl IoDriver {
             free: RefCell::new((0..max_waiting).rev().collect()),
             backlog: RefCell::new(VecDeque::new()),
             scratch: RefCell::new(Vec::with_capacity(64)),
+            queued: std::cell::Cell::new(false),
         })
     }
 
@@ -55,6 +58,7 @@ impl IoDriver {
 
     fn start(&self, mut cmd: Command, slot: u32) {
         cmd.tag = u64::from(slot);
+        self.queued.set(true);
         if !self.backlog.borrow().is_empty() {
             self.backlog.borrow_mut().push_back(cmd);
             return;
@@ -64,8 +68,10 @@ impl IoDriver {
         }
     }
 
-    /// Moves backlog into the queue pair and dispatches completions; returns completions seen.
+    /// Moves backlog into the queue pair, submits, and dispatches completions; returns the
+    /// completions seen, plus one if it had commands to submit (both are work, not idling).
     pub fn poll(&self) -> usize {
+        let submitted = usize::from(self.queued.replace(false));
         let mut qp = self.qp.borrow_mut();
         loop {
             let Some(cmd) = self.backlog.borrow_mut().pop_front() else {
@@ -77,7 +83,7 @@ impl IoDriver {
             }
         }
         let mut out = self.scratch.borrow_mut();
-        let n = qp.poll(&mut out, 256);
+        let n = qp.poll(&mut out, 256) + submitted;
         drop(qp);
         let mut slots = self.slots.borrow_mut();
         for c in out.drain(..) {

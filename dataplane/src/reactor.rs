@@ -112,6 +112,9 @@ pub struct ReactorCtx {
     /// The store layout.
     pub layout: StoreLayout,
     drivers: Vec<Rc<IoDriver>>,
+    /// Nanoseconds spent in loop iterations that did work (SPDK's "busy ticks"); the rest of
+    /// the thread's time is idle polling or sleeping.
+    pub busy_ns: std::cell::Cell<u64>,
 }
 
 impl ReactorCtx {
@@ -557,6 +560,7 @@ fn reactor_main(
         bufs,
         layout,
         drivers,
+        busy_ns: std::cell::Cell::new(0),
     });
     tracing::info!(
         reactor = index,
@@ -574,6 +578,7 @@ fn run_loop(ctx: &Rc<ReactorCtx>, cfg: &Config, inbox: &Inbox) {
     let mut sleep = min_sleep;
     let mut idle = 0u32;
     loop {
+        let started = std::time::Instant::now();
         let mut work = 0usize;
         while ctx.ex.live_tasks() < cfg.reactors.max_tasks {
             let Some(req) = inbox.queue.pop() else { break };
@@ -589,6 +594,10 @@ fn run_loop(ctx: &Rc<ReactorCtx>, cfg: &Config, inbox: &Inbox) {
         work += ctx.ex.run_ready();
         if stop.get() && ctx.ex.live_tasks() == 0 {
             return;
+        }
+        if work > 0 {
+            ctx.busy_ns
+                .set(ctx.busy_ns.get() + started.elapsed().as_nanos() as u64);
         }
         if work > 0 || in_flight > 0 || cfg.reactors.busy_poll {
             idle = 0;

@@ -62,11 +62,24 @@ impl Ring {
         region: Option<RegionInfo>,
     ) -> io::Result<Ring> {
         let depth = depth.clamp(1, 4096).next_power_of_two();
-        let mut builder = IoUring::builder();
-        if sqpoll {
-            builder.setup_sqpoll(1000);
-        }
-        let ring = builder.build(depth)?;
+        let ring = if sqpoll {
+            IoUring::builder().setup_sqpoll(1000).build(depth)?
+        } else {
+            // One thread owns the ring: completions are reaped only when it enters the kernel
+            // (deferred task work), flagged in the SQ ring, instead of interrupting it.
+            match IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag()
+                .build(depth)
+            {
+                Ok(r) => r,
+                Err(_) => IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .build(depth)?,
+            }
+        };
         ring.submitter().register_files(&[fd])?;
         if let Some(r) = &region {
             let iovecs: Vec<libc::iovec> = (0..r.len)
@@ -160,7 +173,7 @@ impl Ring {
 
     /// Hands queued entries to the kernel (a no-op syscall-wise under SQPOLL unless it sleeps).
     pub(crate) fn submit(&mut self) -> io::Result<()> {
-        if self.pending_submit {
+        if self.pending_submit || (self.in_flight() > 0 && self.ring.submission().taskrun()) {
             self.ring.submit()?;
             self.pending_submit = false;
         }
