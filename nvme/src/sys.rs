@@ -212,5 +212,10 @@ impl Drop for Ring {
             }
             self.reap(usize::MAX, |_, _, _| {});
         }
+        // Unregister now: closing a ring releases its registered pages later, from a kernel
+        // worker, which would keep hugepages allocated after the pool itself is unmapped.
+        if self.region.is_some() {
+            let _ = self.ring.submitter().unregister_buffers();
+        }
     }
 }
