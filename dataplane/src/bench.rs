@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Skip fio.
     #[arg(long)]
     no_fio: bool,
+    /// Run only the workloads whose name contains this (e.g. "rand write"); the data set is
+    /// still written first.
+    #[arg(long)]
+    only: Option<String>,
     /// Append the markdown table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -316,6 +320,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ("rand write 4k qd16", Pattern::RandWrite, 4096, 16),
         ("rand write 4k qd64", Pattern::RandWrite, 4096, 64),
     ];
+    let workloads: Vec<(&str, Pattern, usize, usize)> = workloads
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (name, ..))| *i == 0 || a.only.as_deref().is_none_or(|o| name.contains(o)))
+        .map(|(_, w)| w)
+        .collect();
     let fio_runs: Vec<(String, usize, Vec<String>)> = workloads
         .iter()
         .enumerate()

@@ -217,6 +217,7 @@ pub fn format(
             depth: cfg.reactors.queue_depth,
             region: Some(bufs.region()),
             sqpoll: false,
+            worker_cpus: Vec::new(),
         })?;
         let io = IoDriver::new(qp, cfg.reactors.queue_depth * 2);
         drivers.push(Rc::clone(&io));
@@ -256,11 +257,13 @@ impl Engine {
             let cfg2 = cfg.clone();
             let ib = Arc::clone(&inbox);
             let tx = ready_tx.clone();
+            // Computed here: a pinned reactor would only see its own core.
+            let helpers = helper_cpus(cfg);
             let t = std::thread::Builder::new()
                 .name(format!("cfs-reactor-{i}"))
                 .spawn(move || {
                     let _ = ib.thread.set(std::thread::current());
-                    reactor_main(i, n, core, &cfg2, devs, share, &ib, tx);
+                    reactor_main(i, n, core, &cfg2, devs, share, &ib, tx, helpers);
                     ib.alive.store(false, Ordering::Release);
                 })
                 .map_err(|e| EngineError::Os(format!("cannot start reactor thread: {e}")))?;
@@ -487,6 +490,18 @@ impl Drop for Engine {
     }
 }
 
+/// CPUs for kernel helper threads (io_uring's io-wq workers that run fsync and fallocate): every
+/// CPU that is not a reactor's, so they never preempt a polling core. Empty (inherit) when the
+/// reactors take every CPU.
+fn helper_cpus(cfg: &Config) -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .filter(|c| !cfg.reactors.cores.contains(c))
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn reactor_main(
     index: usize,
@@ -497,6 +512,7 @@ fn reactor_main(
     share: PoolCore,
     inbox: &Inbox,
     ready: SyncSender<Result<StoreLayout, EngineError>>,
+    helpers: Vec<usize>,
 ) {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         tracing::warn!(reactor = index, core, "could not pin reactor to its core");
@@ -511,6 +527,7 @@ fn reactor_main(
                 depth: cfg.reactors.queue_depth,
                 region: Some(bufs.region()),
                 sqpoll: cfg.reactors.sqpoll,
+                worker_cpus: helpers.clone(),
             })?;
             let io = IoDriver::new(qp, cfg.reactors.queue_depth * 4);
             drivers.push(Rc::clone(&io));
@@ -577,8 +594,17 @@ fn run_loop(ctx: &Rc<ReactorCtx>, cfg: &Config, inbox: &Inbox) {
     let max_sleep = Duration::from_micros(cfg.reactors.idle_sleep_us.max(1));
     let mut sleep = min_sleep;
     let mut idle = 0u32;
+    // Busy time is charged from one clock read per iteration: the previous iteration's span
+    // counts when it did work.
+    let mut last = std::time::Instant::now();
+    let mut last_did_work = false;
     loop {
-        let started = std::time::Instant::now();
+        let now = std::time::Instant::now();
+        if last_did_work {
+            ctx.busy_ns
+                .set(ctx.busy_ns.get() + now.duration_since(last).as_nanos() as u64);
+        }
+        last = now;
         let mut work = 0usize;
         while ctx.ex.live_tasks() < cfg.reactors.max_tasks {
             let Some(req) = inbox.queue.pop() else { break };
@@ -595,10 +621,7 @@ fn run_loop(ctx: &Rc<ReactorCtx>, cfg: &Config, inbox: &Inbox) {
         if stop.get() && ctx.ex.live_tasks() == 0 {
             return;
         }
-        if work > 0 {
-            ctx.busy_ns
-                .set(ctx.busy_ns.get() + started.elapsed().as_nanos() as u64);
-        }
+        last_did_work = work > 0;
         if work > 0 || in_flight > 0 || cfg.reactors.busy_poll {
             idle = 0;
             sleep = min_sleep;

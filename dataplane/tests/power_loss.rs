@@ -116,6 +116,7 @@ fn open(h: &mut Harness, bufs: &Rc<Buffers>) -> Result<Opened, StoreError> {
             depth: 32,
             region: None,
             sqpoll: false,
+            worker_cpus: Vec::new(),
         })
         .unwrap();
     let driver = IoDriver::new(qp, 64);
@@ -391,6 +392,7 @@ fn run_seed(seed: u64, cycles: u32, fail_ppm: u32) {
                 depth: 32,
                 region: None,
                 sqpoll: false,
+                worker_cpus: Vec::new(),
             })
             .unwrap();
         let driver = IoDriver::new(qp, 64);

@@ -231,7 +231,7 @@ pub enum DeviceError {
 }
 
 /// Options for a new queue pair.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct QueuePairConfig {
     /// Commands in flight at most.
     pub depth: u32,
@@ -239,6 +239,9 @@ pub struct QueuePairConfig {
     pub region: Option<cfs_hugepages::RegionInfo>,
     /// Let a kernel thread poll the submission queue (io_uring SQPOLL): no syscall per submit.
     pub sqpoll: bool,
+    /// CPUs for the backend's helper threads (io_uring's io-wq workers, which run blocking
+    /// work such as fsync); empty: inherit the caller's affinity.
+    pub worker_cpus: Vec<usize>,
 }
 
 /// A submission/completion queue pair, owned by exactly one thread.

@@ -60,6 +60,7 @@ impl Ring {
         sqpoll: bool,
         fd: RawFd,
         region: Option<RegionInfo>,
+        worker_cpus: &[usize],
     ) -> io::Result<Ring> {
         let depth = depth.clamp(1, 4096).next_power_of_two();
         let ring = if sqpoll {
@@ -81,6 +82,18 @@ impl Ring {
             }
         };
         ring.submitter().register_files(&[fd])?;
+        if !worker_cpus.is_empty() {
+            // SAFETY: cpu_set_t is a plain bit array for which all-zero is the empty set.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            for &cpu in worker_cpus {
+                if cpu < libc::CPU_SETSIZE as usize {
+                    // SAFETY: `cpu` is below CPU_SETSIZE, so the bit lies inside `set`.
+                    unsafe { libc::CPU_SET(cpu, &mut set) };
+                }
+            }
+            // Keeps io-wq helpers (fsync, fallocate) off the polling core that owns this ring.
+            ring.submitter().register_iowq_aff(&set)?;
+        }
         if let Some(r) = &region {
             let iovecs: Vec<libc::iovec> = (0..r.len)
                 .step_by(FIXED_CHUNK)

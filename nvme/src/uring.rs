@@ -112,12 +112,17 @@ impl BlockDevice for UringDevice {
         self.ns
     }
     fn create_queue_pair(&self, cfg: QueuePairConfig) -> Result<Box<dyn QueuePair>, DeviceError> {
-        let ring = Ring::new(cfg.depth, cfg.sqpoll, self.file.as_raw_fd(), cfg.region).map_err(
-            |source| DeviceError::QueuePair {
-                path: self.name.to_string(),
-                source,
-            },
-        )?;
+        let ring = Ring::new(
+            cfg.depth,
+            cfg.sqpoll,
+            self.file.as_raw_fd(),
+            cfg.region,
+            &cfg.worker_cpus,
+        )
+        .map_err(|source| DeviceError::QueuePair {
+            path: self.name.to_string(),
+            source,
+        })?;
         Ok(Box::new(UringQueuePair {
             name: Arc::clone(&self.name),
             ns: self.ns,

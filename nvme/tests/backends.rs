@@ -41,6 +41,7 @@ fn conformance(dev: &dyn BlockDevice, pool: &mut PoolCore) {
             depth: 8,
             region: Some(pool.region()),
             sqpoll: false,
+            worker_cpus: Vec::new(),
         })
         .unwrap();
     // Write 8 distinct blocks, 2 at a time with different patterns, then read them back.
@@ -158,6 +159,7 @@ fn uring_sqpoll_round_trip() {
             depth: 4,
             region: Some(pool.region()),
             sqpoll: true,
+            worker_cpus: Vec::new(),
         })
         .unwrap();
     let mut b = pool.alloc().unwrap();
@@ -183,6 +185,7 @@ fn memory_power_loss_keeps_flushed_and_may_tear_unflushed() {
             depth: 8,
             region: None,
             sqpoll: false,
+            worker_cpus: Vec::new(),
         })
         .unwrap();
     let mut b = pool.alloc().unwrap();
@@ -217,6 +220,7 @@ fn memory_power_loss_keeps_flushed_and_may_tear_unflushed() {
             depth: 8,
             region: None,
             sqpoll: false,
+            worker_cpus: Vec::new(),
         })
         .unwrap();
     qp.submit(Command::read(0, 32, c.buf.unwrap(), 5)).unwrap();

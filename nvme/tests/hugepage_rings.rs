@@ -62,6 +62,7 @@ fn hugepages_come_back_after_a_ring_registered_them() {
                 depth: 8,
                 region: Some(pool.region()),
                 sqpoll: false,
+                worker_cpus: Vec::new(),
             })
             .unwrap();
         drop(qp);
