@@ -210,24 +210,7 @@ pub fn format(
         .ok_or_else(|| EngineError::Os("pool share".into()))?;
     let bufs = Buffers::new(core);
     let ex = Executor::new();
-    let mut drivers = Vec::new();
-    let mut devs = Vec::new();
-    for d in devices {
-        let qp = d.create_queue_pair(QueuePairConfig {
-            depth: cfg.reactors.queue_depth,
-            region: Some(bufs.region()),
-            sqpoll: false,
-            worker_cpus: Vec::new(),
-        })?;
-        let io = IoDriver::new(qp, cfg.reactors.queue_depth * 2);
-        drivers.push(Rc::clone(&io));
-        devs.push(DevIo::new(
-            d.name().into(),
-            io,
-            Rc::clone(&bufs),
-            d.namespace(),
-        )?);
-    }
+    let (drivers, devs) = open_queue_pairs(cfg, devices, &bufs, false, Vec::new())?;
     let params: FormatParams = cfg.format_params();
     Ok(block_on(&ex, &drivers, async move {
         store::format_store(&devs, &params, uuid, now_secs).await
@@ -490,6 +473,36 @@ impl Drop for Engine {
     }
 }
 
+/// Creates this thread's queue pair on every device, registered with its buffer pool share.
+fn open_queue_pairs(
+    cfg: &Config,
+    devices: &[Arc<dyn BlockDevice>],
+    bufs: &Rc<Buffers>,
+    sqpoll: bool,
+    worker_cpus: Vec<usize>,
+) -> Result<(Vec<Rc<IoDriver>>, Vec<DevIo>), EngineError> {
+    let mut drivers = Vec::new();
+    let mut devs = Vec::new();
+    for d in devices {
+        let qp = d.create_queue_pair(QueuePairConfig {
+            depth: cfg.reactors.queue_depth,
+            region: Some(bufs.region()),
+            sqpoll,
+            worker_cpus: worker_cpus.clone(),
+        })?;
+        // Room for a backlog of commands beyond the queue depth.
+        let io = IoDriver::new(qp, cfg.reactors.queue_depth * 4);
+        drivers.push(Rc::clone(&io));
+        devs.push(DevIo::new(
+            d.name().into(),
+            io,
+            Rc::clone(bufs),
+            d.namespace(),
+        )?);
+    }
+    Ok((drivers, devs))
+}
+
 /// CPUs for kernel helper threads (io_uring's io-wq workers that run fsync and fallocate): every
 /// CPU that is not a reactor's, so they never preempt a polling core. Empty (inherit) when the
 /// reactors take every CPU.
@@ -519,27 +532,7 @@ fn reactor_main(
     }
     let ex = Executor::new();
     let bufs = Buffers::new(share);
-    let setup = (|| -> Result<(Vec<Rc<IoDriver>>, Vec<DevIo>), EngineError> {
-        let mut drivers = Vec::new();
-        let mut devs = Vec::new();
-        for d in &devices {
-            let qp = d.create_queue_pair(QueuePairConfig {
-                depth: cfg.reactors.queue_depth,
-                region: Some(bufs.region()),
-                sqpoll: cfg.reactors.sqpoll,
-                worker_cpus: helpers.clone(),
-            })?;
-            let io = IoDriver::new(qp, cfg.reactors.queue_depth * 4);
-            drivers.push(Rc::clone(&io));
-            devs.push(DevIo::new(
-                d.name().into(),
-                io,
-                Rc::clone(&bufs),
-                d.namespace(),
-            )?);
-        }
-        Ok((drivers, devs))
-    })();
+    let setup = open_queue_pairs(cfg, &devices, &bufs, cfg.reactors.sqpoll, helpers);
     let (drivers, devs) = match setup {
         Ok(v) => v,
         Err(e) => {

@@ -60,27 +60,48 @@ fn a_store_spans_several_devices_and_checks_they_belong_together() {
     // Devices may be given in any order: the superblocks say which is which.
     let e = Engine::start(&cfg, vec![Arc::clone(&d1), Arc::clone(&d0)]).unwrap();
     for chunk in 0..120u64 {
-        e.write(chunk, 4096 * chunk, vec![chunk as u8; 6000]).unwrap();
+        e.write(chunk, 4096 * chunk, vec![chunk as u8; 6000])
+            .unwrap();
     }
     let stats = e.stats().unwrap();
     assert_eq!(stats.len(), 6);
-    assert!(stats.iter().all(|(_, s)| s.chunks > 0), "every shard on both devices holds chunks");
-    let on_dev1 = (0..120u64).filter(|&c| e.locate(c, 4096 * c).unwrap().unwrap().0 == "mem1").count();
-    assert!(on_dev1 > 20 && on_dev1 < 100, "{on_dev1} of 120 chunks on the second device");
+    assert!(
+        stats.iter().all(|(_, s)| s.chunks > 0),
+        "every shard on both devices holds chunks"
+    );
+    let on_dev1 = (0..120u64)
+        .filter(|&c| e.locate(c, 4096 * c).unwrap().unwrap().0 == "mem1")
+        .count();
+    assert!(
+        on_dev1 > 20 && on_dev1 < 100,
+        "{on_dev1} of 120 chunks on the second device"
+    );
     e.shutdown().unwrap();
     let e = Engine::start(&cfg, vec![Arc::clone(&d0), Arc::clone(&d1)]).unwrap();
     for chunk in 0..120u64 {
-        assert_eq!(e.read(chunk, 4096 * chunk, 6000).unwrap(), vec![chunk as u8; 6000]);
+        assert_eq!(
+            e.read(chunk, 4096 * chunk, 6000).unwrap(),
+            vec![chunk as u8; 6000]
+        );
     }
     e.shutdown().unwrap();
     // A missing device, or one of another store, is refused with a clear message.
-    let err = Engine::start(&cfg, vec![Arc::clone(&d0)]).err().unwrap().to_string();
+    let err = Engine::start(&cfg, vec![Arc::clone(&d0)])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("has 2 devices but 1 were configured"), "{err}");
     let other: Arc<dyn BlockDevice> = Arc::new(MemDevice::new("other", 4096, 8192, 3));
     reactor::format(&cfg, std::slice::from_ref(&other), [6; 16], 0).unwrap();
-    let err = Engine::start(&cfg, vec![d0, other]).err().unwrap().to_string();
+    let err = Engine::start(&cfg, vec![d0, other])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("different stores"), "{err}");
     let blank: Arc<dyn BlockDevice> = Arc::new(MemDevice::new("blank", 4096, 8192, 4));
     let err = Engine::start(&cfg, vec![blank]).err().unwrap().to_string();
-    assert!(err.contains("holds no ClaudeFS store") && err.contains("blank"), "{err}");
+    assert!(
+        err.contains("holds no ClaudeFS store") && err.contains("blank"),
+        "{err}"
+    );
 }
