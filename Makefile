@@ -1,7 +1,7 @@
 # ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
 # runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
 CARGO ?= cargo
-CRATES := hugepages nvme dataplane
+CRATES := hugepages nvme dataplane fabric
 
 .PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
 
@@ -29,6 +29,9 @@ test-nvme: deps
 
 test-dataplane: deps
 	$(CARGO) test -p cfs-dataplane
+
+test-fabric: deps
+	$(CARGO) test -p cfs-fabric
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -1,0 +1,151 @@
+//! ClaudeFS RPC.
+//!
+//! One transport API with two operations, shaped so a libfabric provider slots in beside TCP:
+//! a two-sided [`Client::call`] (request, response, matched by id, many in flight per
+//! connection) and a one-sided [`Client::read_region`] ("read N bytes at offset O of
+//! registered region K"). Over TCP the server answers a region read from the registered buffer
+//! itself; over RDMA the client will pull the bytes with `fi_read` and the server CPU is not
+//! involved. Frames are versioned and checksummed ([`frame`]); every queue and frame has a cap.
+
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod frame;
+pub mod region;
+pub mod server;
+
+pub use client::{Client, ClientConfig};
+pub use frame::FrameError;
+pub use region::{Region, RegionKey, RegionTable};
+pub use server::{Server, ServerConfig, Service, ServiceFuture};
+
+use std::time::Duration;
+
+/// Error codes carried by error frames (the frame's `method` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// No such method.
+    UnknownMethod,
+    /// The request payload was malformed.
+    BadRequest,
+    /// The frame was larger than the receiver's cap.
+    TooLarge,
+    /// The payload failed its checksum in transit.
+    Checksum,
+    /// The server is at its limit; try again later.
+    Busy,
+    /// The region key is unknown or was revoked.
+    BadRegionKey,
+    /// The region read goes past the region's end.
+    OutOfRange,
+    /// The service failed.
+    Internal,
+    /// A service-defined code (>= 1000), e.g. an errno.
+    Service(u32),
+}
+
+impl ErrorCode {
+    /// Wire value.
+    pub fn to_u32(self) -> u32 {
+        match self {
+            ErrorCode::UnknownMethod => 1,
+            ErrorCode::BadRequest => 2,
+            ErrorCode::TooLarge => 3,
+            ErrorCode::Checksum => 4,
+            ErrorCode::Busy => 5,
+            ErrorCode::BadRegionKey => 6,
+            ErrorCode::OutOfRange => 7,
+            ErrorCode::Internal => 8,
+            ErrorCode::Service(c) => c.max(1000),
+        }
+    }
+    /// From the wire value.
+    pub fn from_u32(v: u32) -> ErrorCode {
+        match v {
+            1 => ErrorCode::UnknownMethod,
+            2 => ErrorCode::BadRequest,
+            3 => ErrorCode::TooLarge,
+            4 => ErrorCode::Checksum,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::BadRegionKey,
+            7 => ErrorCode::OutOfRange,
+            1000.. => ErrorCode::Service(v),
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What a call can fail with.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RpcError {
+    /// No connection could be made within the connect timeout.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// Server address.
+        addr: String,
+        /// The last error.
+        reason: String,
+    },
+    /// The connection dropped before the reply came; the request may or may not have run.
+    #[error("connection to {addr} lost: {reason}")]
+    ConnectionLost {
+        /// Server address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// No reply within the request's timeout.
+    #[error("request {method} to {addr} timed out after {timeout:?}")]
+    Timeout {
+        /// Server address.
+        addr: String,
+        /// Method called.
+        method: u32,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The server answered with an error.
+    #[error("server error {code:?}: {message}")]
+    Remote {
+        /// Code.
+        code: ErrorCode,
+        /// Message.
+        message: String,
+    },
+    /// The request is larger than the frame cap.
+    #[error("request of {len} bytes exceeds the {max}-byte frame cap")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Cap.
+        max: u32,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol error from {addr}: {reason}")]
+    Protocol {
+        /// Peer.
+        addr: String,
+        /// What it did.
+        reason: String,
+    },
+}
+
+/// An error a service returns: a code and a message for the caller.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ServiceError {
+    /// Code sent to the caller.
+    pub code: ErrorCode,
+    /// Message sent to the caller.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// A new error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ServiceError {
+        ServiceError {
+            code,
+            message: message.into(),
+        }
+    }
+}
