@@ -1,7 +1,7 @@
 # ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
 # runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
 CARGO ?= cargo
-CRATES := hugepages nvme dataplane fabric
+CRATES := hugepages nvme dataplane fabric metadata
 
 .PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
 
@@ -32,6 +32,9 @@ test-dataplane: deps
 
 test-fabric: deps
 	$(CARGO) test -p cfs-fabric
+
+test-metadata: deps
+	$(CARGO) test -p cfs-meta
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -1,0 +1,10 @@
+//! ClaudeFS metadata: the namespace as a deterministic state machine (no I/O, no clocks, no
+//! async), so Raft can replicate it unchanged and the simulator can run it.
+
+#![forbid(unsafe_code)]
+
+pub mod namespace;
+pub mod types;
+
+pub use namespace::{Namespace, RenameFlags, SetAttr, TimeSet, XattrMode};
+pub use types::{Attr, Creds, Errno, FileType, InodeId, Timespec};

@@ -1,0 +1,1196 @@
+//! The namespace state machine: inodes, directory entries, attributes, xattrs and POSIX
+//! permission rules. Deterministic: time and credentials come in with each call; nothing here
+//! reads a clock or does I/O, so the same calls in the same order give the same state on every
+//! replica (this is what Raft will replicate) and in the simulator.
+//!
+//! Every change also marks what it touched (`take_dirty`), so a persistence layer can write
+//! exactly those keys durably before the reply goes out.
+
+use crate::types::{mode, Attr, Creds, Errno, FileType, InodeId, Timespec};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Longest name of a directory entry in bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target in bytes.
+pub const SYMLINK_MAX: usize = 4095;
+/// Most hard links to one inode.
+pub const LINK_MAX: u32 = 65000;
+/// Longest extended-attribute name.
+pub const XATTR_NAME_MAX: usize = 255;
+/// Largest extended-attribute value.
+pub const XATTR_SIZE_MAX: usize = 65536;
+/// Largest file size.
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+
+/// Access bits for permission checks.
+pub mod access {
+    /// Read.
+    pub const R: u32 = 4;
+    /// Write.
+    pub const W: u32 = 2;
+    /// Execute / search.
+    pub const X: u32 = 1;
+}
+
+/// One inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    /// Attributes.
+    pub attr: Attr,
+    /// Symlink target.
+    pub target: Vec<u8>,
+    /// Extended attributes.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Open handles (an unlinked inode lives on while this is non-zero).
+    pub open: u32,
+    /// Directories: the parent (for "..").
+    pub parent: InodeId,
+    /// Directories: next readdir cookie to hand out.
+    pub next_cookie: u64,
+}
+
+/// One directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dentry {
+    /// Inode it names.
+    pub ino: InodeId,
+    /// Its type (for readdir without an inode lookup).
+    pub kind: FileType,
+    /// Stable readdir position within the directory.
+    pub cookie: u64,
+}
+
+/// A readdir entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Name.
+    pub name: Vec<u8>,
+    /// Inode.
+    pub ino: InodeId,
+    /// Type.
+    pub kind: FileType,
+    /// Pass this back to continue after this entry.
+    pub cookie: u64,
+}
+
+/// How to set a timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    /// The call's time.
+    Now,
+    /// An explicit time.
+    At(Timespec),
+}
+
+/// Attribute changes for `setattr` (None = leave as is).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub perm: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate/extend).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeSet>,
+    /// New modification time.
+    pub mtime: Option<TimeSet>,
+    /// The caller holds the file open for writing (ftruncate): no write-permission check.
+    pub via_write_handle: bool,
+}
+
+/// Rename flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    /// Fail with EEXIST if the target exists.
+    pub noreplace: bool,
+    /// Atomically swap source and target (both must exist).
+    pub exchange: bool,
+}
+
+/// `setxattr` mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XattrMode {
+    /// Create or replace.
+    #[default]
+    Any,
+    /// Fail if it exists.
+    Create,
+    /// Fail if it does not exist.
+    Replace,
+}
+
+/// File-system totals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsStats {
+    /// Inodes in use.
+    pub inodes: u64,
+    /// Bytes of regular files (logical sizes).
+    pub bytes: u64,
+}
+
+/// The namespace.
+#[derive(Clone, Debug)]
+pub struct Namespace {
+    inodes: BTreeMap<InodeId, Inode>,
+    dentries: BTreeMap<(InodeId, Vec<u8>), Dentry>,
+    by_cookie: BTreeMap<(InodeId, u64), Vec<u8>>,
+    next_ino: u64,
+    next_generation: u64,
+    dirty_inodes: BTreeSet<InodeId>,
+    dirty_dentries: BTreeSet<(InodeId, Vec<u8>)>,
+    /// Inodes that went away (last link and last handle gone), with their size: their data is
+    /// to be freed.
+    freed: Vec<(InodeId, u64)>,
+}
+
+fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.is_empty() {
+        return Err(Errno::NoEnt);
+    }
+    if name.len() > NAME_MAX {
+        return Err(Errno::NameTooLong);
+    }
+    if name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::Inval);
+    }
+    Ok(())
+}
+
+fn is_dot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+/// Whether `creds` may access an inode with `mask` (POSIX owner/group/other; root may read and
+/// write anything and execute anything with an execute bit, or any directory).
+pub fn permitted(creds: &Creds, attr: &Attr, mask: u32) -> bool {
+    if creds.uid == 0 {
+        if mask & access::X == 0 {
+            return true;
+        }
+        return attr.kind == FileType::Directory || attr.perm & 0o111 != 0;
+    }
+    let bits = if creds.uid == attr.uid {
+        (attr.perm >> 6) & 7
+    } else if creds.in_group(attr.gid) {
+        (attr.perm >> 3) & 7
+    } else {
+        attr.perm & 7
+    };
+    bits & mask == mask
+}
+
+impl Namespace {
+    /// A namespace holding only the root directory.
+    pub fn new(root_uid: u32, root_gid: u32, root_perm: u32, now: Timespec) -> Namespace {
+        let mut ns = Namespace {
+            inodes: BTreeMap::new(),
+            dentries: BTreeMap::new(),
+            by_cookie: BTreeMap::new(),
+            next_ino: InodeId::ROOT.0 + 1,
+            next_generation: 1,
+            dirty_inodes: BTreeSet::new(),
+            dirty_dentries: BTreeSet::new(),
+            freed: Vec::new(),
+        };
+        let attr = Attr {
+            ino: InodeId::ROOT,
+            generation: 0,
+            kind: FileType::Directory,
+            perm: root_perm & mode::PERM_MASK,
+            uid: root_uid,
+            gid: root_gid,
+            nlink: 2,
+            size: 0,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+        };
+        ns.inodes.insert(
+            InodeId::ROOT,
+            Inode {
+                attr,
+                target: Vec::new(),
+                xattrs: BTreeMap::new(),
+                open: 0,
+                parent: InodeId::ROOT,
+                next_cookie: 3,
+            },
+        );
+        ns.dirty_inodes.insert(InodeId::ROOT);
+        ns
+    }
+
+    fn inode(&self, ino: InodeId) -> Result<&Inode, Errno> {
+        self.inodes.get(&ino).ok_or(Errno::NoEnt)
+    }
+
+    fn inode_mut(&mut self, ino: InodeId) -> Result<&mut Inode, Errno> {
+        self.dirty_inodes.insert(ino);
+        self.inodes.get_mut(&ino).ok_or(Errno::NoEnt)
+    }
+
+    fn dir(&self, ino: InodeId) -> Result<&Inode, Errno> {
+        let i = self.inode(ino)?;
+        if i.attr.kind != FileType::Directory {
+            return Err(Errno::NotDir);
+        }
+        Ok(i)
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: InodeId) -> Result<Attr, Errno> {
+        Ok(self.inode(ino)?.attr.clone())
+    }
+
+    /// Attributes, checking the handle's generation (NFS file handles).
+    pub fn getattr_gen(&self, ino: InodeId, generation: u64) -> Result<Attr, Errno> {
+        let a = self.getattr(ino).map_err(|_| Errno::Stale)?;
+        if a.generation != generation {
+            return Err(Errno::Stale);
+        }
+        Ok(a)
+    }
+
+    /// Looks up `name` in directory `parent`.
+    pub fn lookup(&self, creds: &Creds, parent: InodeId, name: &[u8]) -> Result<Attr, Errno> {
+        let p = self.dir(parent)?;
+        if !permitted(creds, &p.attr, access::X) {
+            return Err(Errno::Access);
+        }
+        if name == b"." {
+            return Ok(p.attr.clone());
+        }
+        if name == b".." {
+            return self.getattr(p.parent);
+        }
+        check_name(name)?;
+        let d = self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(Errno::NoEnt)?;
+        self.getattr(d.ino)
+    }
+
+    /// Checks the caller may add or remove entries in `parent`.
+    fn may_modify_dir(&self, creds: &Creds, parent: InodeId) -> Result<(), Errno> {
+        let p = self.dir(parent)?;
+        // A removed directory (still open somewhere) takes no new entries.
+        if p.attr.nlink == 0 {
+            return Err(Errno::NoEnt);
+        }
+        if !permitted(creds, &p.attr, access::W | access::X) {
+            return Err(Errno::Access);
+        }
+        Ok(())
+    }
+
+    /// Sticky-directory rule: in a sticky directory only the file's owner, the directory's
+    /// owner or root may remove or rename an entry.
+    fn sticky_ok(&self, creds: &Creds, parent: InodeId, victim: InodeId) -> Result<(), Errno> {
+        let p = self.inode(parent)?;
+        let v = self.inode(victim)?;
+        if p.attr.perm & mode::S_ISVTX != 0
+            && creds.uid != 0
+            && creds.uid != p.attr.uid
+            && creds.uid != v.attr.uid
+        {
+            return Err(Errno::Perm);
+        }
+        Ok(())
+    }
+
+    fn touch_dir(&mut self, dir: InodeId, now: Timespec) -> Result<(), Errno> {
+        let d = self.inode_mut(dir)?;
+        d.attr.mtime = now;
+        d.attr.ctime = now;
+        Ok(())
+    }
+
+    fn add_dentry(
+        &mut self,
+        parent: InodeId,
+        name: &[u8],
+        ino: InodeId,
+        kind: FileType,
+    ) -> Result<(), Errno> {
+        let p = self.inode_mut(parent)?;
+        let cookie = p.next_cookie;
+        p.next_cookie += 1;
+        let key = (parent, name.to_vec());
+        self.by_cookie.insert((parent, cookie), name.to_vec());
+        self.dirty_dentries.insert(key.clone());
+        let prev = self.dentries.insert(key, Dentry { ino, kind, cookie });
+        assert!(prev.is_none(), "directory entry added over an existing one");
+        Ok(())
+    }
+
+    fn remove_dentry(&mut self, parent: InodeId, name: &[u8]) -> Dentry {
+        let key = (parent, name.to_vec());
+        let d = self
+            .dentries
+            .remove(&key)
+            .expect("removing an existing directory entry");
+        self.by_cookie.remove(&(parent, d.cookie));
+        self.dirty_dentries.insert(key);
+        d
+    }
+
+    /// Drops one link of `ino` and frees it once it has no links and no open handles.
+    fn drop_link(&mut self, ino: InodeId, now: Timespec) -> Result<(), Errno> {
+        let i = self.inode_mut(ino)?;
+        i.attr.nlink = i
+            .attr
+            .nlink
+            .saturating_sub(if i.attr.kind == FileType::Directory {
+                i.attr.nlink
+            } else {
+                1
+            });
+        i.attr.ctime = now;
+        self.maybe_free(ino);
+        Ok(())
+    }
+
+    fn maybe_free(&mut self, ino: InodeId) {
+        if let Some(i) = self.inodes.get(&ino) {
+            if i.attr.nlink == 0 && i.open == 0 {
+                let size = if i.attr.kind == FileType::Regular {
+                    i.attr.size
+                } else {
+                    0
+                };
+                self.inodes.remove(&ino);
+                self.dirty_inodes.insert(ino);
+                self.freed.push((ino, size));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        kind: FileType,
+        perm: u32,
+        rdev: u64,
+        target: &[u8],
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        if is_dot(name) {
+            return Err(Errno::Exist);
+        }
+        check_name(name)?;
+        self.may_modify_dir(creds, parent)?;
+        if self.dentries.contains_key(&(parent, name.to_vec())) {
+            return Err(Errno::Exist);
+        }
+        let p = self.inode(parent)?;
+        if kind == FileType::Directory && p.attr.nlink >= LINK_MAX {
+            return Err(Errno::MLink);
+        }
+        let parent_sgid = p.attr.perm & mode::S_ISGID != 0;
+        let gid = if parent_sgid { p.attr.gid } else { creds.gid };
+        let mut perm = perm & mode::PERM_MASK;
+        if kind == FileType::Directory && parent_sgid {
+            perm |= mode::S_ISGID;
+        }
+        // A non-root caller outside the file's group cannot create a setgid file.
+        if kind != FileType::Directory
+            && perm & mode::S_ISGID != 0
+            && creds.uid != 0
+            && !creds.in_group(gid)
+        {
+            perm &= !mode::S_ISGID;
+        }
+        let ino = InodeId(self.next_ino);
+        self.next_ino += 1;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let attr = Attr {
+            ino,
+            generation,
+            kind,
+            perm,
+            uid: creds.uid,
+            gid,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            size: if kind == FileType::Symlink {
+                target.len() as u64
+            } else {
+                0
+            },
+            rdev,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+        };
+        self.inodes.insert(
+            ino,
+            Inode {
+                attr: attr.clone(),
+                target: target.to_vec(),
+                xattrs: BTreeMap::new(),
+                open: 0,
+                parent,
+                next_cookie: 3,
+            },
+        );
+        self.dirty_inodes.insert(ino);
+        self.add_dentry(parent, name, ino, kind)?;
+        if kind == FileType::Directory {
+            self.inode_mut(parent)?.attr.nlink += 1;
+        }
+        self.touch_dir(parent, now)?;
+        Ok(attr)
+    }
+
+    /// Creates a regular file, device node, FIFO or socket.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        kind: FileType,
+        perm: u32,
+        rdev: u64,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        match kind {
+            FileType::Directory | FileType::Symlink => Err(Errno::Inval),
+            FileType::BlockDevice | FileType::CharDevice if creds.uid != 0 => Err(Errno::Perm),
+            _ => self.create(creds, parent, name, kind, perm, rdev, &[], now),
+        }
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        perm: u32,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        self.create(creds, parent, name, FileType::Directory, perm, 0, &[], now)
+    }
+
+    /// Creates a symbolic link to `target`.
+    pub fn symlink(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        target: &[u8],
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        if target.is_empty() {
+            return Err(Errno::NoEnt);
+        }
+        if target.len() > SYMLINK_MAX {
+            return Err(Errno::NameTooLong);
+        }
+        self.create(
+            creds,
+            parent,
+            name,
+            FileType::Symlink,
+            0o777,
+            0,
+            target,
+            now,
+        )
+    }
+
+    /// A symlink's target.
+    pub fn readlink(&self, ino: InodeId) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(ino)?;
+        if i.attr.kind != FileType::Symlink {
+            return Err(Errno::Inval);
+        }
+        Ok(i.target.clone())
+    }
+
+    /// Adds a hard link `newparent/newname` to `ino`.
+    pub fn link(
+        &mut self,
+        creds: &Creds,
+        ino: InodeId,
+        newparent: InodeId,
+        newname: &[u8],
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        if is_dot(newname) {
+            return Err(Errno::Exist);
+        }
+        check_name(newname)?;
+        let i = self.inode(ino)?;
+        if i.attr.kind == FileType::Directory {
+            return Err(Errno::Perm);
+        }
+        if i.attr.nlink == 0 {
+            return Err(Errno::NoEnt);
+        }
+        if i.attr.nlink >= LINK_MAX {
+            return Err(Errno::MLink);
+        }
+        let kind = i.attr.kind;
+        self.may_modify_dir(creds, newparent)?;
+        if self.dentries.contains_key(&(newparent, newname.to_vec())) {
+            return Err(Errno::Exist);
+        }
+        self.add_dentry(newparent, newname, ino, kind)?;
+        let i = self.inode_mut(ino)?;
+        i.attr.nlink += 1;
+        i.attr.ctime = now;
+        let attr = i.attr.clone();
+        self.touch_dir(newparent, now)?;
+        Ok(attr)
+    }
+
+    /// Removes a non-directory entry.
+    pub fn unlink(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        now: Timespec,
+    ) -> Result<(), Errno> {
+        if is_dot(name) {
+            return Err(Errno::IsDir);
+        }
+        check_name(name)?;
+        self.may_modify_dir(creds, parent)?;
+        let d = *self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(Errno::NoEnt)?;
+        if d.kind == FileType::Directory {
+            return Err(Errno::IsDir);
+        }
+        self.sticky_ok(creds, parent, d.ino)?;
+        self.remove_dentry(parent, name);
+        self.touch_dir(parent, now)?;
+        self.drop_link(d.ino, now)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        now: Timespec,
+    ) -> Result<(), Errno> {
+        if name == b"." {
+            return Err(Errno::Inval);
+        }
+        if name == b".." {
+            return Err(Errno::NotEmpty);
+        }
+        check_name(name)?;
+        self.may_modify_dir(creds, parent)?;
+        let d = *self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(Errno::NoEnt)?;
+        if d.kind != FileType::Directory {
+            return Err(Errno::NotDir);
+        }
+        if self.has_entries(d.ino) {
+            return Err(Errno::NotEmpty);
+        }
+        self.sticky_ok(creds, parent, d.ino)?;
+        self.remove_dentry(parent, name);
+        self.inode_mut(parent)?.attr.nlink -= 1;
+        self.touch_dir(parent, now)?;
+        self.drop_link(d.ino, now)
+    }
+
+    fn has_entries(&self, dir: InodeId) -> bool {
+        self.dentries
+            .range((dir, Vec::new())..)
+            .next()
+            .is_some_and(|((p, _), _)| *p == dir)
+    }
+
+    /// Whether `ancestor` is `ino` or one of its ancestors.
+    fn is_ancestor(&self, ancestor: InodeId, mut ino: InodeId) -> bool {
+        for _ in 0..=self.inodes.len() {
+            if ino == ancestor {
+                return true;
+            }
+            if ino == InodeId::ROOT {
+                return false;
+            }
+            match self.inodes.get(&ino) {
+                Some(i) => ino = i.parent,
+                None => return false,
+            }
+        }
+        panic!("directory parent chain longer than the number of inodes: a cycle");
+    }
+
+    /// Renames `parent/name` to `newparent/newname` (with RENAME_NOREPLACE / RENAME_EXCHANGE).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename(
+        &mut self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+        newparent: InodeId,
+        newname: &[u8],
+        flags: RenameFlags,
+        now: Timespec,
+    ) -> Result<(), Errno> {
+        if flags.noreplace && flags.exchange {
+            return Err(Errno::Inval);
+        }
+        if is_dot(name) || is_dot(newname) {
+            return Err(Errno::Inval);
+        }
+        check_name(name)?;
+        check_name(newname)?;
+        self.may_modify_dir(creds, parent)?;
+        self.may_modify_dir(creds, newparent)?;
+        let src = *self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(Errno::NoEnt)?;
+        let dst = self.dentries.get(&(newparent, newname.to_vec())).copied();
+        if flags.exchange && dst.is_none() {
+            return Err(Errno::NoEnt);
+        }
+        if flags.noreplace && dst.is_some() {
+            return Err(Errno::Exist);
+        }
+        self.sticky_ok(creds, parent, src.ino)?;
+        if let Some(d) = dst {
+            self.sticky_ok(creds, newparent, d.ino)?;
+        }
+        // Same inode (hard links, or the same name): nothing to do.
+        if dst.is_some_and(|d| d.ino == src.ino) {
+            return Ok(());
+        }
+        // A directory can't move under itself.
+        if src.kind == FileType::Directory
+            && newparent != parent
+            && self.is_ancestor(src.ino, newparent)
+        {
+            return Err(Errno::Inval);
+        }
+        if let (true, Some(d)) = (flags.exchange, dst) {
+            if d.kind == FileType::Directory
+                && parent != newparent
+                && self.is_ancestor(d.ino, parent)
+            {
+                return Err(Errno::Inval);
+            }
+        }
+        // Moving a directory to a new parent rewrites its "..": needs write on it (non-root).
+        let moved_dirs: Vec<InodeId> = std::iter::once(src)
+            .chain(dst.filter(|_| flags.exchange))
+            .filter(|d| d.kind == FileType::Directory && parent != newparent)
+            .map(|d| d.ino)
+            .collect();
+        for d in &moved_dirs {
+            if !permitted(creds, &self.inode(*d)?.attr, access::W) {
+                return Err(Errno::Access);
+            }
+        }
+        if flags.exchange {
+            let d = dst.expect("checked above");
+            self.remove_dentry(parent, name);
+            self.remove_dentry(newparent, newname);
+            self.add_dentry(parent, name, d.ino, d.kind)?;
+            self.add_dentry(newparent, newname, src.ino, src.kind)?;
+            if parent != newparent {
+                for (ino, kind, to) in [(src.ino, src.kind, newparent), (d.ino, d.kind, parent)] {
+                    if kind == FileType::Directory {
+                        self.inode_mut(ino)?.parent = to;
+                    }
+                }
+                let delta = i64::from(src.kind == FileType::Directory)
+                    - i64::from(d.kind == FileType::Directory);
+                self.adjust_nlink(parent, -delta)?;
+                self.adjust_nlink(newparent, delta)?;
+            }
+            for ino in [src.ino, d.ino] {
+                self.inode_mut(ino)?.attr.ctime = now;
+            }
+        } else {
+            if let Some(d) = dst {
+                match (
+                    src.kind == FileType::Directory,
+                    d.kind == FileType::Directory,
+                ) {
+                    (true, false) => return Err(Errno::NotDir),
+                    (false, true) => return Err(Errno::IsDir),
+                    (true, true) if self.has_entries(d.ino) => return Err(Errno::NotEmpty),
+                    _ => {}
+                }
+                self.remove_dentry(newparent, newname);
+                if d.kind == FileType::Directory {
+                    self.inode_mut(newparent)?.attr.nlink -= 1;
+                }
+                self.drop_link(d.ino, now)?;
+            }
+            self.remove_dentry(parent, name);
+            self.add_dentry(newparent, newname, src.ino, src.kind)?;
+            if src.kind == FileType::Directory && parent != newparent {
+                self.inode_mut(src.ino)?.parent = newparent;
+                self.adjust_nlink(parent, -1)?;
+                self.adjust_nlink(newparent, 1)?;
+            }
+            self.inode_mut(src.ino)?.attr.ctime = now;
+        }
+        self.touch_dir(parent, now)?;
+        self.touch_dir(newparent, now)?;
+        Ok(())
+    }
+
+    fn adjust_nlink(&mut self, dir: InodeId, delta: i64) -> Result<(), Errno> {
+        let d = self.inode_mut(dir)?;
+        let n = i64::from(d.attr.nlink) + delta;
+        assert!(n >= 2, "directory link count would drop below 2");
+        d.attr.nlink = n as u32;
+        Ok(())
+    }
+
+    /// Changes attributes (chmod, chown, truncate, utimens) with POSIX rules.
+    pub fn setattr(
+        &mut self,
+        creds: &Creds,
+        ino: InodeId,
+        set: &SetAttr,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        let cur = self.inode(ino)?.attr.clone();
+        let owner = creds.uid == 0 || creds.uid == cur.uid;
+        let mut next = cur.clone();
+        if let Some(perm) = set.perm {
+            if !owner {
+                return Err(Errno::Perm);
+            }
+            let mut perm = perm & mode::PERM_MASK;
+            // Sticky on files and setgid outside one's groups are dropped for non-root callers.
+            if creds.uid != 0 {
+                if cur.kind != FileType::Directory && perm & mode::S_ISVTX != 0 {
+                    perm &= !mode::S_ISVTX;
+                }
+                if perm & mode::S_ISGID != 0 && !creds.in_group(set.gid.unwrap_or(cur.gid)) {
+                    perm &= !mode::S_ISGID;
+                }
+            }
+            next.perm = perm;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            let new_uid = set.uid.unwrap_or(cur.uid);
+            let new_gid = set.gid.unwrap_or(cur.gid);
+            if creds.uid != 0 {
+                // Only root gives files away; the owner may change the group to one of theirs.
+                if new_uid != cur.uid || creds.uid != cur.uid {
+                    return Err(Errno::Perm);
+                }
+                if new_gid != cur.gid && !creds.in_group(new_gid) {
+                    return Err(Errno::Perm);
+                }
+            }
+            if (new_uid != cur.uid || new_gid != cur.gid || creds.uid != 0)
+                && cur.kind != FileType::Directory
+            {
+                // A change of owner drops setuid, and setgid where it means "set group id".
+                next.perm &= !mode::S_ISUID;
+                if next.perm & mode::S_IXGRP != 0 {
+                    next.perm &= !mode::S_ISGID;
+                }
+            }
+            next.uid = new_uid;
+            next.gid = new_gid;
+        }
+        if let Some(size) = set.size {
+            match cur.kind {
+                FileType::Directory => return Err(Errno::IsDir),
+                FileType::Regular => {}
+                _ => return Err(Errno::Inval),
+            }
+            if size > MAX_FILE_SIZE {
+                return Err(Errno::FBig);
+            }
+            if !set.via_write_handle && !permitted(creds, &cur, access::W) {
+                return Err(Errno::Access);
+            }
+            // A successful truncate updates mtime and ctime even when the size is unchanged.
+            next.size = size;
+            next.mtime = now;
+            if creds.uid != 0 && creds.uid != cur.uid {
+                next.perm &= !mode::S_ISUID;
+                if next.perm & mode::S_IXGRP != 0 {
+                    next.perm &= !mode::S_ISGID;
+                }
+            }
+        }
+        for (which, slot) in [(set.atime, &mut next.atime), (set.mtime, &mut next.mtime)] {
+            match which {
+                None => {}
+                Some(TimeSet::Now) => {
+                    if !owner && !permitted(creds, &cur, access::W) {
+                        return Err(Errno::Access);
+                    }
+                    *slot = now;
+                }
+                Some(TimeSet::At(t)) => {
+                    if !owner {
+                        return Err(Errno::Perm);
+                    }
+                    *slot = t;
+                }
+            }
+        }
+        next.ctime = now;
+        self.inode_mut(ino)?.attr = next.clone();
+        Ok(next)
+    }
+
+    /// Checks `mask` (R/W/X bits, 0 = existence) for the caller.
+    pub fn access(&self, creds: &Creds, ino: InodeId, mask: u32) -> Result<(), Errno> {
+        let a = &self.inode(ino)?.attr;
+        if mask == 0 || permitted(creds, a, mask) {
+            Ok(())
+        } else {
+            Err(Errno::Access)
+        }
+    }
+
+    /// Opens an inode: checks permission for the access mode and counts the handle.
+    pub fn open(
+        &mut self,
+        creds: &Creds,
+        ino: InodeId,
+        read: bool,
+        write: bool,
+    ) -> Result<Attr, Errno> {
+        let a = self.inode(ino)?.attr.clone();
+        if write && a.kind == FileType::Directory {
+            return Err(Errno::IsDir);
+        }
+        let mask = if read { access::R } else { 0 } | if write { access::W } else { 0 };
+        if mask != 0 && !permitted(creds, &a, mask) {
+            return Err(Errno::Access);
+        }
+        self.inode_mut(ino)?.open += 1;
+        Ok(a)
+    }
+
+    /// Releases a handle; an unlinked inode goes away with its last handle.
+    pub fn release(&mut self, ino: InodeId) -> Result<(), Errno> {
+        let i = self.inode_mut(ino)?;
+        assert!(i.open > 0, "release without open");
+        i.open -= 1;
+        self.maybe_free(ino);
+        Ok(())
+    }
+
+    /// Directory entries after `cookie` (0 = from the start, including "." and ".."), at most
+    /// `limit`.
+    pub fn readdir(
+        &self,
+        creds: &Creds,
+        ino: InodeId,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<DirEntry>, Errno> {
+        let d = self.dir(ino)?;
+        if !permitted(creds, &d.attr, access::R) {
+            return Err(Errno::Access);
+        }
+        let mut out = Vec::new();
+        if cookie < 1 {
+            out.push(DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: FileType::Directory,
+                cookie: 1,
+            });
+        }
+        if cookie < 2 {
+            out.push(DirEntry {
+                name: b"..".to_vec(),
+                ino: d.parent,
+                kind: FileType::Directory,
+                cookie: 2,
+            });
+        }
+        let first = cookie.max(2).saturating_add(1);
+        for ((_, c), name) in self
+            .by_cookie
+            .range((ino, first)..=(ino, u64::MAX))
+            .take(limit.saturating_sub(out.len()))
+        {
+            let de = self
+                .dentries
+                .get(&(ino, name.clone()))
+                .expect("readdir index matches the entries");
+            out.push(DirEntry {
+                name: name.clone(),
+                ino: de.ino,
+                kind: de.kind,
+                cookie: *c,
+            });
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn xattr_allowed(
+        &self,
+        creds: &Creds,
+        ino: InodeId,
+        name: &[u8],
+        write: bool,
+    ) -> Result<(), Errno> {
+        if name.is_empty() {
+            return Err(Errno::Inval);
+        }
+        if name.len() > XATTR_NAME_MAX {
+            return Err(Errno::Range);
+        }
+        let a = &self.inode(ino)?.attr;
+        if name.starts_with(b"user.") {
+            if !matches!(a.kind, FileType::Regular | FileType::Directory) {
+                return Err(if write { Errno::Perm } else { Errno::NoData });
+            }
+            let mask = if write { access::W } else { access::R };
+            if !permitted(creds, a, mask) {
+                return Err(Errno::Access);
+            }
+            Ok(())
+        } else if name.starts_with(b"trusted.") {
+            if creds.uid != 0 {
+                return Err(if write { Errno::Perm } else { Errno::NoData });
+            }
+            Ok(())
+        } else if name.starts_with(b"security.") {
+            if write && creds.uid != 0 && creds.uid != a.uid {
+                return Err(Errno::Perm);
+            }
+            Ok(())
+        } else {
+            Err(Errno::NotSup)
+        }
+    }
+
+    /// Sets an extended attribute.
+    pub fn setxattr(
+        &mut self,
+        creds: &Creds,
+        ino: InodeId,
+        name: &[u8],
+        value: &[u8],
+        how: XattrMode,
+        now: Timespec,
+    ) -> Result<(), Errno> {
+        self.xattr_allowed(creds, ino, name, true)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(Errno::Range);
+        }
+        let exists = self.inode(ino)?.xattrs.contains_key(name);
+        match (how, exists) {
+            (XattrMode::Create, true) => return Err(Errno::Exist),
+            (XattrMode::Replace, false) => return Err(Errno::NoData),
+            _ => {}
+        }
+        let i = self.inode_mut(ino)?;
+        i.xattrs.insert(name.to_vec(), value.to_vec());
+        i.attr.ctime = now;
+        Ok(())
+    }
+
+    /// Reads an extended attribute.
+    pub fn getxattr(&self, creds: &Creds, ino: InodeId, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        self.xattr_allowed(creds, ino, name, false)?;
+        self.inode(ino)?
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or(Errno::NoData)
+    }
+
+    /// Names of the extended attributes the caller may see.
+    pub fn listxattr(&self, creds: &Creds, ino: InodeId) -> Result<Vec<Vec<u8>>, Errno> {
+        let i = self.inode(ino)?;
+        Ok(i.xattrs
+            .keys()
+            .filter(|n| creds.uid == 0 || !n.starts_with(b"trusted."))
+            .cloned()
+            .collect())
+    }
+
+    /// Removes an extended attribute.
+    pub fn removexattr(
+        &mut self,
+        creds: &Creds,
+        ino: InodeId,
+        name: &[u8],
+        now: Timespec,
+    ) -> Result<(), Errno> {
+        self.xattr_allowed(creds, ino, name, true)?;
+        let i = self.inode_mut(ino)?;
+        if i.xattrs.remove(name).is_none() {
+            return Err(Errno::NoData);
+        }
+        i.attr.ctime = now;
+        Ok(())
+    }
+
+    /// Records a write of `len` bytes at `offset` through an open handle: size and times
+    /// change, and a write by anyone but root drops setuid/setgid.
+    pub fn wrote(
+        &mut self,
+        creds: &Creds,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::FBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Errno::FBig);
+        }
+        let i = self.inode_mut(ino)?;
+        if i.attr.kind != FileType::Regular {
+            return Err(Errno::Inval);
+        }
+        i.attr.size = i.attr.size.max(end);
+        i.attr.mtime = now;
+        i.attr.ctime = now;
+        if creds.uid != 0 {
+            i.attr.perm &= !mode::S_ISUID;
+            if i.attr.perm & mode::S_IXGRP != 0 {
+                i.attr.perm &= !mode::S_ISGID;
+            }
+        }
+        Ok(i.attr.clone())
+    }
+
+    /// Totals for statfs.
+    pub fn stats(&self) -> FsStats {
+        FsStats {
+            inodes: self.inodes.len() as u64,
+            bytes: self
+                .inodes
+                .values()
+                .filter(|i| i.attr.kind == FileType::Regular)
+                .map(|i| i.attr.size)
+                .sum(),
+        }
+    }
+
+    /// Keys changed since the last call: (inodes, directory entries). The persistence layer
+    /// writes their current values (or deletes them when absent) before replying.
+    pub fn take_dirty(&mut self) -> (Vec<InodeId>, Vec<(InodeId, Vec<u8>)>) {
+        (
+            std::mem::take(&mut self.dirty_inodes).into_iter().collect(),
+            std::mem::take(&mut self.dirty_dentries)
+                .into_iter()
+                .collect(),
+        )
+    }
+
+    /// Inodes freed since the last call, with the size of data to release.
+    pub fn take_freed(&mut self) -> Vec<(InodeId, u64)> {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// An inode record (for persistence).
+    pub fn inode_record(&self, ino: InodeId) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    /// A directory entry (for persistence).
+    pub fn dentry(&self, parent: InodeId, name: &[u8]) -> Option<Dentry> {
+        self.dentries.get(&(parent, name.to_vec())).copied()
+    }
+
+    /// Checks every structural invariant; `Err` describes the first violation. Used by tests
+    /// and the simulator after every step.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut links: BTreeMap<InodeId, u32> = BTreeMap::new();
+        let mut subdirs: BTreeMap<InodeId, u32> = BTreeMap::new();
+        for ((parent, name), d) in &self.dentries {
+            let p = self
+                .inodes
+                .get(parent)
+                .ok_or(format!("entry {name:?} in missing directory {parent}"))?;
+            if p.attr.kind != FileType::Directory {
+                return Err(format!("entry {name:?} in non-directory {parent}"));
+            }
+            let i = self
+                .inodes
+                .get(&d.ino)
+                .ok_or(format!("entry {name:?} points at missing {}", d.ino))?;
+            if i.attr.kind != d.kind {
+                return Err(format!("entry {name:?} type differs from inode {}", d.ino));
+            }
+            if self.by_cookie.get(&(*parent, d.cookie)) != Some(name) {
+                return Err(format!("readdir index misses {name:?} in {parent}"));
+            }
+            *links.entry(d.ino).or_default() += 1;
+            if d.kind == FileType::Directory {
+                if i.parent != *parent {
+                    return Err(format!(
+                        "directory {} has '..' {} but lives in {parent}",
+                        d.ino, i.parent
+                    ));
+                }
+                *subdirs.entry(*parent).or_default() += 1;
+            }
+        }
+        if self.by_cookie.len() != self.dentries.len() {
+            return Err("readdir index has stale entries".into());
+        }
+        for (ino, i) in &self.inodes {
+            let n = links.get(ino).copied().unwrap_or(0);
+            if i.attr.kind == FileType::Directory {
+                let expect = if *ino == InodeId::ROOT || n == 1 {
+                    2 + subdirs.get(ino).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                if n > 1 {
+                    return Err(format!("directory {ino} has {n} names"));
+                }
+                if (n == 1 || *ino == InodeId::ROOT) && i.attr.nlink != expect {
+                    return Err(format!(
+                        "directory {ino} nlink {} but {expect} expected",
+                        i.attr.nlink
+                    ));
+                }
+                if *ino != InodeId::ROOT && n == 0 && i.open == 0 {
+                    return Err(format!("unreachable directory {ino} kept"));
+                }
+                if *ino != InodeId::ROOT && !self.is_ancestor(InodeId::ROOT, *ino) && n == 1 {
+                    return Err(format!("directory {ino} not under the root"));
+                }
+            } else {
+                if i.attr.nlink != n {
+                    return Err(format!("inode {ino} nlink {} but {n} names", i.attr.nlink));
+                }
+                if n == 0 && i.open == 0 {
+                    return Err(format!(
+                        "inode {ino} has no names and no handles but was kept"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
