@@ -11,6 +11,7 @@
 pub mod config;
 pub mod exec;
 pub mod io;
+pub mod meta_store;
 pub mod reactor;
 pub mod store;
 pub mod workload;

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod namespace;
 pub mod types;
 

@@ -225,6 +225,70 @@ impl Namespace {
         ns
     }
 
+    /// Rebuilds a namespace from persisted records. Handles do not survive a restart, so
+    /// inodes kept only because they were open are freed (reported by `take_freed`). Returns an
+    /// error naming the first inconsistency.
+    pub fn from_records(
+        inodes: impl IntoIterator<Item = Inode>,
+        dentries: impl IntoIterator<Item = (InodeId, Vec<u8>, Dentry)>,
+    ) -> Result<Namespace, String> {
+        let mut ns = Namespace {
+            inodes: BTreeMap::new(),
+            dentries: BTreeMap::new(),
+            by_cookie: BTreeMap::new(),
+            next_ino: InodeId::ROOT.0 + 1,
+            next_generation: 1,
+            dirty_inodes: BTreeSet::new(),
+            dirty_dentries: BTreeSet::new(),
+            freed: Vec::new(),
+        };
+        for mut i in inodes {
+            i.open = 0;
+            ns.next_ino = ns.next_ino.max(i.attr.ino.0 + 1);
+            ns.next_generation = ns.next_generation.max(i.attr.generation + 1);
+            ns.inodes.insert(i.attr.ino, i);
+        }
+        for (parent, name, d) in dentries {
+            if ns
+                .by_cookie
+                .insert((parent, d.cookie), name.clone())
+                .is_some()
+            {
+                return Err(format!(
+                    "two entries of directory {parent} share cookie {}",
+                    d.cookie
+                ));
+            }
+            ns.dentries.insert((parent, name), d);
+        }
+        if !ns.inodes.contains_key(&InodeId::ROOT) {
+            return Err("no root directory".into());
+        }
+        let orphans: Vec<InodeId> = ns
+            .inodes
+            .iter()
+            .filter(|(_, i)| i.attr.nlink == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for ino in orphans {
+            ns.maybe_free(ino);
+        }
+        ns.check_invariants()?;
+        Ok(ns)
+    }
+
+    /// Counters that must survive restarts even when the inodes that used them are gone:
+    /// (next inode number, next generation). Persist them with the dirty records.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.next_ino, self.next_generation)
+    }
+
+    /// Restores the counters (after `from_records`), never moving them backwards.
+    pub fn restore_counters(&mut self, next_ino: u64, next_generation: u64) {
+        self.next_ino = self.next_ino.max(next_ino);
+        self.next_generation = self.next_generation.max(next_generation);
+    }
+
     fn inode(&self, ino: InodeId) -> Result<&Inode, Errno> {
         self.inodes.get(&ino).ok_or(Errno::NoEnt)
     }

@@ -1,0 +1,292 @@
+//! Byte layouts of persisted namespace records (little-endian, sized integers). Decoders check
+//! every length and return `None` on anything malformed.
+//!
+//! ```text
+//! inode record:
+//!   u8 version (1) | u64 ino | u64 generation | u8 kind | u32 perm | u32 uid | u32 gid
+//!   | u32 nlink | u64 size | u64 rdev | 4 x (i64 sec | u32 nsec)  atime mtime ctime btime
+//!   | u64 parent | u64 next_cookie | u32 target_len | target
+//!   | u32 xattr_count | xattr_count x (u16 name_len | name | u32 value_len | value)
+//! directory entry (key = u64 parent | name):
+//!   u8 version (1) | u64 ino | u8 kind | u64 cookie
+//! ```
+//! Open-handle counts are not persisted: handles do not survive a server restart.
+
+use crate::namespace::{Dentry, Inode};
+use crate::types::{Attr, FileType, InodeId, Timespec};
+use std::collections::BTreeMap;
+
+const VERSION: u8 = 1;
+
+fn kind_byte(k: FileType) -> u8 {
+    match k {
+        FileType::Regular => 1,
+        FileType::Directory => 2,
+        FileType::Symlink => 3,
+        FileType::BlockDevice => 4,
+        FileType::CharDevice => 5,
+        FileType::Fifo => 6,
+        FileType::Socket => 7,
+    }
+}
+
+fn kind_from(b: u8) -> Option<FileType> {
+    Some(match b {
+        1 => FileType::Regular,
+        2 => FileType::Directory,
+        3 => FileType::Symlink,
+        4 => FileType::BlockDevice,
+        5 => FileType::CharDevice,
+        6 => FileType::Fifo,
+        7 => FileType::Socket,
+        _ => return None,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn time(&mut self) -> Option<Timespec> {
+        let sec = self.u64()? as i64;
+        let nsec = self.u32()?;
+        (nsec < 1_000_000_000).then_some(Timespec { sec, nsec })
+    }
+}
+
+fn put_time(out: &mut Vec<u8>, t: Timespec) {
+    out.extend_from_slice(&t.sec.to_le_bytes());
+    out.extend_from_slice(&t.nsec.to_le_bytes());
+}
+
+/// Encodes an inode record.
+pub fn encode_inode(i: &Inode) -> Vec<u8> {
+    let a = &i.attr;
+    let mut out = Vec::with_capacity(128 + i.target.len());
+    out.push(VERSION);
+    out.extend_from_slice(&a.ino.0.to_le_bytes());
+    out.extend_from_slice(&a.generation.to_le_bytes());
+    out.push(kind_byte(a.kind));
+    for v in [a.perm, a.uid, a.gid, a.nlink] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&a.size.to_le_bytes());
+    out.extend_from_slice(&a.rdev.to_le_bytes());
+    for t in [a.atime, a.mtime, a.ctime, a.btime] {
+        put_time(&mut out, t);
+    }
+    out.extend_from_slice(&i.parent.0.to_le_bytes());
+    out.extend_from_slice(&i.next_cookie.to_le_bytes());
+    out.extend_from_slice(&(i.target.len() as u32).to_le_bytes());
+    out.extend_from_slice(&i.target);
+    out.extend_from_slice(&(i.xattrs.len() as u32).to_le_bytes());
+    for (k, v) in &i.xattrs {
+        out.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// Decodes an inode record (open count 0).
+pub fn decode_inode(b: &[u8]) -> Option<Inode> {
+    let mut r = Reader(b);
+    if r.u8()? != VERSION {
+        return None;
+    }
+    let ino = InodeId(r.u64()?);
+    let generation = r.u64()?;
+    let kind = kind_from(r.u8()?)?;
+    let (perm, uid, gid, nlink) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+    let (size, rdev) = (r.u64()?, r.u64()?);
+    let (atime, mtime, ctime, btime) = (r.time()?, r.time()?, r.time()?, r.time()?);
+    let parent = InodeId(r.u64()?);
+    let next_cookie = r.u64()?;
+    let tlen = r.u32()? as usize;
+    let target = r.take(tlen)?.to_vec();
+    let n = r.u32()?;
+    let mut xattrs = BTreeMap::new();
+    for _ in 0..n {
+        let kl = r.u16()? as usize;
+        let k = r.take(kl)?.to_vec();
+        let vl = r.u32()? as usize;
+        let v = r.take(vl)?.to_vec();
+        xattrs.insert(k, v);
+    }
+    if !r.0.is_empty() || perm > 0o7777 {
+        return None;
+    }
+    Some(Inode {
+        attr: Attr {
+            ino,
+            generation,
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            rdev,
+            atime,
+            mtime,
+            ctime,
+            btime,
+        },
+        target,
+        xattrs,
+        open: 0,
+        parent,
+        next_cookie,
+    })
+}
+
+/// Encodes a directory entry's key.
+pub fn encode_dentry_key(parent: InodeId, name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + name.len());
+    // Big-endian parent so entries of one directory sort together in the store.
+    k.extend_from_slice(&parent.0.to_be_bytes());
+    k.extend_from_slice(name);
+    k
+}
+
+/// Decodes a directory entry's key.
+pub fn decode_dentry_key(k: &[u8]) -> Option<(InodeId, Vec<u8>)> {
+    if k.len() < 9 {
+        return None;
+    }
+    Some((
+        InodeId(u64::from_be_bytes(k[..8].try_into().ok()?)),
+        k[8..].to_vec(),
+    ))
+}
+
+/// Encodes a directory entry's value.
+pub fn encode_dentry(d: &Dentry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(18);
+    out.push(VERSION);
+    out.extend_from_slice(&d.ino.0.to_le_bytes());
+    out.push(kind_byte(d.kind));
+    out.extend_from_slice(&d.cookie.to_le_bytes());
+    out
+}
+
+/// Decodes a directory entry's value.
+pub fn decode_dentry(b: &[u8]) -> Option<Dentry> {
+    let mut r = Reader(b);
+    if r.u8()? != VERSION {
+        return None;
+    }
+    let d = Dentry {
+        ino: InodeId(r.u64()?),
+        kind: kind_from(r.u8()?)?,
+        cookie: r.u64()?,
+    };
+    r.0.is_empty().then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn inode() -> impl Strategy<Value = Inode> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            1u8..=7,
+            0u32..=0o7777,
+            any::<(u32, u32, u32, u64, u64)>(),
+            any::<(i64, i64)>(),
+            proptest::collection::vec(any::<u8>(), 0..100),
+            proptest::collection::btree_map(
+                proptest::collection::vec(any::<u8>(), 1..20),
+                proptest::collection::vec(any::<u8>(), 0..50),
+                0..5,
+            ),
+        )
+            .prop_map(
+                |(
+                    ino,
+                    generation,
+                    k,
+                    perm,
+                    (uid, gid, nlink, size, rdev),
+                    (s1, s2),
+                    target,
+                    xattrs,
+                )| Inode {
+                    attr: Attr {
+                        ino: InodeId(ino),
+                        generation,
+                        kind: kind_from(k).unwrap(),
+                        perm,
+                        uid,
+                        gid,
+                        nlink,
+                        size,
+                        rdev,
+                        atime: Timespec::new(s1, 5),
+                        mtime: Timespec::new(s2, 999_999_999),
+                        ctime: Timespec::new(s1 ^ s2, 0),
+                        btime: Timespec::new(0, 1),
+                    },
+                    target,
+                    xattrs,
+                    open: 0,
+                    parent: InodeId(ino / 2),
+                    next_cookie: generation / 3,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn inode_round_trip(i in inode()) {
+            prop_assert_eq!(decode_inode(&encode_inode(&i)), Some(i));
+        }
+
+        #[test]
+        fn truncated_or_extended_records_are_rejected(i in inode(), cut in any::<usize>()) {
+            let b = encode_inode(&i);
+            let cut = cut % b.len();
+            prop_assert_eq!(decode_inode(&b[..cut]), None);
+            let mut longer = b.clone();
+            longer.push(0);
+            prop_assert_eq!(decode_inode(&longer), None);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_inode(&b);
+            let _ = decode_dentry(&b);
+            let _ = decode_dentry_key(&b);
+        }
+
+        #[test]
+        fn dentry_round_trip(ino in any::<u64>(), k in 1u8..=7, cookie in any::<u64>(), parent in any::<u64>(), name in proptest::collection::vec(any::<u8>(), 1..255)) {
+            let d = Dentry { ino: InodeId(ino), kind: kind_from(k).unwrap(), cookie };
+            prop_assert_eq!(decode_dentry(&encode_dentry(&d)), Some(d));
+            prop_assert_eq!(decode_dentry_key(&encode_dentry_key(InodeId(parent), &name)), Some((InodeId(parent), name)));
+        }
+    }
+}
