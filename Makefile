@@ -1,7 +1,7 @@
 # ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
 # runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
 CARGO ?= cargo
-CRATES := hugepages nvme dataplane fabric metadata
+CRATES := hugepages nvme dataplane fabric metadata proto
 
 .PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
 
@@ -35,6 +35,9 @@ test-fabric: deps
 
 test-metadata: deps
 	$(CARGO) test -p cfs-meta
+
+test-proto: deps
+	$(CARGO) test -p cfs-proto
 
 fmt:
 	$(CARGO) fmt --all -- --check

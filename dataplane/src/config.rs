@@ -22,6 +22,30 @@ pub struct Config {
     /// Format-time layout.
     #[serde(default)]
     pub format: FormatConfig,
+    /// The file-system RPC endpoint.
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+/// Where `cfs-dataplane run` listens.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on for clients ("host:port").
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7411".into()
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: default_listen(),
+        }
+    }
 }
 
 /// One device.
@@ -245,6 +269,7 @@ impl Config {
             reactors: ReactorConfig::default(),
             hugepages: HugepageConfig::default(),
             format: FormatConfig::default(),
+            server: ServerSection::default(),
         }
     }
 
@@ -336,6 +361,15 @@ impl Config {
             ));
         }
         self.page_size()?;
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "`{}` is not an address like \"127.0.0.1:7411\"",
+                    self.server.listen
+                ),
+            ));
+        }
         let f = &self.format;
         if f.shards_per_device == 0 || f.shards_per_device > 1024 {
             return Err(invalid(

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod exec;
+pub mod fs_service;
 pub mod io;
 pub mod meta_store;
 pub mod reactor;

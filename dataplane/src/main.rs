@@ -255,17 +255,43 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             .context("cannot install signal handler")?;
     }
     let (engine, _locks) = start_engine(cfg)?;
-    let l = engine.layout();
+    let engine = Arc::new(engine);
+    let l = engine.layout().clone();
     let (region, _) = engine.pool_region();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("cfs-rpc")
+        .build()
+        .context("cannot start the RPC runtime")?;
+    let db = cfg.data_dir.join("meta.redb");
+    let service = cfs_dataplane::fs_service::FsService::open(&db, Arc::clone(&engine))
+        .with_context(|| format!("cannot open the metadata database {}", db.display()))?;
+    let server = rt
+        .block_on(cfs_fabric::Server::bind(
+            &cfg.server.listen,
+            Arc::new(service),
+            cfs_fabric::RegionTable::new(),
+            cfs_fabric::ServerConfig::default(),
+        ))
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
     tracing::info!(
         store = %uuid_str(&l.uuid()),
         devices = l.devices.len(),
         shards = l.total_shards(),
         reactors = engine.reactors(),
         pool = %region.backing,
+        listen = %server.local_addr(),
         "cfs-dataplane running"
     );
-    println!("cfs-dataplane running: store {} ({} shards, {} reactors, buffers on {}); SIGINT/SIGTERM to stop", uuid_str(&l.uuid()), l.total_shards(), engine.reactors(), region.backing);
+    println!(
+        "cfs-dataplane running: store {} ({} shards, {} reactors, buffers on {}), serving on {}; SIGINT/SIGTERM to stop",
+        uuid_str(&l.uuid()),
+        l.total_shards(),
+        engine.reactors(),
+        region.backing,
+        server.local_addr()
+    );
     let mut last = Instant::now();
     while !term.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -277,8 +303,13 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             tracing::info!(chunks, used_mib = (used * 4096) >> 20, "store status");
         }
     }
-    println!("stopping: checkpointing shards");
-    engine.shutdown()?;
+    println!("stopping: closing connections, checkpointing shards");
+    rt.block_on(server.stop());
+    drop(rt);
+    match Arc::try_unwrap(engine) {
+        Ok(e) => e.shutdown()?,
+        Err(_) => bail!("the engine is still in use at shutdown"),
+    }
     println!("stopped cleanly");
     Ok(())
 }

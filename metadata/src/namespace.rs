@@ -837,6 +837,19 @@ impl Namespace {
         set: &SetAttr,
         now: Timespec,
     ) -> Result<Attr, Errno> {
+        let next = self.setattr_preview(creds, ino, set, now)?;
+        self.inode_mut(ino)?.attr = next.clone();
+        Ok(next)
+    }
+
+    /// What `setattr` would produce, checking every rule, without changing anything.
+    pub fn setattr_preview(
+        &self,
+        creds: &Creds,
+        ino: InodeId,
+        set: &SetAttr,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
         let cur = self.inode(ino)?.attr.clone();
         let owner = creds.uid == 0 || creds.uid == cur.uid;
         let mut next = cur.clone();
@@ -920,7 +933,6 @@ impl Namespace {
             }
         }
         next.ctime = now;
-        self.inode_mut(ino)?.attr = next.clone();
         Ok(next)
     }
 

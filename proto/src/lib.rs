@@ -1,0 +1,798 @@
+//! The file-system RPC: one method id per request type, payloads in a fixed little-endian
+//! layout (sized integers; byte strings as u32 length + bytes). Decoders are total: any input
+//! gives a value or `None`, never a panic or an allocation larger than the input.
+//!
+//! Every request starts with the caller's credentials: `u32 uid | u32 gid | u16 ngroups |
+//! ngroups x u32`. Errors travel as RPC error frames with code `1000 + errno`.
+
+#![forbid(unsafe_code)]
+
+use cfs_meta::namespace::{DirEntry, FsStats};
+use cfs_meta::{
+    Attr, Creds, FileType, InodeId, RenameFlags, SetAttr, TimeSet, Timespec, XattrMode,
+};
+
+/// A file-system request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Find `name` in `parent`.
+    Lookup { parent: InodeId, name: Vec<u8> },
+    /// Attributes.
+    GetAttr { ino: InodeId },
+    /// Change attributes.
+    SetAttr { ino: InodeId, set: SetAttr },
+    /// Create a file, device node, FIFO or socket.
+    Mknod {
+        parent: InodeId,
+        name: Vec<u8>,
+        kind: FileType,
+        perm: u32,
+        rdev: u64,
+    },
+    /// Create a directory.
+    Mkdir {
+        parent: InodeId,
+        name: Vec<u8>,
+        perm: u32,
+    },
+    /// Create a symlink.
+    Symlink {
+        parent: InodeId,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    /// Add a hard link.
+    Link {
+        ino: InodeId,
+        newparent: InodeId,
+        newname: Vec<u8>,
+    },
+    /// Remove a non-directory.
+    Unlink { parent: InodeId, name: Vec<u8> },
+    /// Remove an empty directory.
+    Rmdir { parent: InodeId, name: Vec<u8> },
+    /// Rename.
+    Rename {
+        parent: InodeId,
+        name: Vec<u8>,
+        newparent: InodeId,
+        newname: Vec<u8>,
+        flags: RenameFlags,
+    },
+    /// Symlink target.
+    Readlink { ino: InodeId },
+    /// Open (permission check, handle count); `truncate` empties a regular file.
+    Open {
+        ino: InodeId,
+        read: bool,
+        write: bool,
+        truncate: bool,
+    },
+    /// Drop a handle.
+    Release { ino: InodeId },
+    /// Directory entries after `cookie`.
+    ReadDir {
+        ino: InodeId,
+        cookie: u64,
+        limit: u32,
+    },
+    /// Set an xattr.
+    SetXattr {
+        ino: InodeId,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    /// Get an xattr.
+    GetXattr { ino: InodeId, name: Vec<u8> },
+    /// List xattr names.
+    ListXattr { ino: InodeId },
+    /// Remove an xattr.
+    RemoveXattr { ino: InodeId, name: Vec<u8> },
+    /// Permission check.
+    Access { ino: InodeId, mask: u32 },
+    /// File-system totals.
+    Statfs,
+    /// Write file data (durable when the reply comes).
+    Write {
+        ino: InodeId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Read file data (short at end of file).
+    Read { ino: InodeId, offset: u64, len: u32 },
+}
+
+/// A successful reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Nothing to return.
+    Unit,
+    /// Attributes.
+    Attr(Attr),
+    /// Bytes (readlink, getxattr, read).
+    Data(Vec<u8>),
+    /// Directory entries.
+    Entries(Vec<DirEntry>),
+    /// Names (listxattr).
+    Names(Vec<Vec<u8>>),
+    /// Totals.
+    Stats(FsStats),
+}
+
+/// Error-frame code for an errno.
+pub const ERRNO_BASE: u32 = 1000;
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn ino(&mut self, i: InodeId) {
+        self.u64(i.0);
+    }
+    fn time(&mut self, t: Timespec) {
+        self.u64(t.sec as u64);
+        self.u32(t.nsec);
+    }
+    fn opt_u32(&mut self, v: Option<u32>) {
+        match v {
+            Some(x) => {
+                self.u8(1);
+                self.u32(x);
+            }
+            None => self.u8(0),
+        }
+    }
+    fn timeset(&mut self, t: Option<TimeSet>) {
+        match t {
+            None => self.u8(0),
+            Some(TimeSet::Now) => self.u8(1),
+            Some(TimeSet::At(ts)) => {
+                self.u8(2);
+                self.time(ts);
+            }
+        }
+    }
+    fn attr(&mut self, a: &Attr) {
+        self.ino(a.ino);
+        self.u64(a.generation);
+        self.u8(kind_byte(a.kind));
+        for v in [a.perm, a.uid, a.gid, a.nlink] {
+            self.u32(v);
+        }
+        self.u64(a.size);
+        self.u64(a.rdev);
+        for t in [a.atime, a.mtime, a.ctime, a.btime] {
+            self.time(t);
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bool(&mut self) -> Option<bool> {
+        match self.u8()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        Some(self.take(n)?.to_vec())
+    }
+    fn ino(&mut self) -> Option<InodeId> {
+        Some(InodeId(self.u64()?))
+    }
+    fn time(&mut self) -> Option<Timespec> {
+        let sec = self.u64()? as i64;
+        let nsec = self.u32()?;
+        (nsec < 1_000_000_000).then_some(Timespec { sec, nsec })
+    }
+    fn opt_u32(&mut self) -> Option<Option<u32>> {
+        Some(if self.bool()? {
+            Some(self.u32()?)
+        } else {
+            None
+        })
+    }
+    fn timeset(&mut self) -> Option<Option<TimeSet>> {
+        Some(match self.u8()? {
+            0 => None,
+            1 => Some(TimeSet::Now),
+            2 => Some(TimeSet::At(self.time()?)),
+            _ => return None,
+        })
+    }
+    fn attr(&mut self) -> Option<Attr> {
+        Some(Attr {
+            ino: self.ino()?,
+            generation: self.u64()?,
+            kind: kind_from(self.u8()?)?,
+            perm: self.u32()?,
+            uid: self.u32()?,
+            gid: self.u32()?,
+            nlink: self.u32()?,
+            size: self.u64()?,
+            rdev: self.u64()?,
+            atime: self.time()?,
+            mtime: self.time()?,
+            ctime: self.time()?,
+            btime: self.time()?,
+        })
+    }
+    fn end(&self) -> Option<()> {
+        self.0.is_empty().then_some(())
+    }
+}
+
+fn kind_byte(k: FileType) -> u8 {
+    match k {
+        FileType::Regular => 1,
+        FileType::Directory => 2,
+        FileType::Symlink => 3,
+        FileType::BlockDevice => 4,
+        FileType::CharDevice => 5,
+        FileType::Fifo => 6,
+        FileType::Socket => 7,
+    }
+}
+
+fn kind_from(b: u8) -> Option<FileType> {
+    Some(match b {
+        1 => FileType::Regular,
+        2 => FileType::Directory,
+        3 => FileType::Symlink,
+        4 => FileType::BlockDevice,
+        5 => FileType::CharDevice,
+        6 => FileType::Fifo,
+        7 => FileType::Socket,
+        _ => return None,
+    })
+}
+
+fn xmode_byte(m: XattrMode) -> u8 {
+    match m {
+        XattrMode::Any => 0,
+        XattrMode::Create => 1,
+        XattrMode::Replace => 2,
+    }
+}
+
+impl Request {
+    /// The RPC method id.
+    pub fn method(&self) -> u32 {
+        match self {
+            Request::Lookup { .. } => 1,
+            Request::GetAttr { .. } => 2,
+            Request::SetAttr { .. } => 3,
+            Request::Mknod { .. } => 4,
+            Request::Mkdir { .. } => 5,
+            Request::Symlink { .. } => 6,
+            Request::Link { .. } => 7,
+            Request::Unlink { .. } => 8,
+            Request::Rmdir { .. } => 9,
+            Request::Rename { .. } => 10,
+            Request::Readlink { .. } => 11,
+            Request::Open { .. } => 12,
+            Request::Release { .. } => 13,
+            Request::ReadDir { .. } => 14,
+            Request::SetXattr { .. } => 15,
+            Request::GetXattr { .. } => 16,
+            Request::ListXattr { .. } => 17,
+            Request::RemoveXattr { .. } => 18,
+            Request::Access { .. } => 19,
+            Request::Statfs => 20,
+            Request::Write { .. } => 21,
+            Request::Read { .. } => 22,
+        }
+    }
+
+    /// Encodes the credentials and the request's fields (the method id travels in the frame).
+    pub fn encode(&self, creds: &Creds) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64));
+        w.u32(creds.uid);
+        w.u32(creds.gid);
+        w.u16(creds.groups.len().min(u16::MAX as usize) as u16);
+        for g in creds.groups.iter().take(u16::MAX as usize) {
+            w.u32(*g);
+        }
+        match self {
+            Request::Lookup { parent, name }
+            | Request::Unlink { parent, name }
+            | Request::Rmdir { parent, name } => {
+                w.ino(*parent);
+                w.bytes(name);
+            }
+            Request::GetAttr { ino }
+            | Request::Readlink { ino }
+            | Request::Release { ino }
+            | Request::ListXattr { ino } => w.ino(*ino),
+            Request::SetAttr { ino, set } => {
+                w.ino(*ino);
+                w.opt_u32(set.perm);
+                w.opt_u32(set.uid);
+                w.opt_u32(set.gid);
+                match set.size {
+                    Some(s) => {
+                        w.u8(1);
+                        w.u64(s);
+                    }
+                    None => w.u8(0),
+                }
+                w.timeset(set.atime);
+                w.timeset(set.mtime);
+                w.u8(u8::from(set.via_write_handle));
+            }
+            Request::Mknod {
+                parent,
+                name,
+                kind,
+                perm,
+                rdev,
+            } => {
+                w.ino(*parent);
+                w.bytes(name);
+                w.u8(kind_byte(*kind));
+                w.u32(*perm);
+                w.u64(*rdev);
+            }
+            Request::Mkdir { parent, name, perm } => {
+                w.ino(*parent);
+                w.bytes(name);
+                w.u32(*perm);
+            }
+            Request::Symlink {
+                parent,
+                name,
+                target,
+            } => {
+                w.ino(*parent);
+                w.bytes(name);
+                w.bytes(target);
+            }
+            Request::Link {
+                ino,
+                newparent,
+                newname,
+            } => {
+                w.ino(*ino);
+                w.ino(*newparent);
+                w.bytes(newname);
+            }
+            Request::Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                flags,
+            } => {
+                w.ino(*parent);
+                w.bytes(name);
+                w.ino(*newparent);
+                w.bytes(newname);
+                w.u8(u8::from(flags.noreplace) | u8::from(flags.exchange) << 1);
+            }
+            Request::Open {
+                ino,
+                read,
+                write,
+                truncate,
+            } => {
+                w.ino(*ino);
+                w.u8(u8::from(*read) | u8::from(*write) << 1 | u8::from(*truncate) << 2);
+            }
+            Request::ReadDir { ino, cookie, limit } => {
+                w.ino(*ino);
+                w.u64(*cookie);
+                w.u32(*limit);
+            }
+            Request::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => {
+                w.ino(*ino);
+                w.bytes(name);
+                w.bytes(value);
+                w.u8(xmode_byte(*mode));
+            }
+            Request::GetXattr { ino, name } | Request::RemoveXattr { ino, name } => {
+                w.ino(*ino);
+                w.bytes(name);
+            }
+            Request::Access { ino, mask } => {
+                w.ino(*ino);
+                w.u32(*mask);
+            }
+            Request::Statfs => {}
+            Request::Write { ino, offset, data } => {
+                w.ino(*ino);
+                w.u64(*offset);
+                w.bytes(data);
+            }
+            Request::Read { ino, offset, len } => {
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u32(*len);
+            }
+        }
+        w.0
+    }
+
+    /// Decodes a request of `method`; `None` if malformed.
+    pub fn decode(method: u32, b: &[u8]) -> Option<(Creds, Request)> {
+        let mut r = R(b);
+        let uid = r.u32()?;
+        let gid = r.u32()?;
+        let n = r.u16()? as usize;
+        let mut groups = Vec::with_capacity(n.min(b.len() / 4));
+        for _ in 0..n {
+            groups.push(r.u32()?);
+        }
+        let req = match method {
+            1 => Request::Lookup {
+                parent: r.ino()?,
+                name: r.bytes()?,
+            },
+            2 => Request::GetAttr { ino: r.ino()? },
+            3 => {
+                let ino = r.ino()?;
+                let perm = r.opt_u32()?;
+                let uid = r.opt_u32()?;
+                let gid = r.opt_u32()?;
+                let size = if r.bool()? { Some(r.u64()?) } else { None };
+                let atime = r.timeset()?;
+                let mtime = r.timeset()?;
+                let via_write_handle = r.bool()?;
+                Request::SetAttr {
+                    ino,
+                    set: SetAttr {
+                        perm,
+                        uid,
+                        gid,
+                        size,
+                        atime,
+                        mtime,
+                        via_write_handle,
+                    },
+                }
+            }
+            4 => Request::Mknod {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                kind: kind_from(r.u8()?)?,
+                perm: r.u32()?,
+                rdev: r.u64()?,
+            },
+            5 => Request::Mkdir {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                perm: r.u32()?,
+            },
+            6 => Request::Symlink {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                target: r.bytes()?,
+            },
+            7 => Request::Link {
+                ino: r.ino()?,
+                newparent: r.ino()?,
+                newname: r.bytes()?,
+            },
+            8 => Request::Unlink {
+                parent: r.ino()?,
+                name: r.bytes()?,
+            },
+            9 => Request::Rmdir {
+                parent: r.ino()?,
+                name: r.bytes()?,
+            },
+            10 => {
+                let (parent, name, newparent, newname) =
+                    (r.ino()?, r.bytes()?, r.ino()?, r.bytes()?);
+                let f = r.u8()?;
+                if f > 3 {
+                    return None;
+                }
+                Request::Rename {
+                    parent,
+                    name,
+                    newparent,
+                    newname,
+                    flags: RenameFlags {
+                        noreplace: f & 1 != 0,
+                        exchange: f & 2 != 0,
+                    },
+                }
+            }
+            11 => Request::Readlink { ino: r.ino()? },
+            12 => {
+                let ino = r.ino()?;
+                let f = r.u8()?;
+                if f > 7 {
+                    return None;
+                }
+                Request::Open {
+                    ino,
+                    read: f & 1 != 0,
+                    write: f & 2 != 0,
+                    truncate: f & 4 != 0,
+                }
+            }
+            13 => Request::Release { ino: r.ino()? },
+            14 => Request::ReadDir {
+                ino: r.ino()?,
+                cookie: r.u64()?,
+                limit: r.u32()?,
+            },
+            15 => {
+                let (ino, name, value) = (r.ino()?, r.bytes()?, r.bytes()?);
+                let mode = match r.u8()? {
+                    0 => XattrMode::Any,
+                    1 => XattrMode::Create,
+                    2 => XattrMode::Replace,
+                    _ => return None,
+                };
+                Request::SetXattr {
+                    ino,
+                    name,
+                    value,
+                    mode,
+                }
+            }
+            16 => Request::GetXattr {
+                ino: r.ino()?,
+                name: r.bytes()?,
+            },
+            17 => Request::ListXattr { ino: r.ino()? },
+            18 => Request::RemoveXattr {
+                ino: r.ino()?,
+                name: r.bytes()?,
+            },
+            19 => Request::Access {
+                ino: r.ino()?,
+                mask: r.u32()?,
+            },
+            20 => Request::Statfs,
+            21 => Request::Write {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                data: r.bytes()?,
+            },
+            22 => Request::Read {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
+            _ => return None,
+        };
+        r.end()?;
+        Some((Creds { uid, gid, groups }, req))
+    }
+}
+
+impl Reply {
+    /// Encodes a reply.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64));
+        match self {
+            Reply::Unit => w.u8(0),
+            Reply::Attr(a) => {
+                w.u8(1);
+                w.attr(a);
+            }
+            Reply::Data(d) => {
+                w.u8(2);
+                w.bytes(d);
+            }
+            Reply::Entries(es) => {
+                w.u8(3);
+                w.u32(es.len() as u32);
+                for e in es {
+                    w.bytes(&e.name);
+                    w.ino(e.ino);
+                    w.u8(kind_byte(e.kind));
+                    w.u64(e.cookie);
+                }
+            }
+            Reply::Names(ns) => {
+                w.u8(4);
+                w.u32(ns.len() as u32);
+                for n in ns {
+                    w.bytes(n);
+                }
+            }
+            Reply::Stats(s) => {
+                w.u8(5);
+                w.u64(s.inodes);
+                w.u64(s.bytes);
+            }
+        }
+        w.0
+    }
+
+    /// Decodes a reply; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<Reply> {
+        let mut r = R(b);
+        let reply = match r.u8()? {
+            0 => Reply::Unit,
+            1 => Reply::Attr(r.attr()?),
+            2 => Reply::Data(r.bytes()?),
+            3 => {
+                let n = r.u32()? as usize;
+                let mut es = Vec::with_capacity(n.min(b.len() / 21));
+                for _ in 0..n {
+                    es.push(DirEntry {
+                        name: r.bytes()?,
+                        ino: r.ino()?,
+                        kind: kind_from(r.u8()?)?,
+                        cookie: r.u64()?,
+                    });
+                }
+                Reply::Entries(es)
+            }
+            4 => {
+                let n = r.u32()? as usize;
+                let mut ns = Vec::with_capacity(n.min(b.len() / 4));
+                for _ in 0..n {
+                    ns.push(r.bytes()?);
+                }
+                Reply::Names(ns)
+            }
+            5 => Reply::Stats(FsStats {
+                inodes: r.u64()?,
+                bytes: r.u64()?,
+            }),
+            _ => return None,
+        };
+        r.end()?;
+        Some(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..40)
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        let ino = any::<u64>().prop_map(InodeId);
+        prop_oneof![
+            (ino.clone(), name()).prop_map(|(parent, name)| Request::Lookup { parent, name }),
+            ino.clone().prop_map(|ino| Request::GetAttr { ino }),
+            (
+                ino.clone(),
+                any::<Option<u32>>(),
+                any::<Option<u64>>(),
+                any::<bool>()
+            )
+                .prop_map(|(ino, p, s, h)| Request::SetAttr {
+                    ino,
+                    set: SetAttr {
+                        perm: p,
+                        uid: p,
+                        gid: None,
+                        size: s,
+                        atime: Some(TimeSet::Now),
+                        mtime: Some(TimeSet::At(Timespec::new(5, 7))),
+                        via_write_handle: h
+                    }
+                }),
+            (ino.clone(), name(), any::<u32>(), any::<u64>()).prop_map(
+                |(parent, name, perm, rdev)| Request::Mknod {
+                    parent,
+                    name,
+                    kind: FileType::Fifo,
+                    perm,
+                    rdev
+                }
+            ),
+            (ino.clone(), name(), ino.clone(), name(), 0u8..3).prop_map(
+                |(parent, name, newparent, newname, f)| Request::Rename {
+                    parent,
+                    name,
+                    newparent,
+                    newname,
+                    flags: RenameFlags {
+                        noreplace: f == 1,
+                        exchange: f == 2
+                    }
+                }
+            ),
+            (ino.clone(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+                |(ino, read, write, truncate)| Request::Open {
+                    ino,
+                    read,
+                    write,
+                    truncate
+                }
+            ),
+            (ino.clone(), any::<u64>(), name()).prop_map(|(ino, offset, data)| Request::Write {
+                ino,
+                offset,
+                data
+            }),
+            (ino.clone(), name(), name()).prop_map(|(ino, name, value)| Request::SetXattr {
+                ino,
+                name,
+                value,
+                mode: XattrMode::Create
+            }),
+            Just(Request::Statfs),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in request(), uid in any::<u32>(), groups in proptest::collection::vec(any::<u32>(), 0..5)) {
+            let creds = Creds { uid, gid: uid ^ 1, groups };
+            let b = req.encode(&creds);
+            prop_assert_eq!(Request::decode(req.method(), &b), Some((creds, req.clone())));
+            // Truncated payloads never decode.
+            if !b.is_empty() {
+                prop_assert_eq!(Request::decode(req.method(), &b[..b.len() - 1]), None);
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(method in 0u32..30, b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode(method, &b);
+            let _ = Reply::decode(&b);
+        }
+
+        #[test]
+        fn replies_round_trip(names in proptest::collection::vec(name(), 0..5), data in name()) {
+            for rep in [
+                Reply::Unit,
+                Reply::Data(data.clone()),
+                Reply::Names(names.clone()),
+                Reply::Stats(FsStats { inodes: 3, bytes: 9 }),
+                Reply::Entries(names.iter().enumerate().map(|(i, n)| DirEntry { name: n.clone(), ino: InodeId(i as u64), kind: FileType::Symlink, cookie: i as u64 * 3 }).collect()),
+            ] {
+                prop_assert_eq!(Reply::decode(&rep.encode()), Some(rep.clone()));
+            }
+        }
+    }
+}
