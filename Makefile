@@ -1,7 +1,7 @@
 # ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
 # runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
 CARGO ?= cargo
-CRATES := hugepages nvme dataplane fabric metadata proto
+CRATES := hugepages nvme dataplane fabric metadata proto fuse-client
 
 .PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
 
@@ -38,6 +38,9 @@ test-metadata: deps
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto
+
+test-fuse-client: deps
+	$(CARGO) test -p cfs-fuse-client
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -1,0 +1,704 @@
+//! The FUSE file system: each kernel request becomes one RPC to the server, with the caller's
+//! credentials; replies and errno values come back unchanged.
+
+use cfs_fabric::{Client, ErrorCode, RpcError};
+use cfs_meta::namespace::access;
+use cfs_meta::{
+    Attr, Creds, FileType as MetaType, InodeId, RenameFlags as MetaRename, SetAttr, TimeSet,
+    Timespec, XattrMode,
+};
+use cfs_proto::{Reply, Request as Req, ERRNO_BASE};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Mount-time settings.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// How long the kernel may cache attributes and entries.
+    pub cache_ttl: Duration,
+}
+
+/// The mounted file system.
+pub struct CfsFs {
+    client: Client,
+    rt: tokio::runtime::Handle,
+    opts: FsOptions,
+}
+
+fn to_system(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(t.sec.unsigned_abs(), 0) + Duration::new(0, t.nsec)
+    }
+}
+
+fn from_system(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec::new(d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec::new(sec, nsec)
+        }
+    }
+}
+
+fn kind(k: MetaType) -> FileType {
+    match k {
+        MetaType::Regular => FileType::RegularFile,
+        MetaType::Directory => FileType::Directory,
+        MetaType::Symlink => FileType::Symlink,
+        MetaType::BlockDevice => FileType::BlockDevice,
+        MetaType::CharDevice => FileType::CharDevice,
+        MetaType::Fifo => FileType::NamedPipe,
+        MetaType::Socket => FileType::Socket,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: to_system(a.atime),
+        mtime: to_system(a.mtime),
+        ctime: to_system(a.ctime),
+        crtime: to_system(a.btime),
+        kind: kind(a.kind),
+        perm: a.perm as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 128 << 10,
+        flags: 0,
+    }
+}
+
+/// Supplementary groups of the calling process (FUSE does not pass them).
+fn groups_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Groups:")).map(|l| {
+                l[7..]
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn creds(req: &Request) -> Creds {
+    Creds {
+        uid: req.uid(),
+        gid: req.gid(),
+        groups: groups_of(req.pid()),
+    }
+}
+
+fn ino(i: INodeNo) -> InodeId {
+    InodeId(i.0)
+}
+
+impl CfsFs {
+    /// A file system talking to `client`, running RPCs on `rt`.
+    pub fn new(client: Client, rt: tokio::runtime::Handle, opts: FsOptions) -> CfsFs {
+        CfsFs { client, rt, opts }
+    }
+
+    fn call(&self, creds: &Creds, r: Req) -> Result<Reply, Errno> {
+        let payload = r.encode(creds);
+        let res = self.rt.block_on(self.client.call(r.method(), &payload));
+        match res {
+            Ok(b) => Reply::decode(&b).ok_or_else(|| {
+                tracing::error!("malformed reply from the server");
+                Errno::EIO
+            }),
+            Err(RpcError::Remote {
+                code: ErrorCode::Service(c),
+                ..
+            }) if c >= ERRNO_BASE => Err(Errno::from_i32((c - ERRNO_BASE) as i32)),
+            Err(e) => {
+                tracing::warn!("request failed: {e}");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    fn attr(&self, creds: &Creds, r: Req) -> Result<Attr, Errno> {
+        match self.call(creds, r)? {
+            Reply::Attr(a) => Ok(a),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn entry(&self, reply: ReplyEntry, res: Result<Attr, Errno>) {
+        match res {
+            Ok(a) => reply.entry(
+                &self.opts.cache_ttl,
+                &file_attr(&a),
+                Generation(a.generation),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, res: Result<Reply, Errno>) {
+        match res {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn name(n: &OsStr) -> Vec<u8> {
+    n.as_bytes().to_vec()
+}
+
+fn timeset(t: Option<TimeOrNow>) -> Option<TimeSet> {
+    t.map(|t| match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(s) => TimeSet::At(from_system(s)),
+    })
+}
+
+impl Filesystem for CfsFs {
+    fn lookup(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        let r = self.attr(
+            &creds(req),
+            Req::Lookup {
+                parent: ino(parent),
+                name: name(n),
+            },
+        );
+        self.entry(reply, r);
+    }
+
+    fn getattr(&self, req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(&creds(req), Req::GetAttr { ino: ino(i) }) {
+            Ok(a) => reply.attr(&self.opts.cache_ttl, &file_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: timeset(atime),
+            mtime: timeset(mtime),
+            via_write_handle: fh.is_some(),
+        };
+        match self.attr(&creds(req), Req::SetAttr { ino: ino(i), set }) {
+            Ok(a) => reply.attr(&self.opts.cache_ttl, &file_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, req: &Request, i: INodeNo, reply: ReplyData) {
+        match self.call(&creds(req), Req::Readlink { ino: ino(i) }) {
+            Ok(Reply::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(k) = MetaType::from_mode(mode) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        let perm = mode & 0o7777 & !umask;
+        let r = self.attr(
+            &creds(req),
+            Req::Mknod {
+                parent: ino(parent),
+                name: name(n),
+                kind: k,
+                perm,
+                rdev: u64::from(rdev),
+            },
+        );
+        self.entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.attr(
+            &creds(req),
+            Req::Mkdir {
+                parent: ino(parent),
+                name: name(n),
+                perm: mode & 0o7777 & !umask,
+            },
+        );
+        self.entry(reply, r);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            reply,
+            self.call(
+                &creds(req),
+                Req::Unlink {
+                    parent: ino(parent),
+                    name: name(n),
+                },
+            ),
+        );
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            reply,
+            self.call(
+                &creds(req),
+                Req::Rmdir {
+                    parent: ino(parent),
+                    name: name(n),
+                },
+            ),
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.attr(
+            &creds(req),
+            Req::Symlink {
+                parent: ino(parent),
+                name: name(link),
+                target: target.as_os_str().as_bytes().to_vec(),
+            },
+        );
+        self.entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let flags = MetaRename {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        let r = self.call(
+            &creds(req),
+            Req::Rename {
+                parent: ino(parent),
+                name: name(n),
+                newparent: ino(newparent),
+                newname: name(newname),
+                flags,
+            },
+        );
+        Self::empty(reply, r);
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.attr(
+            &creds(req),
+            Req::Link {
+                ino: ino(i),
+                newparent: ino(newparent),
+                newname: name(newname),
+            },
+        );
+        self.entry(reply, r);
+    }
+
+    fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let acc = flags.0 & libc::O_ACCMODE;
+        let (read, write) = (
+            acc == libc::O_RDONLY || acc == libc::O_RDWR,
+            acc == libc::O_WRONLY || acc == libc::O_RDWR,
+        );
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        match self.call(
+            &creds(req),
+            Req::Open {
+                ino: ino(i),
+                read,
+                write,
+                truncate,
+            },
+        ) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let c = creds(req);
+        let perm = mode & 0o7777 & !umask;
+        let a = match self.attr(
+            &c,
+            Req::Mknod {
+                parent: ino(parent),
+                name: name(n),
+                kind: MetaType::Regular,
+                perm,
+                rdev: 0,
+            },
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        let acc = flags & libc::O_ACCMODE;
+        // The creator may write the file it just made whatever its mode says (open(O_CREAT)).
+        let read = (acc == libc::O_RDONLY || acc == libc::O_RDWR) && a.perm & 0o400 != 0;
+        match self.call(
+            &Creds::root(),
+            Req::Open {
+                ino: a.ino,
+                read,
+                write: false,
+                truncate: false,
+            },
+        ) {
+            Ok(_) => reply.created(
+                &self.opts.cache_ttl,
+                &file_attr(&a),
+                Generation(a.generation),
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.call(
+            &creds(req),
+            Req::Read {
+                ino: ino(i),
+                offset,
+                len: size,
+            },
+        ) {
+            Ok(Reply::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.call(
+            &creds(req),
+            Req::Write {
+                ino: ino(i),
+                offset,
+                data: data.to_vec(),
+            },
+        ) {
+            Ok(_) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are durable when acknowledged: nothing is buffered here.
+        reply.ok();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.call(&creds(req), Req::Release { ino: ino(i) }));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.call(
+            &creds(req),
+            Req::ReadDir {
+                ino: ino(i),
+                cookie: offset,
+                limit: 512,
+            },
+        ) {
+            Ok(Reply::Entries(es)) => {
+                for e in es {
+                    if reply.add(
+                        INodeNo(e.ino.0),
+                        e.cookie,
+                        kind(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, req: &Request, _i: INodeNo, reply: ReplyStatfs) {
+        match self.call(&creds(req), Req::Statfs) {
+            Ok(Reply::Stats(s)) => {
+                let blocks: u64 = 1 << 30;
+                let used = s.bytes.div_ceil(4096).min(blocks);
+                let files: u64 = 1 << 32;
+                reply.statfs(
+                    blocks,
+                    blocks - used,
+                    blocks - used,
+                    files,
+                    files.saturating_sub(s.inodes),
+                    4096,
+                    255,
+                    4096,
+                );
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
+        Self::empty(
+            reply,
+            self.call(
+                &creds(req),
+                Req::SetXattr {
+                    ino: ino(i),
+                    name: name(n),
+                    value: value.to_vec(),
+                    mode,
+                },
+            ),
+        );
+    }
+
+    fn getxattr(&self, req: &Request, i: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.call(
+            &creds(req),
+            Req::GetXattr {
+                ino: ino(i),
+                name: name(n),
+            },
+        ) {
+            Ok(Reply::Data(d)) if size == 0 => reply.size(d.len() as u32),
+            Ok(Reply::Data(d)) if d.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(Reply::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.call(&creds(req), Req::ListXattr { ino: ino(i) }) {
+            Ok(Reply::Names(ns)) => {
+                let mut buf = Vec::new();
+                for n in ns {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32);
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::ERANGE);
+                } else {
+                    reply.data(&buf);
+                }
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, i: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            reply,
+            self.call(
+                &creds(req),
+                Req::RemoveXattr {
+                    ino: ino(i),
+                    name: name(n),
+                },
+            ),
+        );
+    }
+
+    fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let m = mask.bits() as u32 & (access::R | access::W | access::X);
+        Self::empty(
+            reply,
+            self.call(
+                &creds(req),
+                Req::Access {
+                    ino: ino(i),
+                    mask: m,
+                },
+            ),
+        );
+    }
+}

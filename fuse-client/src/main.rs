@@ -1,0 +1,134 @@
+//! `cfs`: the ClaudeFS client. `cfs mount SERVER MOUNTPOINT` mounts a cluster through FUSE;
+//! `cfs umount MOUNTPOINT` unmounts it.
+
+#![deny(unsafe_code)]
+
+mod fs;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cfs", version, about = "ClaudeFS client")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount a ClaudeFS server (runs until unmounted, SIGINT or SIGTERM).
+    Mount {
+        /// Server address (host:port of a cfs-dataplane).
+        server: String,
+        /// Where to mount.
+        mountpoint: PathBuf,
+        /// Seconds the kernel may cache attributes and entries.
+        #[arg(long, default_value_t = 1.0)]
+        cache_ttl: f64,
+        /// Seconds a request may take before it fails with EIO (a dead server never hangs
+        /// the mount for longer).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount a ClaudeFS mount point.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+}
+
+fn umount(mountpoint: &std::path::Path) -> Result<()> {
+    for cmd in [["fusermount3", "-u"], ["umount", ""]] {
+        let mut c = std::process::Command::new(cmd[0]);
+        if !cmd[1].is_empty() {
+            c.arg(cmd[1]);
+        }
+        if let Ok(st) = c.arg(mountpoint).status() {
+            if st.success() {
+                return Ok(());
+            }
+        }
+    }
+    bail!("cannot unmount {}", mountpoint.display())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CFS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Umount { mountpoint } => umount(&mountpoint),
+        Cmd::Mount {
+            server,
+            mountpoint,
+            cache_ttl,
+            timeout,
+            threads,
+        } => {
+            if !(0.0..=3600.0).contains(&cache_ttl) {
+                bail!("--cache-ttl must be between 0 and 3600 seconds");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("cfs-client-rpc")
+                .build()
+                .context("cannot start the client runtime")?;
+            let cfg = cfs_fabric::ClientConfig {
+                request_timeout: Duration::from_secs(timeout.max(1)),
+                connect_timeout: Duration::from_secs(timeout.max(1)),
+                ..cfs_fabric::ClientConfig::default()
+            };
+            let client = cfs_fabric::Client::new(server.clone(), cfg);
+            rt.block_on(client.ping())
+                .with_context(|| format!("cannot reach the server at {server}"))?;
+            let fs = fs::CfsFs::new(
+                client,
+                rt.handle().clone(),
+                fs::FsOptions {
+                    cache_ttl: Duration::from_secs_f64(cache_ttl),
+                },
+            );
+            let mut config = fuser::Config::default();
+            config.mount_options = vec![
+                fuser::MountOption::FSName(format!("cfs:{server}")),
+                fuser::MountOption::Subtype("cfs".into()),
+                fuser::MountOption::Dev,
+                fuser::MountOption::Suid,
+                fuser::MountOption::RW,
+            ];
+            config.acl = fuser::SessionACL::All;
+            config.n_threads = Some(threads.max(1));
+            let session = fuser::spawn_mount(fs, &mountpoint, &config)
+                .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+            println!("mounted cfs:{server} on {}", mountpoint.display());
+            let term = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, Arc::clone(&term))
+                    .context("cannot install signal handler")?;
+            }
+            while !term.load(Ordering::Relaxed) && !session.guard.is_finished() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if term.load(Ordering::Relaxed) {
+                session.umount_and_join().context("unmount failed")?;
+                println!("unmounted {}", mountpoint.display());
+            } else {
+                session.join().context("FUSE session ended with an error")?;
+            }
+            Ok(())
+        }
+    }
+}
