@@ -19,6 +19,7 @@ deps:
 test: deps
 	$(CARGO) test --workspace
 	./scripts/test-hugepages.sh
+	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
 
 test-hugepages: deps
 	$(CARGO) test -p cfs-hugepages
@@ -41,6 +42,7 @@ test-proto: deps
 
 test-fuse-client: deps
 	$(CARGO) test -p cfs-fuse-client
+	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
 
 fmt:
 	$(CARGO) fmt --all -- --check
