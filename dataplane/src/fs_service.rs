@@ -86,7 +86,12 @@ impl FsService {
         let out = f(&mut m.ns);
         let persisted = {
             let Meta { store, ns } = &mut *m;
-            store.persist(ns)
+            // Failed operations and handle bookkeeping change nothing durable: no commit.
+            if ns.is_dirty() {
+                store.persist(ns)
+            } else {
+                Ok(())
+            }
         };
         if let Err(e) = persisted {
             tracing::error!("metadata commit failed, rolling back to the durable state: {e}");
@@ -351,11 +356,28 @@ impl Service for FsService {
                     format!("malformed request for method {method}"),
                 )
             })?;
-            // The engine and the metadata store block: keep them off the async workers.
-            tokio::task::spawn_blocking(move || this.handle(&creds, req))
-                .await
-                .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
-                .map(|r| bytes::Bytes::from(r.encode()))
+            let read_only = matches!(
+                req,
+                Request::Lookup { .. }
+                    | Request::GetAttr { .. }
+                    | Request::Readlink { .. }
+                    | Request::ReadDir { .. }
+                    | Request::GetXattr { .. }
+                    | Request::ListXattr { .. }
+                    | Request::Access { .. }
+                    | Request::Statfs
+            );
+            let reply = if read_only {
+                // In-memory lookups answer at once: a hand-off to another thread would cost
+                // more than the work (measured: thread wake-ups dominated stat latency).
+                this.handle(&creds, req)
+            } else {
+                // Commits and data I/O block: keep them off the async workers.
+                tokio::task::spawn_blocking(move || this.handle(&creds, req))
+                    .await
+                    .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
+            };
+            reply.map(|r| bytes::Bytes::from(r.encode()))
         })
     }
 }

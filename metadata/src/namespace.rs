@@ -962,13 +962,14 @@ impl Namespace {
         if mask != 0 && !permitted(creds, &a, mask) {
             return Err(Errno::Access);
         }
-        self.inode_mut(ino)?.open += 1;
+        // Handle counts are not persisted (handles do not survive a restart): no dirty mark.
+        self.inodes.get_mut(&ino).ok_or(Errno::NoEnt)?.open += 1;
         Ok(a)
     }
 
     /// Releases a handle; an unlinked inode goes away with its last handle.
     pub fn release(&mut self, ino: InodeId) -> Result<(), Errno> {
-        let i = self.inode_mut(ino)?;
+        let i = self.inodes.get_mut(&ino).ok_or(Errno::NoEnt)?;
         assert!(i.open > 0, "release without open");
         i.open -= 1;
         self.maybe_free(ino);
@@ -1168,6 +1169,11 @@ impl Namespace {
                 .map(|i| i.attr.size)
                 .sum(),
         }
+    }
+
+    /// Whether anything changed since the last `take_dirty`.
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty_inodes.is_empty() || !self.dirty_dentries.is_empty()
     }
 
     /// Keys changed since the last call: (inodes, directory entries). The persistence layer
