@@ -18,31 +18,6 @@ use std::collections::BTreeMap;
 
 const VERSION: u8 = 1;
 
-fn kind_byte(k: FileType) -> u8 {
-    match k {
-        FileType::Regular => 1,
-        FileType::Directory => 2,
-        FileType::Symlink => 3,
-        FileType::BlockDevice => 4,
-        FileType::CharDevice => 5,
-        FileType::Fifo => 6,
-        FileType::Socket => 7,
-    }
-}
-
-fn kind_from(b: u8) -> Option<FileType> {
-    Some(match b {
-        1 => FileType::Regular,
-        2 => FileType::Directory,
-        3 => FileType::Symlink,
-        4 => FileType::BlockDevice,
-        5 => FileType::CharDevice,
-        6 => FileType::Fifo,
-        7 => FileType::Socket,
-        _ => return None,
-    })
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -85,7 +60,7 @@ pub fn encode_inode(i: &Inode) -> Vec<u8> {
     out.push(VERSION);
     out.extend_from_slice(&a.ino.0.to_le_bytes());
     out.extend_from_slice(&a.generation.to_le_bytes());
-    out.push(kind_byte(a.kind));
+    out.push((a.kind).to_byte());
     for v in [a.perm, a.uid, a.gid, a.nlink] {
         out.extend_from_slice(&v.to_le_bytes());
     }
@@ -116,7 +91,7 @@ pub fn decode_inode(b: &[u8]) -> Option<Inode> {
     }
     let ino = InodeId(r.u64()?);
     let generation = r.u64()?;
-    let kind = kind_from(r.u8()?)?;
+    let kind = FileType::from_byte(r.u8()?)?;
     let (perm, uid, gid, nlink) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
     let (size, rdev) = (r.u64()?, r.u64()?);
     let (atime, mtime, ctime, btime) = (r.time()?, r.time()?, r.time()?, r.time()?);
@@ -185,7 +160,7 @@ pub fn encode_dentry(d: &Dentry) -> Vec<u8> {
     let mut out = Vec::with_capacity(18);
     out.push(VERSION);
     out.extend_from_slice(&d.ino.0.to_le_bytes());
-    out.push(kind_byte(d.kind));
+    out.push((d.kind).to_byte());
     out.extend_from_slice(&d.cookie.to_le_bytes());
     out
 }
@@ -198,7 +173,7 @@ pub fn decode_dentry(b: &[u8]) -> Option<Dentry> {
     }
     let d = Dentry {
         ino: InodeId(r.u64()?),
-        kind: kind_from(r.u8()?)?,
+        kind: FileType::from_byte(r.u8()?)?,
         cookie: r.u64()?,
     };
     r.0.is_empty().then_some(d)
@@ -238,7 +213,7 @@ mod tests {
                     attr: Attr {
                         ino: InodeId(ino),
                         generation,
-                        kind: kind_from(k).unwrap(),
+                        kind: FileType::from_byte(k).unwrap(),
                         perm,
                         uid,
                         gid,
@@ -284,7 +259,7 @@ mod tests {
 
         #[test]
         fn dentry_round_trip(ino in any::<u64>(), k in 1u8..=7, cookie in any::<u64>(), parent in any::<u64>(), name in proptest::collection::vec(any::<u8>(), 1..255)) {
-            let d = Dentry { ino: InodeId(ino), kind: kind_from(k).unwrap(), cookie };
+            let d = Dentry { ino: InodeId(ino), kind: FileType::from_byte(k).unwrap(), cookie };
             prop_assert_eq!(decode_dentry(&encode_dentry(&d)), Some(d));
             prop_assert_eq!(decode_dentry_key(&encode_dentry_key(InodeId(parent), &name)), Some((InodeId(parent), name)));
         }

@@ -68,6 +68,33 @@ impl FileType {
         }
     }
 
+    /// The one-byte code used in records and on the wire (1 regular .. 7 socket).
+    pub fn to_byte(self) -> u8 {
+        match self {
+            FileType::Regular => 1,
+            FileType::Directory => 2,
+            FileType::Symlink => 3,
+            FileType::BlockDevice => 4,
+            FileType::CharDevice => 5,
+            FileType::Fifo => 6,
+            FileType::Socket => 7,
+        }
+    }
+
+    /// From [`FileType::to_byte`]'s code.
+    pub fn from_byte(b: u8) -> Option<FileType> {
+        Some(match b {
+            1 => FileType::Regular,
+            2 => FileType::Directory,
+            3 => FileType::Symlink,
+            4 => FileType::BlockDevice,
+            5 => FileType::CharDevice,
+            6 => FileType::Fifo,
+            7 => FileType::Socket,
+            _ => return None,
+        })
+    }
+
     /// From `S_IFMT` bits.
     pub fn from_mode(mode: u32) -> Option<FileType> {
         Some(match mode & 0o170000 {

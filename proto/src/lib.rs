@@ -171,7 +171,7 @@ impl W {
     fn attr(&mut self, a: &Attr) {
         self.ino(a.ino);
         self.u64(a.generation);
-        self.u8(kind_byte(a.kind));
+        self.u8((a.kind).to_byte());
         for v in [a.perm, a.uid, a.gid, a.nlink] {
             self.u32(v);
         }
@@ -244,7 +244,7 @@ impl<'a> R<'a> {
         Some(Attr {
             ino: self.ino()?,
             generation: self.u64()?,
-            kind: kind_from(self.u8()?)?,
+            kind: FileType::from_byte(self.u8()?)?,
             perm: self.u32()?,
             uid: self.u32()?,
             gid: self.u32()?,
@@ -260,31 +260,6 @@ impl<'a> R<'a> {
     fn end(&self) -> Option<()> {
         self.0.is_empty().then_some(())
     }
-}
-
-fn kind_byte(k: FileType) -> u8 {
-    match k {
-        FileType::Regular => 1,
-        FileType::Directory => 2,
-        FileType::Symlink => 3,
-        FileType::BlockDevice => 4,
-        FileType::CharDevice => 5,
-        FileType::Fifo => 6,
-        FileType::Socket => 7,
-    }
-}
-
-fn kind_from(b: u8) -> Option<FileType> {
-    Some(match b {
-        1 => FileType::Regular,
-        2 => FileType::Directory,
-        3 => FileType::Symlink,
-        4 => FileType::BlockDevice,
-        5 => FileType::CharDevice,
-        6 => FileType::Fifo,
-        7 => FileType::Socket,
-        _ => return None,
-    })
 }
 
 fn xmode_byte(m: XattrMode) -> u8 {
@@ -369,7 +344,7 @@ impl Request {
             } => {
                 w.ino(*parent);
                 w.bytes(name);
-                w.u8(kind_byte(*kind));
+                w.u8((*kind).to_byte());
                 w.u32(*perm);
                 w.u64(*rdev);
             }
@@ -498,7 +473,7 @@ impl Request {
             4 => Request::Mknod {
                 parent: r.ino()?,
                 name: r.bytes()?,
-                kind: kind_from(r.u8()?)?,
+                kind: FileType::from_byte(r.u8()?)?,
                 perm: r.u32()?,
                 rdev: r.u64()?,
             },
@@ -629,7 +604,7 @@ impl Reply {
                 for e in es {
                     w.bytes(&e.name);
                     w.ino(e.ino);
-                    w.u8(kind_byte(e.kind));
+                    w.u8((e.kind).to_byte());
                     w.u64(e.cookie);
                 }
             }
@@ -663,7 +638,7 @@ impl Reply {
                     es.push(DirEntry {
                         name: r.bytes()?,
                         ino: r.ino()?,
-                        kind: kind_from(r.u8()?)?,
+                        kind: FileType::from_byte(r.u8()?)?,
                         cookie: r.u64()?,
                     });
                 }
