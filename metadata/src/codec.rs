@@ -60,7 +60,7 @@ pub fn encode_inode(i: &Inode) -> Vec<u8> {
     out.push(VERSION);
     out.extend_from_slice(&a.ino.0.to_le_bytes());
     out.extend_from_slice(&a.generation.to_le_bytes());
-    out.push((a.kind).to_byte());
+    out.push(a.kind.to_byte());
     for v in [a.perm, a.uid, a.gid, a.nlink] {
         out.extend_from_slice(&v.to_le_bytes());
     }
@@ -160,7 +160,7 @@ pub fn encode_dentry(d: &Dentry) -> Vec<u8> {
     let mut out = Vec::with_capacity(18);
     out.push(VERSION);
     out.extend_from_slice(&d.ino.0.to_le_bytes());
-    out.push((d.kind).to_byte());
+    out.push(d.kind.to_byte());
     out.extend_from_slice(&d.cookie.to_le_bytes());
     out
 }

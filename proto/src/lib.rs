@@ -171,7 +171,7 @@ impl W {
     fn attr(&mut self, a: &Attr) {
         self.ino(a.ino);
         self.u64(a.generation);
-        self.u8((a.kind).to_byte());
+        self.u8(a.kind.to_byte());
         for v in [a.perm, a.uid, a.gid, a.nlink] {
             self.u32(v);
         }
@@ -344,7 +344,7 @@ impl Request {
             } => {
                 w.ino(*parent);
                 w.bytes(name);
-                w.u8((*kind).to_byte());
+                w.u8(kind.to_byte());
                 w.u32(*perm);
                 w.u64(*rdev);
             }
@@ -604,7 +604,7 @@ impl Reply {
                 for e in es {
                     w.bytes(&e.name);
                     w.ino(e.ino);
-                    w.u8((e.kind).to_byte());
+                    w.u8(e.kind.to_byte());
                     w.u64(e.cookie);
                 }
             }
