@@ -178,6 +178,14 @@ fn timeset(t: Option<TimeOrNow>) -> Option<TimeSet> {
 }
 
 impl Filesystem for CfsFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // More reads in flight at once (readahead and parallel readers), bounded.
+        if let Err(max) = config.set_max_background(64) {
+            let _ = config.set_max_background(max);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
         let r = self.attr(
             &creds(req),

@@ -39,6 +39,9 @@ enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Kernel readahead for the mount in KiB (the FUSE default is 128).
+        #[arg(long, default_value_t = 1024)]
+        readahead_kb: u32,
     },
     /// Unmount a ClaudeFS mount point.
     Umount {
@@ -62,6 +65,24 @@ fn umount(mountpoint: &std::path::Path) -> Result<()> {
     bail!("cannot unmount {}", mountpoint.display())
 }
 
+/// Sets the mount's readahead through its backing-device entry in sysfs (root only; a failure
+/// only costs sequential read speed, so it is a warning).
+fn set_readahead(mountpoint: &std::path::Path, kb: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = md.dev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, kb.to_string()) {
+        tracing::warn!("cannot set readahead via {path}: {e}");
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -78,6 +99,7 @@ fn main() -> Result<()> {
             cache_ttl,
             timeout,
             threads,
+            readahead_kb,
         } => {
             if !(0.0..=3600.0).contains(&cache_ttl) {
                 bail!("--cache-ttl must be between 0 and 3600 seconds");
@@ -115,6 +137,7 @@ fn main() -> Result<()> {
             config.n_threads = Some(threads.max(1));
             let session = fuser::spawn_mount(fs, &mountpoint, &config)
                 .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+            set_readahead(&mountpoint, readahead_kb);
             println!("mounted cfs:{server} on {}", mountpoint.display());
             let term = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
