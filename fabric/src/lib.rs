@@ -9,11 +9,13 @@
 
 #![deny(unsafe_code)]
 
+pub mod blocking;
 pub mod client;
 pub mod frame;
 pub mod region;
 pub mod server;
 
+pub use blocking::BlockingClient;
 pub use client::{Client, ClientConfig};
 pub use frame::FrameError;
 pub use region::{Region, RegionKey, RegionTable};

@@ -287,3 +287,59 @@ async fn one_sided_region_reads() {
     assert_eq!(&c.read_region(key2, 0, 10).await.unwrap()[..], &[1u8; 10]);
     s.stop().await;
 }
+
+#[test]
+fn blocking_client_calls_times_out_and_survives_restarts() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (s, _) = rt.block_on(server("127.0.0.1:0", ServerConfig::default()));
+    let addr = s.local_addr().to_string();
+    let c = Arc::new(cfs_fabric::BlockingClient::new(
+        addr.clone(),
+        ClientConfig {
+            request_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(3),
+            ..ClientConfig::default()
+        },
+    ));
+    c.ping().unwrap();
+    // Several threads at once, each with its own pooled connection.
+    let handles: Vec<_> = (0..4u8)
+        .map(|t| {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    let p = [t, (i % 256) as u8, 7];
+                    assert_eq!(&c.call(ECHO, &p).unwrap()[..], &p);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(matches!(
+        c.call(FAIL, b"").unwrap_err(),
+        RpcError::Remote {
+            code: ErrorCode::Service(1005),
+            ..
+        }
+    ));
+    assert!(matches!(
+        c.call(SLEEP, &3000u64.to_le_bytes()).unwrap_err(),
+        RpcError::Timeout { .. }
+    ));
+    assert_eq!(
+        &c.call(ECHO, b"after timeout").unwrap()[..],
+        b"after timeout"
+    );
+    // Server restart on the same port: pooled connections are noticed dead and replaced.
+    rt.block_on(s.stop());
+    let (s2, _) = rt.block_on(server(&addr, ServerConfig::default()));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(&c.call(ECHO, b"new server").unwrap()[..], b"new server");
+    rt.block_on(s2.stop());
+    assert!(matches!(
+        c.call(ECHO, b"x").unwrap_err(),
+        RpcError::Connect { .. } | RpcError::ConnectionLost { .. }
+    ));
+}

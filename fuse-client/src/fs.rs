@@ -1,7 +1,7 @@
 //! The FUSE file system: each kernel request becomes one RPC to the server, with the caller's
 //! credentials; replies and errno values come back unchanged.
 
-use cfs_fabric::{Client, ErrorCode, RpcError};
+use cfs_fabric::{BlockingClient, ErrorCode, RpcError};
 use cfs_meta::namespace::access;
 use cfs_meta::{
     Attr, Creds, FileType as MetaType, InodeId, RenameFlags as MetaRename, SetAttr, TimeSet,
@@ -28,8 +28,7 @@ pub struct FsOptions {
 
 /// The mounted file system.
 pub struct CfsFs {
-    client: Client,
-    rt: tokio::runtime::Handle,
+    client: BlockingClient,
     opts: FsOptions,
 }
 
@@ -116,14 +115,14 @@ fn ino(i: INodeNo) -> InodeId {
 }
 
 impl CfsFs {
-    /// A file system talking to `client`, running RPCs on `rt`.
-    pub fn new(client: Client, rt: tokio::runtime::Handle, opts: FsOptions) -> CfsFs {
-        CfsFs { client, rt, opts }
+    /// A file system talking to `client` (calls run on the FUSE worker threads themselves).
+    pub fn new(client: BlockingClient, opts: FsOptions) -> CfsFs {
+        CfsFs { client, opts }
     }
 
     fn call(&self, creds: &Creds, r: Req) -> Result<Reply, Errno> {
         let payload = r.encode(creds);
-        let res = self.rt.block_on(self.client.call(r.method(), &payload));
+        let res = self.client.call(r.method(), &payload);
         match res {
             Ok(b) => Reply::decode(&b).ok_or_else(|| {
                 tracing::error!("malformed reply from the server");

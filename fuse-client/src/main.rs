@@ -104,23 +104,17 @@ fn main() -> Result<()> {
             if !(0.0..=3600.0).contains(&cache_ttl) {
                 bail!("--cache-ttl must be between 0 and 3600 seconds");
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .thread_name("cfs-client-rpc")
-                .build()
-                .context("cannot start the client runtime")?;
             let cfg = cfs_fabric::ClientConfig {
                 request_timeout: Duration::from_secs(timeout.max(1)),
                 connect_timeout: Duration::from_secs(timeout.max(1)),
                 ..cfs_fabric::ClientConfig::default()
             };
-            let client = cfs_fabric::Client::new(server.clone(), cfg);
-            rt.block_on(client.ping())
+            let client = cfs_fabric::BlockingClient::new(server.clone(), cfg);
+            client
+                .ping()
                 .with_context(|| format!("cannot reach the server at {server}"))?;
             let fs = fs::CfsFs::new(
                 client,
-                rt.handle().clone(),
                 fs::FsOptions {
                     cache_ttl: Duration::from_secs_f64(cache_ttl),
                 },
