@@ -182,6 +182,11 @@ impl Filesystem for CfsFs {
         if let Err(max) = config.set_max_background(64) {
             let _ = config.set_max_background(max);
         }
+        // Without it the kernel turns asynchronous O_DIRECT I/O into one request at a time
+        // (measured: 4 KiB random reads at queue depth 16 ran like queue depth 1).
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            tracing::warn!("kernel lacks {missing:?}: direct I/O runs one request at a time");
+        }
         Ok(())
     }
 

@@ -36,8 +36,9 @@ enum Cmd {
         /// the mount for longer).
         #[arg(long, default_value_t = 30)]
         timeout: u64,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = 4)]
+        /// FUSE worker threads: each holds a request for its whole round trip, so this bounds
+        /// the requests in flight from this mount.
+        #[arg(long, default_value_t = 16)]
         threads: usize,
         /// Kernel readahead for the mount in KiB (the FUSE default is 128).
         #[arg(long, default_value_t = 1024)]
