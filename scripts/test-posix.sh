@@ -133,6 +133,33 @@ fi
 echo "appended" >>"$WORK/m2/shared.bin"
 if tail -c 9 "$WORK/m1/shared.bin" | grep -q appended; then pass "first mount sees the second's append after close"; else fail "append not visible across mounts"; fi
 
+# POSIX (fcntl) and BSD (flock) locks among processes of one client
+if python3 - "$WORK/m1/lockfile" <<'PY'
+import fcntl, os, subprocess, sys
+path = sys.argv[1]
+open(path, "w").close()
+probe = """
+import fcntl, sys
+f = open(sys.argv[1], "r+")
+try:
+    getattr(fcntl, sys.argv[2])(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("got")
+except OSError:
+    print("busy")
+"""
+for kind in ("lockf", "flock"):
+    f = open(path, "r+")
+    getattr(fcntl, kind)(f, fcntl.LOCK_EX)
+    held = subprocess.run([sys.executable, "-c", probe, path, kind], capture_output=True, text=True).stdout.strip()
+    getattr(fcntl, kind)(f, fcntl.LOCK_UN)
+    free = subprocess.run([sys.executable, "-c", probe, path, kind], capture_output=True, text=True).stdout.strip()
+    f.close()
+    if (held, free) != ("busy", "got"):
+        print(f"{kind}: while held {held}, after unlock {free}")
+        sys.exit(1)
+PY
+then pass "fcntl and flock locks exclude another process on the same mount"; else fail "locks"; fi
+
 # kill -9 of the server under write+fsync: every fsync'd record survives
 python3 - "$WORK/m1/durable.log" "$WORK/acked" <<'PY' &
 import os, sys, time
