@@ -181,6 +181,11 @@ kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 SERVER_PID=""
 wait "$WRITER" 2>/dev/null || true
 n_acked=$(wc -l <"$WORK/acked")
+if "$BIN" fsck --config "$WORK/cfs.toml" >"$WORK/fsck.out" 2>&1; then
+  pass "fsck after kill -9: $(tail -1 "$WORK/fsck.out")"
+else
+  fail "fsck after kill -9"; cat "$WORK/fsck.out"
+fi
 start_server || { echo "server did not restart"; exit 1; }
 # The mounts reconnect by themselves.
 got=""

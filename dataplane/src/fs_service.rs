@@ -64,12 +64,18 @@ impl FsService {
         db_path: &std::path::Path,
         engine: Arc<Engine>,
     ) -> Result<FsService, crate::meta_store::MetaStoreError> {
-        let (store, ns) = MetaStore::open(db_path, now())?;
-        Ok(FsService {
+        let (store, mut ns) = MetaStore::open(db_path, now())?;
+        let freed = ns.take_freed();
+        let svc = FsService {
             meta: Arc::new(Mutex::new(Meta { store, ns })),
             engine,
             db_path: db_path.to_path_buf(),
-        })
+        };
+        // Files that were unlinked while open when the server stopped: release their data now.
+        for (ino, size) in freed {
+            svc.free_data(ino, size);
+        }
+        Ok(svc)
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {

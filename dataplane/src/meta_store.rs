@@ -67,8 +67,9 @@ impl MetaStore {
                 ns
             }
         };
-        // Inodes freed at load (unlinked files that were open when the server stopped).
-        if !ns.take_freed().is_empty() {
+        // Inodes freed at load (unlinked files that were open when the server stopped) are
+        // committed now; their data is the caller's to release (`take_freed`).
+        if ns.is_dirty() {
             store.persist(&mut ns)?;
         }
         Ok((store, ns))
