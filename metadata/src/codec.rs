@@ -18,10 +18,17 @@ use std::collections::BTreeMap;
 
 const VERSION: u8 = 1;
 
-struct Reader<'a>(&'a [u8]);
+/// A bounds-checked little-endian reader: every getter returns `None` instead of reading past
+/// the end. Shared by the record codec here and the RPC codec in `cfs-proto`.
+pub struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    /// Reads from `b`.
+    pub fn new(b: &'a [u8]) -> Reader<'a> {
+        Reader(b)
+    }
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -29,22 +36,31 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Some(a)
     }
-    fn u8(&mut self) -> Option<u8> {
+    /// One byte.
+    pub fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Option<u16> {
+    /// A little-endian u16.
+    pub fn u16(&mut self) -> Option<u16> {
         Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
     }
-    fn u32(&mut self) -> Option<u32> {
+    /// A little-endian u32.
+    pub fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
-    fn u64(&mut self) -> Option<u64> {
+    /// A little-endian u64.
+    pub fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
-    fn time(&mut self) -> Option<Timespec> {
+    /// A timestamp: i64 seconds, u32 nanoseconds (below one second).
+    pub fn time(&mut self) -> Option<Timespec> {
         let sec = self.u64()? as i64;
         let nsec = self.u32()?;
         (nsec < 1_000_000_000).then_some(Timespec { sec, nsec })
+    }
+    /// `Some(())` if every byte was consumed.
+    pub fn end(&self) -> Option<()> {
+        self.0.is_empty().then_some(())
     }
 }
 
@@ -85,7 +101,7 @@ pub fn encode_inode(i: &Inode) -> Vec<u8> {
 
 /// Decodes an inode record (open count 0).
 pub fn decode_inode(b: &[u8]) -> Option<Inode> {
-    let mut r = Reader(b);
+    let mut r = Reader::new(b);
     if r.u8()? != VERSION {
         return None;
     }
@@ -108,7 +124,7 @@ pub fn decode_inode(b: &[u8]) -> Option<Inode> {
         let v = r.take(vl)?.to_vec();
         xattrs.insert(k, v);
     }
-    if !r.0.is_empty() || perm > 0o7777 {
+    if r.end().is_none() || perm > 0o7777 {
         return None;
     }
     Some(Inode {
@@ -167,7 +183,7 @@ pub fn encode_dentry(d: &Dentry) -> Vec<u8> {
 
 /// Decodes a directory entry's value.
 pub fn decode_dentry(b: &[u8]) -> Option<Dentry> {
-    let mut r = Reader(b);
+    let mut r = Reader::new(b);
     if r.u8()? != VERSION {
         return None;
     }
@@ -176,7 +192,7 @@ pub fn decode_dentry(b: &[u8]) -> Option<Dentry> {
         kind: FileType::from_byte(r.u8()?)?,
         cookie: r.u64()?,
     };
-    r.0.is_empty().then_some(d)
+    r.end().map(|()| d)
 }
 
 #[cfg(test)]

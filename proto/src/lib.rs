@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+use cfs_meta::codec::Reader;
 use cfs_meta::namespace::{DirEntry, FsStats};
 use cfs_meta::{
     Attr, Creds, FileType, InodeId, RenameFlags, SetAttr, TimeSet, Timespec, XattrMode,
@@ -183,29 +184,17 @@ impl W {
     }
 }
 
-struct R<'a>(&'a [u8]);
+/// The RPC's own field types on top of the shared bounds-checked reader.
+trait R {
+    fn bool(&mut self) -> Option<bool>;
+    fn bytes(&mut self) -> Option<Vec<u8>>;
+    fn ino(&mut self) -> Option<InodeId>;
+    fn opt_u32(&mut self) -> Option<Option<u32>>;
+    fn timeset(&mut self) -> Option<Option<TimeSet>>;
+    fn attr(&mut self) -> Option<Attr>;
+}
 
-impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
+impl R for Reader<'_> {
     fn bool(&mut self) -> Option<bool> {
         match self.u8()? {
             0 => Some(false),
@@ -219,11 +208,6 @@ impl<'a> R<'a> {
     }
     fn ino(&mut self) -> Option<InodeId> {
         Some(InodeId(self.u64()?))
-    }
-    fn time(&mut self) -> Option<Timespec> {
-        let sec = self.u64()? as i64;
-        let nsec = self.u32()?;
-        (nsec < 1_000_000_000).then_some(Timespec { sec, nsec })
     }
     fn opt_u32(&mut self) -> Option<Option<u32>> {
         Some(if self.bool()? {
@@ -256,9 +240,6 @@ impl<'a> R<'a> {
             ctime: self.time()?,
             btime: self.time()?,
         })
-    }
-    fn end(&self) -> Option<()> {
-        self.0.is_empty().then_some(())
     }
 }
 
@@ -434,7 +415,7 @@ impl Request {
 
     /// Decodes a request of `method`; `None` if malformed.
     pub fn decode(method: u32, b: &[u8]) -> Option<(Creds, Request)> {
-        let mut r = R(b);
+        let mut r = Reader::new(b);
         let uid = r.u32()?;
         let gid = r.u32()?;
         let n = r.u16()? as usize;
@@ -626,7 +607,7 @@ impl Reply {
 
     /// Decodes a reply; `None` if malformed.
     pub fn decode(b: &[u8]) -> Option<Reply> {
-        let mut r = R(b);
+        let mut r = Reader::new(b);
         let reply = match r.u8()? {
             0 => Reply::Unit,
             1 => Reply::Attr(r.attr()?),
