@@ -4,7 +4,7 @@
 //! round trip costs two wake-ups instead of about six (measured: they dominated `stat`).
 
 use crate::frame::{self, Decoder, Kind};
-use crate::{ClientConfig, ErrorCode, RpcError};
+use crate::{ClientConfig, RpcError};
 use bytes::{Bytes, BytesMut};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -151,17 +151,7 @@ impl BlockingClient {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(sock);
         }
-        match reply.kind {
-            Kind::Response | Kind::Pong => Ok(reply.payload),
-            Kind::Error => Err(RpcError::Remote {
-                code: ErrorCode::from_u32(reply.method),
-                message: String::from_utf8_lossy(&reply.payload).into_owned(),
-            }),
-            other => Err(RpcError::Protocol {
-                addr: addr.clone(),
-                reason: format!("unexpected {other:?} reply"),
-            }),
-        }
+        crate::reply_result(reply, addr)
     }
 
     /// Calls, retrying once on a fresh connection if a pooled one turned out to be dead

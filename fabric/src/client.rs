@@ -4,7 +4,7 @@
 //! caller decides whether it is safe to retry.
 
 use crate::frame::{self, Decoder, Frame, FrameError, Kind};
-use crate::{ErrorCode, RegionKey, RpcError};
+use crate::{RegionKey, RpcError};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -189,17 +189,7 @@ impl Client {
                 });
             }
         };
-        match reply.kind {
-            Kind::Response | Kind::Pong => Ok(reply.payload),
-            Kind::Error => Err(RpcError::Remote {
-                code: ErrorCode::from_u32(reply.method),
-                message: String::from_utf8_lossy(&reply.payload).into_owned(),
-            }),
-            other => Err(RpcError::Protocol {
-                addr: addr.clone(),
-                reason: format!("unexpected {other:?} reply"),
-            }),
-        }
+        crate::reply_result(reply, addr)
     }
 
     /// Two-sided call with the default timeout.

@@ -151,3 +151,18 @@ impl ServiceError {
         }
     }
 }
+
+/// Turns a reply frame into the call's result (shared by the async and blocking clients).
+pub(crate) fn reply_result(reply: frame::Frame, addr: &str) -> Result<bytes::Bytes, RpcError> {
+    match reply.kind {
+        frame::Kind::Response | frame::Kind::Pong => Ok(reply.payload),
+        frame::Kind::Error => Err(RpcError::Remote {
+            code: ErrorCode::from_u32(reply.method),
+            message: String::from_utf8_lossy(&reply.payload).into_owned(),
+        }),
+        other => Err(RpcError::Protocol {
+            addr: addr.to_string(),
+            reason: format!("unexpected {other:?} reply"),
+        }),
+    }
+}

@@ -183,9 +183,9 @@ pub fn permitted(creds: &Creds, attr: &Attr, mask: u32) -> bool {
 }
 
 impl Namespace {
-    /// A namespace holding only the root directory.
-    pub fn new(root_uid: u32, root_gid: u32, root_perm: u32, now: Timespec) -> Namespace {
-        let mut ns = Namespace {
+    /// No inodes at all (not even a root): the starting point of `new` and `from_records`.
+    fn empty() -> Namespace {
+        Namespace {
             inodes: BTreeMap::new(),
             dentries: BTreeMap::new(),
             by_cookie: BTreeMap::new(),
@@ -194,7 +194,12 @@ impl Namespace {
             dirty_inodes: BTreeSet::new(),
             dirty_dentries: BTreeSet::new(),
             freed: Vec::new(),
-        };
+        }
+    }
+
+    /// A namespace holding only the root directory.
+    pub fn new(root_uid: u32, root_gid: u32, root_perm: u32, now: Timespec) -> Namespace {
+        let mut ns = Namespace::empty();
         let attr = Attr {
             ino: InodeId::ROOT,
             generation: 0,
@@ -232,16 +237,7 @@ impl Namespace {
         inodes: impl IntoIterator<Item = Inode>,
         dentries: impl IntoIterator<Item = (InodeId, Vec<u8>, Dentry)>,
     ) -> Result<Namespace, String> {
-        let mut ns = Namespace {
-            inodes: BTreeMap::new(),
-            dentries: BTreeMap::new(),
-            by_cookie: BTreeMap::new(),
-            next_ino: InodeId::ROOT.0 + 1,
-            next_generation: 1,
-            dirty_inodes: BTreeSet::new(),
-            dirty_dentries: BTreeSet::new(),
-            freed: Vec::new(),
-        };
+        let mut ns = Namespace::empty();
         for mut i in inodes {
             i.open = 0;
             ns.next_ino = ns.next_ino.max(i.attr.ino.0 + 1);
