@@ -69,6 +69,24 @@ pub enum Request {
         /// Where the result goes.
         reply: Reply<()>,
     },
+    /// Make a byte range a hole.
+    Punch {
+        /// Chunk.
+        chunk: ChunkId,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// Where the result goes.
+        reply: Reply<()>,
+    },
+    /// Byte ranges holding data.
+    DataRanges {
+        /// Chunk.
+        chunk: ChunkId,
+        /// Where the answer goes.
+        reply: Reply<Vec<(u64, u64)>>,
+    },
     /// Chunk facts.
     Stat {
         /// Chunk.
@@ -407,6 +425,24 @@ impl Engine {
         })
     }
 
+    /// Make `[offset, offset+len)` of a chunk read as zeros, freeing whole blocks.
+    pub fn punch(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.call(self.reactor_of(chunk), |reply| Request::Punch {
+            chunk,
+            offset,
+            len,
+            reply,
+        })
+    }
+
+    /// Byte ranges of a chunk that hold data (the rest reads as zeros).
+    pub fn data_ranges(&self, chunk: ChunkId) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.call(self.reactor_of(chunk), |reply| Request::DataRanges {
+            chunk,
+            reply,
+        })
+    }
+
     /// Chunk facts.
     pub fn stat(&self, chunk: ChunkId) -> Result<Option<ChunkInfo>, StoreError> {
         self.call(self.reactor_of(chunk), |reply| Request::Stat {
@@ -672,6 +708,24 @@ fn dispatch(ctx: &Rc<ReactorCtx>, req: Request, stop: &Rc<std::cell::Cell<bool>>
             }),
             None => drop(reply.send(Err(missing(chunk)))),
         },
+        Request::Punch {
+            chunk,
+            offset,
+            len,
+            reply,
+        } => match ctx.shard_for(chunk) {
+            Some(s) => ctx.ex.spawn(async move {
+                let _ = reply.send(s.punch(chunk, offset, len).await);
+            }),
+            None => drop(reply.send(Err(missing(chunk)))),
+        },
+        Request::DataRanges { chunk, reply } => {
+            let r = ctx
+                .shard_for(chunk)
+                .ok_or_else(|| missing(chunk))
+                .map(|s| s.data_ranges(chunk));
+            let _ = reply.send(r);
+        }
         Request::Stat { chunk, reply } => {
             let r = ctx
                 .shard_for(chunk)

@@ -105,3 +105,39 @@ fn a_store_spans_several_devices_and_checks_they_belong_together() {
         "{err}"
     );
 }
+
+#[test]
+fn punched_ranges_read_as_zeros_free_space_and_survive_a_restart() {
+    let text = "data_dir = \"/nonexistent\"\n[reactors]\ncores = [0]\n[hugepages]\npool_mib = 8\nbuf_kib = 64\n[format]\nshards_per_device = 2\n";
+    let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new("mem0", 4096, 16384, 1));
+    reactor::format(&cfg, std::slice::from_ref(&dev), [2; 16], 0).unwrap();
+    let e = Engine::start(&cfg, vec![Arc::clone(&dev)]).unwrap();
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8 + 1).collect();
+    e.write(9, 0, data.clone()).unwrap();
+    assert_eq!(e.data_ranges(9).unwrap(), vec![(0, 65536)]);
+    let used = |e: &Engine| {
+        e.stats()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.live_blocks)
+            .sum::<u64>()
+    };
+    let before = used(&e);
+    // Unaligned: partial edge blocks are zeroed in place, whole blocks unmapped.
+    e.punch(9, 1000, 20_000).unwrap();
+    let mut want = data.clone();
+    want[1000..21_000].fill(0);
+    assert_eq!(e.read(9, 0, 65536).unwrap(), want);
+    assert_eq!(e.data_ranges(9).unwrap(), vec![(0, 4096), (20480, 65536)]);
+    assert_eq!(used(&e), before - 4, "four whole blocks freed");
+    assert_eq!(e.stat(9).unwrap().unwrap().len, 65536, "length unchanged");
+    // Punching a missing chunk or past the data is a no-op.
+    e.punch(10, 0, 4096).unwrap();
+    e.punch(9, 65536, 8192).unwrap();
+    e.shutdown().unwrap();
+    let e = Engine::start(&cfg, vec![dev]).unwrap();
+    assert_eq!(e.read(9, 0, 65536).unwrap(), want);
+    assert_eq!(e.data_ranges(9).unwrap(), vec![(0, 4096), (20480, 65536)]);
+    e.shutdown().unwrap();
+}

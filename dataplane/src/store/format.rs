@@ -362,11 +362,22 @@ pub enum Record {
         /// New length in bytes.
         len: u64,
     },
+    /// Blocks `first..first+count` of `chunk` become a hole (read as zeros, no space used);
+    /// the chunk's length is unchanged.
+    Punch {
+        /// Chunk punched.
+        chunk: ChunkId,
+        /// First logical block.
+        first: u32,
+        /// Number of blocks.
+        count: u32,
+    },
 }
 
 const REC_WRITE: u8 = 1;
 const REC_DELETE: u8 = 2;
 const REC_TRUNCATE: u8 = 3;
+const REC_PUNCH: u8 = 4;
 
 impl Record {
     /// Appends the encoding to `out`.
@@ -397,6 +408,16 @@ impl Record {
                 out.extend_from_slice(&chunk.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
             }
+            Record::Punch {
+                chunk,
+                first,
+                count,
+            } => {
+                out.push(REC_PUNCH);
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
         }
     }
 
@@ -405,7 +426,7 @@ impl Record {
         match self {
             Record::Write { blocks, .. } => 25 + 8 * blocks.len(),
             Record::Delete { .. } => 9,
-            Record::Truncate { .. } => 17,
+            Record::Truncate { .. } | Record::Punch { .. } => 17,
         }
     }
 
@@ -448,6 +469,14 @@ impl Record {
                     out.push(Record::Truncate {
                         chunk: get_u64(b, 1),
                         len: get_u64(b, 9),
+                    });
+                    b = &b[17..];
+                }
+                REC_PUNCH if b.len() >= 17 => {
+                    out.push(Record::Punch {
+                        chunk: get_u64(b, 1),
+                        first: get_u32(b, 9),
+                        count: get_u32(b, 13),
                     });
                     b = &b[17..];
                 }
@@ -580,6 +609,13 @@ mod tests {
                 }),
             any::<u64>().prop_map(|chunk| Record::Delete { chunk }),
             (any::<u64>(), any::<u64>()).prop_map(|(chunk, len)| Record::Truncate { chunk, len }),
+            (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(chunk, first, count)| {
+                Record::Punch {
+                    chunk,
+                    first,
+                    count,
+                }
+            }),
         ]
     }
 

@@ -516,6 +516,71 @@ impl Shard {
         Ok((refs, extents))
     }
 
+    /// Makes `[offset, offset+len)` of `chunk` read as zeros (durably, before returning): whole
+    /// blocks in the range are unmapped (their space freed), partly covered edge blocks are
+    /// rewritten with the range zeroed. The chunk's length is unchanged; a missing chunk is
+    /// already all hole.
+    pub async fn punch(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let first = (offset / BLOCK as u64) as u32;
+        let last = ((end - 1) / BLOCK as u64) as u32;
+        let _lock = self.lock_range(chunk, first, last + 1).await;
+        let (mapped_edges, chunk_len) = {
+            let st = self.st.borrow();
+            let Some(m) = st.chunks.get(&chunk) else {
+                return Ok(());
+            };
+            let mut edges = Vec::new();
+            for l in [first, last] {
+                let bstart = u64::from(l) * BLOCK as u64;
+                let whole = offset <= bstart && end >= bstart + BLOCK as u64;
+                if !whole && m.blocks.contains_key(&l) && !edges.contains(&l) {
+                    edges.push(l);
+                }
+            }
+            (edges, m.len)
+        };
+        let mut records = Vec::new();
+        for l in mapped_edges {
+            let old = self.read_block(chunk, l).await?;
+            let bstart = u64::from(l) * BLOCK as u64;
+            let zs = (offset.max(bstart) - bstart) as usize;
+            let ze = (end.min(bstart + BLOCK as u64) - bstart) as usize;
+            let (refs, _) = self
+                .write_new_blocks(chunk, l, 1, |_, b| {
+                    b.copy_from_slice(&old);
+                    b[zs..ze].fill(0);
+                })
+                .await?;
+            records.push(Record::Write {
+                chunk,
+                first: l,
+                len_after: chunk_len,
+                blocks: refs,
+            });
+        }
+        // Whole blocks: from the first block starting at or after `offset` to the last block
+        // ending at or before `end`.
+        let whole_first = offset.div_ceil(BLOCK as u64);
+        let whole_end = end / BLOCK as u64;
+        if whole_end > whole_first {
+            records.push(Record::Punch {
+                chunk,
+                first: whole_first as u32,
+                count: (whole_end - whole_first) as u32,
+            });
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.commit(records).await
+    }
+
     /// Deletes a chunk and frees its blocks (durably, before returning).
     pub async fn delete(&self, chunk: ChunkId) -> Result<(), StoreError> {
         self.check_open()?;
@@ -559,6 +624,28 @@ impl Shard {
     }
 
     /// Facts about a chunk.
+    /// Byte ranges of `chunk` that hold data (allocated blocks, merged, clipped to its length);
+    /// everything else reads as zeros. Empty if the chunk does not exist.
+    pub fn data_ranges(&self, chunk: ChunkId) -> Vec<(u64, u64)> {
+        let st = self.st.borrow();
+        let Some(m) = st.chunks.get(&chunk) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &l in m.blocks.keys() {
+            let s = u64::from(l) * BLOCK as u64;
+            let e = (s + BLOCK as u64).min(m.len);
+            if s >= e {
+                break;
+            }
+            match out.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+
     pub fn stat(&self, chunk: ChunkId) -> Option<ChunkInfo> {
         self.st.borrow().chunks.get(&chunk).map(|m| ChunkInfo {
             len: m.len,
@@ -1091,6 +1178,26 @@ fn apply(map: &mut HashMap<ChunkId, ChunkMap>, r: &Record, freed: &mut Vec<u32>)
                 }
             }
             m.len = *len;
+        }
+        Record::Punch {
+            chunk,
+            first,
+            count,
+        } => {
+            if let Some(m) = map.get_mut(chunk) {
+                let end = u64::from(*first) + u64::from(*count);
+                let gone: Vec<u32> = m
+                    .blocks
+                    .range(*first..)
+                    .take_while(|(&l, _)| u64::from(l) < end)
+                    .map(|(&l, _)| l)
+                    .collect();
+                for l in gone {
+                    if let Some(b) = m.blocks.remove(&l) {
+                        freed.push(b.phys);
+                    }
+                }
+            }
         }
     }
 }
