@@ -1,26 +1,48 @@
 //! The file-system service: RPC requests from clients, applied to the namespace (persisted in
 //! the metadata store before each reply) and to file data in the chunk store.
 //!
-//! File data layout (until the extent map arrives): byte `o` of inode `i` lives in chunk
-//! `(i << 16) | (o / 64 MiB)` at offset `o % 64 MiB`, so files reach 4 TiB. Data is written
-//! before the size that makes it visible, so a crash between the two exposes nothing.
+//! File data: byte `o` of a file lives at offset `o % 64 MiB` of the chunk its extent map gives
+//! for index `o / 64 MiB` (a hole where there is none). Order of effects, so a crash exposes
+//! nothing and loses nothing acknowledged:
+//! - write: map the chunk (in memory), write the data durably, then commit size + extent;
+//! - truncate down: cut the partial last chunk, commit the size (dropping whole chunks past
+//!   it), then delete those chunks;
+//! - unlink of the last name with no handle open: commit, then delete the file's chunks.
+//!
+//! A crash between the steps leaves chunks no committed extent points at; the server deletes
+//! them at its next start (the database is bound to the store's UUID so this can never run
+//! against another store's chunks).
 
 use crate::meta_store::MetaStore;
 use crate::reactor::Engine;
 use crate::store::StoreError;
 use cfs_fabric::{ErrorCode, Service, ServiceError, ServiceFuture};
 use cfs_meta::namespace::{Namespace, MAX_FILE_SIZE};
-use cfs_meta::{Creds, Errno, FileType, InodeId, SetAttr, Timespec};
-use cfs_proto::{Reply, Request, ERRNO_BASE};
+use cfs_meta::{ChunkId, Creds, Errno, FileType, InodeId, SetAttr, Timespec, CHUNK_BYTES};
+use cfs_proto::{
+    Reply, Request, ERRNO_BASE, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, SEEK_DATA,
+    SEEK_HOLE,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Bytes of file data per chunk.
-pub const CHUNK_BYTES: u64 = 64 << 20;
 /// Largest read or write in one request.
 pub const MAX_IO: u32 = 16 << 20;
 
-fn chunk_of(ino: InodeId, offset: u64) -> (u64, u64) {
-    ((ino.0 << 16) | (offset / CHUNK_BYTES), offset % CHUNK_BYTES)
+/// Pieces of `[offset, offset+len)` within single chunks: (chunk index, offset in chunk,
+/// bytes, offset from `offset`).
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let (idx, off) = (pos / CHUNK_BYTES, pos % CHUNK_BYTES);
+        let n = (end - pos).min(CHUNK_BYTES - off);
+        let item = (idx, off, n, pos - offset);
+        pos += n;
+        Some(item)
+    })
 }
 
 struct Meta {
@@ -34,6 +56,23 @@ pub struct FsService {
     meta: Arc<Mutex<Meta>>,
     engine: Arc<Engine>,
     db_path: std::path::PathBuf,
+}
+
+/// Why the service cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The metadata database cannot be opened or is damaged.
+    #[error(transparent)]
+    Meta(#[from] crate::meta_store::MetaStoreError),
+    /// The database belongs to another chunk store.
+    #[error("metadata database {db} belongs to another chunk store (was the store reformatted? move the database away to start empty)")]
+    WrongStore {
+        /// Database file.
+        db: String,
+    },
+    /// Listing the store's chunks failed.
+    #[error("cannot list the chunk store: {0}")]
+    Store(StoreError),
 }
 
 fn errno(e: Errno) -> ServiceError {
@@ -59,21 +98,41 @@ fn now() -> Timespec {
 }
 
 impl FsService {
-    /// Opens the metadata database at `db_path` and serves over `engine`.
-    pub fn open(
-        db_path: &std::path::Path,
-        engine: Arc<Engine>,
-    ) -> Result<FsService, crate::meta_store::MetaStoreError> {
+    /// Opens the metadata database at `db_path` and serves over `engine`. Chunks no extent
+    /// points at (left by a crash, or by files unlinked while open when the server stopped)
+    /// are deleted first.
+    pub fn open(db_path: &std::path::Path, engine: Arc<Engine>) -> Result<FsService, OpenError> {
         let (store, mut ns) = MetaStore::open(db_path, now())?;
+        let uuid = engine.layout().uuid();
+        match store.store_uuid()? {
+            Some(u) if u != uuid => {
+                return Err(OpenError::WrongStore {
+                    db: db_path.display().to_string(),
+                })
+            }
+            Some(_) => {}
+            None => store.set_store_uuid(uuid)?,
+        }
         let freed = ns.take_freed();
+        let referenced = ns.referenced_chunks();
         let svc = FsService {
             meta: Arc::new(Mutex::new(Meta { store, ns })),
             engine,
             db_path: db_path.to_path_buf(),
         };
-        // Files that were unlinked while open when the server stopped: release their data now.
-        for (ino, size) in freed {
-            svc.free_data(ino, size);
+        svc.delete_chunks(freed);
+        let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
+        let orphans: Vec<ChunkId> = stored
+            .into_iter()
+            .map(ChunkId)
+            .filter(|c| !referenced.contains(c))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::info!(
+                "deleting {} chunk(s) no file points at (left by a crash)",
+                orphans.len()
+            );
+            svc.delete_chunks(orphans);
         }
         Ok(svc)
     }
@@ -107,9 +166,7 @@ impl FsService {
         }
         let freed = m.ns.take_freed();
         drop(m);
-        for (ino, size) in freed {
-            self.free_data(ino, size);
-        }
+        self.delete_chunks(freed);
         out.map_err(errno)
     }
 
@@ -124,31 +181,28 @@ impl FsService {
         }
     }
 
-    fn free_data(&self, ino: InodeId, size: u64) {
-        for idx in 0..size.div_ceil(CHUNK_BYTES) {
-            let (chunk, _) = chunk_of(ino, idx * CHUNK_BYTES);
-            match self.engine.delete(chunk) {
+    /// Deletes chunks nothing points at any more (after the commit that unreferenced them).
+    /// A failure only leaks space until the next start, which deletes unreferenced chunks.
+    fn delete_chunks(&self, chunks: Vec<ChunkId>) {
+        for c in chunks {
+            match self.engine.delete(c.0) {
                 Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => tracing::warn!("cannot free chunk {chunk:#x} of {ino}: {e}"),
+                Err(e) => tracing::warn!("cannot delete {c}: {e}"),
             }
         }
     }
 
-    fn truncate_data(&self, ino: InodeId, old: u64, new: u64) -> Result<(), ServiceError> {
-        if new >= old {
+    /// Before a size change from `old` to `new`: cuts the chunk holding the new (when
+    /// shrinking) or old (when growing) end, so bytes past the end read as zeros later.
+    fn cut_tail(&self, ino: InodeId, old: u64, new: u64) -> Result<(), ServiceError> {
+        let at = old.min(new);
+        if at.is_multiple_of(CHUNK_BYTES) || old == new {
             return Ok(());
         }
-        let first_gone = new.div_ceil(CHUNK_BYTES);
-        for idx in first_gone..old.div_ceil(CHUNK_BYTES) {
-            match self.engine.delete(chunk_of(ino, idx * CHUNK_BYTES).0) {
+        let mapped = self.lock().ns.extents(ino, at, 1).map_err(errno)?;
+        if let Some((_, c)) = mapped.first() {
+            match self.engine.truncate(c.0, at % CHUNK_BYTES) {
                 Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(io_error(e)),
-            }
-        }
-        if !new.is_multiple_of(CHUNK_BYTES) {
-            let (chunk, off) = chunk_of(ino, new);
-            match self.engine.truncate(chunk, off) {
-                Ok(()) => {}
                 Err(e) => return Err(io_error(e)),
             }
         }
@@ -168,55 +222,180 @@ impl FsService {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| errno(Errno::FBig))?;
-        if end > MAX_FILE_SIZE.min(CHUNK_BYTES << 16) {
+        if end > MAX_FILE_SIZE {
             return Err(errno(Errno::FBig));
         }
-        let kind = self.lock().ns.getattr(ino).map_err(errno)?.kind;
-        if kind != FileType::Regular {
-            return Err(errno(Errno::Inval));
+        if data.is_empty() {
+            return self.lock().ns.getattr(ino).map(Reply::Attr).map_err(errno);
         }
-        let mut pos = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let (chunk, off) = chunk_of(ino, pos);
-            let n = rest.len().min((CHUNK_BYTES - off) as usize);
+        let chunks = self
+            .lock()
+            .ns
+            .map_chunks(ino, offset, data.len() as u64)
+            .map_err(errno)?;
+        for ((_, off, n, at), (_, c)) in pieces(offset, data.len() as u64).zip(&chunks) {
+            let piece = &data[at as usize..(at + n) as usize];
             self.engine
-                .write(chunk, off, rest[..n].to_vec())
+                .write(c.0, off, piece.to_vec())
                 .map_err(io_error)?;
-            pos += n as u64;
-            rest = &rest[n..];
         }
         let t = now();
-        self.mutate(|ns| ns.wrote(creds, ino, offset, data.len() as u64, t))
+        self.mutate(|ns| ns.wrote(creds, ino, offset, data.len() as u64, &chunks, t))
             .map(Reply::Attr)
     }
 
     fn read(&self, ino: InodeId, offset: u64, len: u32) -> Result<Reply, ServiceError> {
-        let attr = self.lock().ns.getattr(ino).map_err(errno)?;
-        match attr.kind {
-            FileType::Regular => {}
-            FileType::Directory => return Err(errno(Errno::IsDir)),
-            _ => return Err(errno(Errno::Inval)),
-        }
+        let (attr, mapped) = {
+            let m = self.lock();
+            let attr = m.ns.getattr(ino).map_err(errno)?;
+            let want = u64::from(len.min(MAX_IO));
+            (attr, m.ns.extents(ino, offset, want).map_err(errno)?)
+        };
         let end = attr
             .size
             .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
         if offset >= end {
             return Ok(Reply::Data(Vec::new()));
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        let mut pos = offset;
-        while pos < end {
-            let (chunk, off) = chunk_of(ino, pos);
-            let n = (end - pos).min(CHUNK_BYTES - off);
-            match self.engine.read(chunk, off, n as usize) {
-                Ok(d) => out.extend_from_slice(&d),
-                Err(StoreError::NotFound { .. }) => out.resize(out.len() + n as usize, 0),
+        let mut out = vec![0u8; (end - offset) as usize];
+        for (idx, off, n, at) in pieces(offset, end - offset) {
+            let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) else {
+                continue; // a hole: zeros
+            };
+            match self.engine.read(c.0, off, n as usize) {
+                Ok(d) => out[at as usize..at as usize + d.len()].copy_from_slice(&d),
+                Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(io_error(e)),
             }
-            pos += n;
         }
         Ok(Reply::Data(out))
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros in the store, except whole chunks, which
+    /// the namespace unmaps (`Namespace::punched`).
+    fn zero_partial_chunks(&self, ino: InodeId, offset: u64, len: u64) -> Result<(), ServiceError> {
+        let mapped = self.lock().ns.extents(ino, offset, len).map_err(errno)?;
+        for (idx, off, n, _) in pieces(offset, len) {
+            if n == CHUNK_BYTES {
+                continue;
+            }
+            if let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) {
+                match self.engine.punch(c.0, off, n) {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(io_error(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fallocate(
+        &self,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        mode: u32,
+    ) -> Result<Reply, ServiceError> {
+        let end = offset.checked_add(len).ok_or_else(|| errno(Errno::FBig))?;
+        if len == 0 {
+            return Err(errno(Errno::Inval));
+        }
+        if end > MAX_FILE_SIZE {
+            return Err(errno(Errno::FBig));
+        }
+        let keep = mode & FALLOC_KEEP_SIZE != 0;
+        let t = now();
+        match mode & !FALLOC_KEEP_SIZE {
+            0 => {
+                // The store is copy-on-write, so space cannot be set aside; refuse what
+                // clearly does not fit, as a full disk would.
+                let free: u64 = self
+                    .engine
+                    .stats()
+                    .map_err(io_error)?
+                    .iter()
+                    .map(|(_, s)| s.free_blocks * crate::store::format::BLOCK as u64)
+                    .sum();
+                let size = self.lock().ns.getattr(ino).map_err(errno)?.size;
+                if end.saturating_sub(size.max(offset)) > free {
+                    return Err(errno(Errno::NoSpc));
+                }
+                self.mutate(|ns| ns.fallocate(ino, offset, len, keep, t))
+                    .map(Reply::Attr)
+            }
+            FALLOC_PUNCH_HOLE if keep => {
+                self.zero_partial_chunks(ino, offset, len)?;
+                self.mutate(|ns| ns.punched(ino, offset, len, false, t))
+                    .map(Reply::Attr)
+            }
+            FALLOC_ZERO_RANGE => {
+                self.zero_partial_chunks(ino, offset, len)?;
+                self.mutate(|ns| ns.punched(ino, offset, len, !keep, t))
+                    .map(Reply::Attr)
+            }
+            FALLOC_PUNCH_HOLE => Err(errno(Errno::Inval)),
+            _ => Err(errno(Errno::NotSup)),
+        }
+    }
+
+    /// SEEK_DATA / SEEK_HOLE at 4 KiB precision: holes are unmapped chunks, blocks never
+    /// written or punched, and anything past a chunk's length.
+    fn lseek(&self, ino: InodeId, offset: u64, whence: u32) -> Result<Reply, ServiceError> {
+        let (size, mapped) = {
+            let m = self.lock();
+            let size = m.ns.getattr(ino).map_err(errno)?.size;
+            (
+                size,
+                m.ns.extents(ino, offset, size.saturating_sub(offset))
+                    .map_err(errno)?,
+            )
+        };
+        if offset >= size {
+            return Err(errno(Errno::NxIo));
+        }
+        let data_in = |idx: u64| -> Result<Vec<(u64, u64)>, ServiceError> {
+            let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) else {
+                return Ok(Vec::new());
+            };
+            let base = idx * CHUNK_BYTES;
+            Ok(self
+                .engine
+                .data_ranges(c.0)
+                .map_err(io_error)?
+                .into_iter()
+                .map(|(s, e)| (base + s, base + e))
+                .collect())
+        };
+        let last = (size - 1) / CHUNK_BYTES;
+        match whence {
+            SEEK_DATA => {
+                for (idx, _) in mapped.iter().filter(|(i, _)| *i <= last) {
+                    for (s, e) in data_in(*idx)? {
+                        if e > offset && s < size {
+                            return Ok(Reply::Offset(s.max(offset)));
+                        }
+                    }
+                }
+                Err(errno(Errno::NxIo))
+            }
+            SEEK_HOLE => {
+                let mut pos = offset;
+                for idx in offset / CHUNK_BYTES..=last {
+                    let chunk_end = (idx + 1) * CHUNK_BYTES;
+                    for (s, e) in data_in(idx)? {
+                        if s > pos {
+                            break;
+                        }
+                        pos = pos.max(e);
+                    }
+                    if pos < chunk_end {
+                        return Ok(Reply::Offset(pos.min(size)));
+                    }
+                }
+                Ok(Reply::Offset(size))
+            }
+            _ => Err(errno(Errno::Inval)),
+        }
     }
 
     /// Handles one decoded request (blocking: call from a blocking-capable thread).
@@ -239,7 +418,7 @@ impl FsService {
                         .setattr_preview(creds, ino, &set, t)
                         .map_err(errno)?;
                     if old.kind == FileType::Regular {
-                        self.truncate_data(ino, old.size, size)?;
+                        self.cut_tail(ino, old.size, size)?;
                     }
                 }
                 self.mutate(|ns| ns.setattr(creds, ino, &set, t))
@@ -302,7 +481,7 @@ impl FsService {
                         via_write_handle: true,
                         ..SetAttr::default()
                     };
-                    self.truncate_data(ino, attr.size, 0)?;
+                    self.cut_tail(ino, attr.size, 0)?;
                     return self
                         .mutate(|ns| ns.setattr(creds, ino, &set, t))
                         .map(Reply::Attr);
@@ -348,6 +527,29 @@ impl FsService {
             Request::Statfs => Ok(Reply::Stats(self.lock().ns.stats())),
             Request::Write { ino, offset, data } => self.write(creds, ino, offset, &data),
             Request::Read { ino, offset, len } => self.read(ino, offset, len),
+            Request::Fallocate {
+                ino,
+                offset,
+                len,
+                mode,
+            } => self.fallocate(ino, offset, len, mode),
+            Request::Lseek {
+                ino,
+                offset,
+                whence,
+            } => self.lseek(ino, offset, whence),
+            Request::ReadDirPlus { ino, cookie, limit } => {
+                let m = self.lock();
+                let entries =
+                    m.ns.readdir(creds, ino, cookie, limit.min(4096) as usize)
+                        .map_err(errno)?;
+                let mut out = Vec::with_capacity(entries.len());
+                for e in entries {
+                    let a = m.ns.getattr(e.ino).map_err(errno)?;
+                    out.push((e, a));
+                }
+                Ok(Reply::EntriesPlus(out))
+            }
         }
     }
 }
@@ -368,6 +570,7 @@ impl Service for FsService {
                     | Request::GetAttr { .. }
                     | Request::Readlink { .. }
                     | Request::ReadDir { .. }
+                    | Request::ReadDirPlus { .. }
                     | Request::GetXattr { .. }
                     | Request::ListXattr { .. }
                     | Request::Access { .. }

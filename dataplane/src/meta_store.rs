@@ -6,14 +6,19 @@
 //! namespace is loaded and checked.
 
 use cfs_meta::codec;
-use cfs_meta::namespace::Namespace;
-use cfs_meta::Timespec;
+use cfs_meta::namespace::{Dirty, Namespace};
+use cfs_meta::{ChunkId, FileType, Timespec, CHUNK_BYTES};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const DENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dentries");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const EXTENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("extents");
+
+/// Layout version of the database. 1: no extent map (file data at the fixed chunk
+/// `(ino << 16) | index`); 2: extent map. Version 1 databases are migrated on open.
+const SCHEMA: u64 = 2;
 
 /// Errors of the metadata store.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +91,7 @@ impl MetaStore {
             path: self.path.clone(),
             what,
         };
-        let mut inodes = Vec::new();
+        let mut inodes: Vec<cfs_meta::namespace::Inode> = Vec::new();
         for item in inodes_t.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let i = codec::decode_inode(v.value())
@@ -119,15 +124,120 @@ impl MetaStore {
                 .unwrap_or(0))
         };
         let (next_ino, next_gen) = (get("next_ino")?, get("next_generation")?);
+        let next_chunk = get("next_chunk")?;
+        let schema = get("schema")?.max(1);
+        if schema > SCHEMA {
+            return Err(corrupt(format!(
+                "schema {schema} is newer than this server understands ({SCHEMA}); upgrade cfs-dataplane"
+            )));
+        }
+        let mut by_ino: std::collections::HashMap<u64, usize> = inodes
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (i.attr.ino.0, k))
+            .collect();
+        if schema >= 2 {
+            let et = rtx.open_table(EXTENTS).map_err(|e| self.err(e))?;
+            for item in et.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let (ino, idx) = k.value();
+                let at = *by_ino
+                    .get(&ino)
+                    .ok_or_else(|| corrupt(format!("extent {idx} of missing inode #{ino}")))?;
+                inodes[at].extents.insert(idx, ChunkId(v.value()));
+            }
+        } else {
+            // Version 1: data of byte o of inode i lived in chunk (i << 16) | (o / 64 MiB).
+            for i in inodes.iter_mut() {
+                if i.attr.kind == FileType::Regular {
+                    for idx in 0..i.attr.size.div_ceil(CHUNK_BYTES) {
+                        i.extents.insert(idx, ChunkId((i.attr.ino.0 << 16) | idx));
+                    }
+                }
+            }
+            tracing::info!(
+                "metadata database {}: migrating schema 1 to {SCHEMA}",
+                self.path
+            );
+        }
+        by_ino.clear();
         let mut ns = Namespace::from_records(inodes, dentries).map_err(corrupt)?;
-        ns.restore_counters(next_ino, next_gen);
+        ns.restore_counters(next_ino, next_gen, next_chunk);
+        if schema < SCHEMA {
+            // Write every extent and the new schema number in one transaction.
+            self.persist_all_extents(&ns)?;
+        }
         Ok(Some(ns))
+    }
+
+    fn persist_all_extents(&self, ns: &Namespace) -> Result<(), MetaStoreError> {
+        let wtx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut et = wtx.open_table(EXTENTS).map_err(|e| self.err(e))?;
+            for (ino, idx, c) in ns.all_extents() {
+                et.insert((ino.0, idx), c.0).map_err(|e| self.err(e))?;
+            }
+            let mut ct = wtx.open_table(COUNTERS).map_err(|e| self.err(e))?;
+            ct.insert("next_chunk", ns.counters().2)
+                .map_err(|e| self.err(e))?;
+            ct.insert("schema", SCHEMA).map_err(|e| self.err(e))?;
+        }
+        wtx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The chunk store this database describes (its UUID), if recorded. The server refuses to
+    /// pair a database with another store: it deletes chunks no extent points at.
+    pub fn store_uuid(&self) -> Result<Option<[u8; 16]>, MetaStoreError> {
+        let rtx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ct = match rtx.open_table(COUNTERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let hi = ct
+            .get("store_uuid_hi")
+            .map_err(|e| self.err(e))?
+            .map(|g| g.value());
+        let lo = ct
+            .get("store_uuid_lo")
+            .map_err(|e| self.err(e))?
+            .map(|g| g.value());
+        Ok(match (hi, lo) {
+            (Some(hi), Some(lo)) => {
+                let mut u = [0u8; 16];
+                u[..8].copy_from_slice(&hi.to_be_bytes());
+                u[8..].copy_from_slice(&lo.to_be_bytes());
+                Some(u)
+            }
+            _ => None,
+        })
+    }
+
+    /// Records the chunk store's UUID (see [`MetaStore::store_uuid`]).
+    pub fn set_store_uuid(&self, uuid: [u8; 16]) -> Result<(), MetaStoreError> {
+        let mut hi = [0u8; 8];
+        let mut lo = [0u8; 8];
+        hi.copy_from_slice(&uuid[..8]);
+        lo.copy_from_slice(&uuid[8..]);
+        let wtx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut ct = wtx.open_table(COUNTERS).map_err(|e| self.err(e))?;
+            ct.insert("store_uuid_hi", u64::from_be_bytes(hi))
+                .map_err(|e| self.err(e))?;
+            ct.insert("store_uuid_lo", u64::from_be_bytes(lo))
+                .map_err(|e| self.err(e))?;
+        }
+        wtx.commit().map_err(|e| self.err(e))
     }
 
     /// Writes what the namespace changed since the last call, durably, in one transaction.
     pub fn persist(&self, ns: &mut Namespace) -> Result<(), MetaStoreError> {
-        let (inodes, dentries) = ns.take_dirty();
-        let (next_ino, next_gen) = ns.counters();
+        let Dirty {
+            inodes,
+            dentries,
+            extents,
+        } = ns.take_dirty();
+        let (next_ino, next_gen, next_chunk) = ns.counters();
         let wtx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut it = wtx.open_table(INODES).map_err(|e| self.err(e))?;
@@ -155,10 +265,24 @@ impl MetaStore {
                     }
                 }
             }
+            let mut et = wtx.open_table(EXTENTS).map_err(|e| self.err(e))?;
+            for (ino, idx) in extents {
+                match ns.extent(ino, idx) {
+                    Some(c) => {
+                        et.insert((ino.0, idx), c.0).map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        et.remove((ino.0, idx)).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
             let mut ct = wtx.open_table(COUNTERS).map_err(|e| self.err(e))?;
             ct.insert("next_ino", next_ino).map_err(|e| self.err(e))?;
             ct.insert("next_generation", next_gen)
                 .map_err(|e| self.err(e))?;
+            ct.insert("next_chunk", next_chunk)
+                .map_err(|e| self.err(e))?;
+            ct.insert("schema", SCHEMA).map_err(|e| self.err(e))?;
         }
         wtx.commit().map_err(|e| self.err(e))?;
         Ok(())

@@ -103,6 +103,11 @@ pub enum Request {
         /// Where the answer goes.
         reply: Reply<Option<(String, u64)>>,
     },
+    /// Every chunk of every shard of the reactor.
+    List {
+        /// Where the answer goes.
+        reply: Reply<Vec<ChunkId>>,
+    },
     /// Counters of every shard of the reactor.
     Stats {
         /// Where the answer goes.
@@ -460,6 +465,16 @@ impl Engine {
         })
     }
 
+    /// Every chunk in the store.
+    pub fn list_chunks(&self) -> Result<Vec<ChunkId>, StoreError> {
+        let mut all = Vec::new();
+        for r in 0..self.inboxes.len() {
+            all.extend(self.call(r, |reply| Request::List { reply })?);
+        }
+        all.sort_unstable();
+        Ok(all)
+    }
+
     /// Counters of every shard.
     pub fn stats(&self) -> Result<Vec<(u32, ShardStats)>, StoreError> {
         let mut all = Vec::new();
@@ -747,6 +762,9 @@ fn dispatch(ctx: &Rc<ReactorCtx>, req: Request, stop: &Rc<std::cell::Cell<bool>>
                 })
             });
             let _ = reply.send(r);
+        }
+        Request::List { reply } => {
+            let _ = reply.send(Ok(ctx.shards.values().flat_map(|s| s.list()).collect()));
         }
         Request::Stats { reply } => {
             let _ = reply.send(Ok(ctx

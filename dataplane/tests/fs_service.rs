@@ -418,3 +418,204 @@ async fn namespace_and_data_over_rpc_survive_a_restart() {
     server.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn data(r: Result<Reply, cfs_fabric::ServiceError>) -> Vec<u8> {
+    match r.unwrap() {
+        Reply::Data(d) => d,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn offset(r: Result<Reply, cfs_fabric::ServiceError>) -> Result<u64, u32> {
+    match r {
+        Ok(Reply::Offset(o)) => Ok(o),
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => match e.code {
+            ErrorCode::Service(c) => Err(c - ERRNO_BASE),
+            other => panic!("{other:?}"),
+        },
+    }
+}
+
+fn errno_of(r: Result<Reply, cfs_fabric::ServiceError>) -> u32 {
+    match r {
+        Err(cfs_fabric::ServiceError {
+            code: ErrorCode::Service(c),
+            ..
+        }) => c - ERRNO_BASE,
+        other => panic!("expected an errno, got {other:?}"),
+    }
+}
+
+#[test]
+fn extents_fallocate_seek_data_hole_and_crash_leftovers() {
+    use cfs_meta::CHUNK_BYTES as C;
+    use cfs_proto::{FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, SEEK_DATA, SEEK_HOLE};
+    let dir = std::env::temp_dir().join(format!("cfs-fs-extents-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("meta.redb");
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new("mem0", 4096, 65536, 3));
+    let (_, engine) = setup(&dev, true);
+    let svc = FsService::open(&db, Arc::clone(&engine)).unwrap();
+    let root = Creds::root();
+    let f = match svc
+        .handle(
+            &root,
+            Request::Mknod {
+                parent: InodeId::ROOT,
+                name: b"f".to_vec(),
+                kind: FileType::Regular,
+                perm: 0o644,
+                rdev: 0,
+            },
+        )
+        .unwrap()
+    {
+        Reply::Attr(a) => a.ino,
+        other => panic!("{other:?}"),
+    };
+    let write = |off: u64, len: usize| {
+        svc.handle(
+            &root,
+            Request::Write {
+                ino: f,
+                offset: off,
+                data: vec![7u8; len],
+            },
+        )
+        .unwrap();
+    };
+    let seek = |off: u64, whence: u32| {
+        offset(svc.handle(
+            &root,
+            Request::Lseek {
+                ino: f,
+                offset: off,
+                whence,
+            },
+        ))
+    };
+    let falloc = |off: u64, len: u64, mode: u32| {
+        svc.handle(
+            &root,
+            Request::Fallocate {
+                ino: f,
+                offset: off,
+                len,
+                mode,
+            },
+        )
+    };
+    let size = || match svc.handle(&root, Request::GetAttr { ino: f }).unwrap() {
+        Reply::Attr(a) => a.size,
+        other => panic!("{other:?}"),
+    };
+    write(0, 8192);
+    write(C + 36 * 4096, 4096);
+    let end = C + 37 * 4096;
+    assert_eq!(size(), end);
+    assert_eq!(seek(0, SEEK_DATA), Ok(0));
+    assert_eq!(seek(0, SEEK_HOLE), Ok(8192));
+    assert_eq!(seek(100, SEEK_HOLE), Ok(8192));
+    assert_eq!(seek(8192, SEEK_DATA), Ok(C + 36 * 4096));
+    assert_eq!(
+        seek(C + 36 * 4096, SEEK_HOLE),
+        Ok(end),
+        "end of file is a hole"
+    );
+    assert_eq!(seek(end, SEEK_DATA), Err(6), "ENXIO at end of file");
+    assert_eq!(seek(end - 1, SEEK_DATA), Ok(end - 1));
+    // Punch the first block: data now starts at 4096 and the block reads as zeros.
+    falloc(0, 4096, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE).unwrap();
+    assert_eq!(seek(0, SEEK_DATA), Ok(4096));
+    assert_eq!(seek(0, SEEK_HOLE), Ok(0));
+    let got = data(svc.handle(
+        &root,
+        Request::Read {
+            ino: f,
+            offset: 0,
+            len: 8192,
+        },
+    ));
+    assert_eq!(&got[..4096], &[0u8; 4096][..]);
+    assert_eq!(&got[4096..], &[7u8; 4096][..]);
+    assert_eq!(size(), end, "punch keeps the size");
+    // Punching a whole chunk deletes it from the store.
+    let before = engine.list_chunks().unwrap().len();
+    falloc(0, C, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE).unwrap();
+    assert_eq!(engine.list_chunks().unwrap().len(), before - 1);
+    assert_eq!(seek(0, SEEK_DATA), Ok(C + 36 * 4096));
+    // Allocation grows the file (zeros), KEEP_SIZE does not; zero-range may extend.
+    falloc(end, 1 << 20, 0).unwrap();
+    assert_eq!(size(), end + (1 << 20));
+    falloc(size(), 1 << 20, FALLOC_KEEP_SIZE).unwrap();
+    assert_eq!(size(), end + (1 << 20));
+    falloc(size(), 4096, FALLOC_ZERO_RANGE).unwrap();
+    assert_eq!(size(), end + (1 << 20) + 4096);
+    falloc(C + 36 * 4096 + 10, 20, FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE).unwrap();
+    let got = data(svc.handle(
+        &root,
+        Request::Read {
+            ino: f,
+            offset: C + 36 * 4096,
+            len: 40,
+        },
+    ));
+    assert_eq!(got[..10], [7u8; 10]);
+    assert_eq!(got[10..30], [0u8; 20]);
+    assert_eq!(got[30..], [7u8; 10]);
+    // Bad requests: punch without KEEP_SIZE, unknown modes, zero length, on a directory.
+    assert_eq!(errno_of(falloc(0, 1, FALLOC_PUNCH_HOLE)), 22);
+    assert_eq!(
+        errno_of(falloc(0, 1, 0x08)),
+        95,
+        "collapse-range unsupported"
+    );
+    assert_eq!(errno_of(falloc(0, 0, 0)), 22);
+    assert_eq!(
+        errno_of(svc.handle(
+            &root,
+            Request::Fallocate {
+                ino: InodeId::ROOT,
+                offset: 0,
+                len: 1,
+                mode: 0
+            }
+        )),
+        21
+    );
+    assert_eq!(
+        errno_of(falloc(0, 1 << 40, 0)),
+        28,
+        "ENOSPC beyond the store's free space"
+    );
+    // Chunks left by a crash (data written, extent never committed) go at the next start.
+    engine.write(0xdead_beef, 0, vec![1; 4096]).unwrap();
+    drop(svc);
+    let svc = FsService::open(&db, Arc::clone(&engine)).unwrap();
+    assert!(!engine.list_chunks().unwrap().contains(&0xdead_beef));
+    let got = data(svc.handle(
+        &root,
+        Request::Read {
+            ino: f,
+            offset: C + 36 * 4096,
+            len: 10,
+        },
+    ));
+    assert_eq!(got, [7u8; 10], "referenced data kept");
+    drop(svc);
+    // The database refuses a different store (it would delete that store's chunks).
+    let other: Arc<dyn BlockDevice> = Arc::new(MemDevice::new("mem1", 4096, 16384, 4));
+    let cfg = Config::parse(
+        "data_dir = \"/nonexistent\"\n[reactors]\ncores = [0]\n[hugepages]\npool_mib = 8\nbuf_kib = 64\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    reactor::format(&cfg, std::slice::from_ref(&other), [9; 16], 0).unwrap();
+    let e2 = Arc::new(Engine::start(&cfg, vec![other]).unwrap());
+    assert!(matches!(
+        FsService::open(&db, Arc::clone(&e2)),
+        Err(cfs_dataplane::fs_service::OpenError::WrongStore { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

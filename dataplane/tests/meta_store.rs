@@ -3,12 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cfs_dataplane::meta_store::MetaStore;
-use cfs_meta::{Creds, FileType, InodeId, Namespace, RenameFlags, SetAttr, Timespec, XattrMode};
+use cfs_meta::{
+    Creds, FileType, InodeId, Namespace, RenameFlags, SetAttr, Timespec, XattrMode, CHUNK_BYTES,
+};
 use cfs_nvme::rng::SimRng;
 
 fn snapshot(ns: &Namespace) -> Vec<String> {
     let r = Creds::root();
-    let (next, _) = ns.counters();
+    let (next, _, _) = ns.counters();
     let mut out = Vec::new();
     for i in 1..next {
         let ino = InodeId(i);
@@ -19,6 +21,9 @@ fn snapshot(ns: &Namespace) -> Vec<String> {
             }
             if a.kind == FileType::Symlink {
                 out.push(format!("{:?}", ns.readlink(ino).unwrap()));
+            }
+            if a.kind == FileType::Regular {
+                out.push(format!("{:?}", ns.extents(ino, 0, u64::MAX).unwrap()));
             }
             out.push(format!("{:?}", ns.listxattr(&r, ino).unwrap()));
         }
@@ -37,11 +42,29 @@ fn random_namespaces_survive_reopen() {
     let names: Vec<Vec<u8>> = (0..8).map(|i| format!("n{i}").into_bytes()).collect();
     for step in 0..3000u32 {
         let now = Timespec::new(i64::from(step) + 2, step);
-        let (next, _) = ns.counters();
+        let (next, _, _) = ns.counters();
         let pick = |rng: &mut SimRng| InodeId(1 + rng.below(next - 1));
         let name = names[rng.below(8) as usize].clone();
         let (a, b) = (pick(&mut rng), pick(&mut rng));
-        let _ = match rng.below(9) {
+        let _ = match rng.below(11) {
+            9 => {
+                let off = rng.below(4 * CHUNK_BYTES);
+                let len = 1 + rng.below(2 * CHUNK_BYTES);
+                ns.map_chunks(a, off, len)
+                    .and_then(|m| ns.wrote(&r, a, off, len, &m, now))
+                    .map(|_| ())
+            }
+            10 => ns
+                .setattr(
+                    &r,
+                    a,
+                    &SetAttr {
+                        size: Some(rng.below(4 * CHUNK_BYTES)),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .map(|_| ()),
             0 => ns.mkdir(&r, a, &name, 0o755, now).map(|_| ()),
             1 | 2 => ns
                 .mknod(&r, a, &name, FileType::Regular, 0o644, 0, now)
@@ -72,6 +95,7 @@ fn random_namespaces_survive_reopen() {
             _ => ns.link(&r, a, b, &name, now).map(|_| ()),
         };
         store.persist(&mut ns).unwrap();
+        let _ = ns.take_freed();
         if step % 500 == 499 {
             let before = snapshot(&ns);
             drop(store);
@@ -121,5 +145,52 @@ fn unlinked_open_files_are_freed_at_restart_and_numbers_never_reused() {
     let (_, ns) = MetaStore::open(&path, t).unwrap();
     assert!(ns.getattr(f.ino).is_err());
     assert_eq!(ns.lookup(&r, InodeId::ROOT, b"h").unwrap().ino, h.ino);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_schema_1_database_gets_its_extent_map_from_the_old_fixed_layout() {
+    let dir = std::env::temp_dir().join(format!("cfs-meta-v1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meta.redb");
+    let r = Creds::root();
+    let t = Timespec::new(5, 0);
+    let (store, mut ns) = MetaStore::open(&path, t).unwrap();
+    let f = ns
+        .mknod(&r, InodeId::ROOT, b"f", FileType::Regular, 0o644, 0, t)
+        .unwrap();
+    let m = ns.map_chunks(f.ino, 0, CHUNK_BYTES + 5).unwrap();
+    ns.wrote(&r, f.ino, 0, CHUNK_BYTES + 5, &m, t).unwrap();
+    store.persist(&mut ns).unwrap();
+    drop(store);
+    // Make it look like a schema 1 database: no extents table, no schema number.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.delete_table(redb::TableDefinition::<(u64, u64), u64>::new("extents"))
+            .unwrap();
+        {
+            let mut c = w
+                .open_table(redb::TableDefinition::<&str, u64>::new("counters"))
+                .unwrap();
+            c.remove("schema").unwrap();
+            c.remove("next_chunk").unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let (store, ns) = MetaStore::open(&path, t).unwrap();
+    let want: Vec<(u64, cfs_meta::ChunkId)> = (0..2)
+        .map(|i| (i, cfs_meta::ChunkId((f.ino.0 << 16) | i)))
+        .collect();
+    assert_eq!(ns.extents(f.ino, 0, u64::MAX).unwrap(), want);
+    ns.check_invariants().unwrap();
+    drop(store);
+    // Migrated once, durably: a second open reads the extents table.
+    let (_store, ns) = MetaStore::open(&path, t).unwrap();
+    assert_eq!(ns.extents(f.ino, 0, u64::MAX).unwrap(), want);
+    assert!(
+        ns.counters().2 > (f.ino.0 << 16) | 1,
+        "new chunks get fresh ids"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

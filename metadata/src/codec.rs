@@ -9,7 +9,11 @@
 //!   | u32 xattr_count | xattr_count x (u16 name_len | name | u32 value_len | value)
 //! directory entry (key = u64 parent | name):
 //!   u8 version (1) | u64 ino | u8 kind | u64 cookie
+//! extent (key = (u64 ino, u64 chunk index), a redb tuple key):
+//!   u64 chunk id
 //! ```
+//! Extents live in their own table, not in the inode record, so growing a large file rewrites
+//! one small record per new 64 MiB chunk rather than the whole map.
 //! Open-handle counts are not persisted: handles do not survive a server restart.
 
 use crate::namespace::{Dentry, Inode};
@@ -148,6 +152,7 @@ pub fn decode_inode(b: &[u8]) -> Option<Inode> {
         open: 0,
         parent,
         next_cookie,
+        extents: BTreeMap::new(),
     })
 }
 
@@ -246,6 +251,7 @@ mod tests {
                     open: 0,
                     parent: InodeId(ino / 2),
                     next_cookie: generation / 3,
+                    extents: BTreeMap::new(),
                 },
             )
     }

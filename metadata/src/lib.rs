@@ -7,5 +7,5 @@ pub mod codec;
 pub mod namespace;
 pub mod types;
 
-pub use namespace::{Namespace, RenameFlags, SetAttr, TimeSet, XattrMode};
-pub use types::{Attr, Creds, Errno, FileType, InodeId, Timespec};
+pub use namespace::{Namespace, RenameFlags, SetAttr, TimeSet, XattrMode, CHUNK_BYTES};
+pub use types::{Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};

@@ -6,7 +6,7 @@
 //! Every change also marks what it touched (`take_dirty`), so a persistence layer can write
 //! exactly those keys durably before the reply goes out.
 
-use crate::types::{mode, Attr, Creds, Errno, FileType, InodeId, Timespec};
+use crate::types::{mode, Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Longest name of a directory entry in bytes.
@@ -47,7 +47,13 @@ pub struct Inode {
     pub parent: InodeId,
     /// Directories: next readdir cookie to hand out.
     pub next_cookie: u64,
+    /// Regular files: the extent map, chunk index (byte offset / [`CHUNK_BYTES`]) -> chunk.
+    /// An index without an entry is a hole.
+    pub extents: BTreeMap<u64, ChunkId>,
 }
+
+/// Bytes of file data per chunk: the extent map's granularity.
+pub const CHUNK_BYTES: u64 = 64 << 20;
 
 /// One directory entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +137,17 @@ pub struct FsStats {
     pub bytes: u64,
 }
 
+/// Keys changed since the last [`Namespace::take_dirty`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Inode records.
+    pub inodes: Vec<InodeId>,
+    /// Directory entries (parent, name).
+    pub dentries: Vec<(InodeId, Vec<u8>)>,
+    /// Extents (inode, chunk index).
+    pub extents: Vec<(InodeId, u64)>,
+}
+
 /// The namespace.
 #[derive(Clone, Debug)]
 pub struct Namespace {
@@ -141,9 +158,11 @@ pub struct Namespace {
     next_generation: u64,
     dirty_inodes: BTreeSet<InodeId>,
     dirty_dentries: BTreeSet<(InodeId, Vec<u8>)>,
-    /// Inodes that went away (last link and last handle gone), with their size: their data is
-    /// to be freed.
-    freed: Vec<(InodeId, u64)>,
+    dirty_extents: BTreeSet<(InodeId, u64)>,
+    next_chunk: u64,
+    /// Chunks no extent points at any more (truncated, punched, or of a freed inode): their
+    /// data is to be deleted once the change is durable.
+    freed: Vec<ChunkId>,
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -193,6 +212,8 @@ impl Namespace {
             next_generation: 1,
             dirty_inodes: BTreeSet::new(),
             dirty_dentries: BTreeSet::new(),
+            dirty_extents: BTreeSet::new(),
+            next_chunk: 1,
             freed: Vec::new(),
         }
     }
@@ -224,6 +245,7 @@ impl Namespace {
                 open: 0,
                 parent: InodeId::ROOT,
                 next_cookie: 3,
+                extents: BTreeMap::new(),
             },
         );
         ns.dirty_inodes.insert(InodeId::ROOT);
@@ -242,6 +264,9 @@ impl Namespace {
             i.open = 0;
             ns.next_ino = ns.next_ino.max(i.attr.ino.0 + 1);
             ns.next_generation = ns.next_generation.max(i.attr.generation + 1);
+            if let Some(c) = i.extents.values().max() {
+                ns.next_chunk = ns.next_chunk.max(c.0 + 1);
+            }
             ns.inodes.insert(i.attr.ino, i);
         }
         for (parent, name, d) in dentries {
@@ -274,15 +299,16 @@ impl Namespace {
     }
 
     /// Counters that must survive restarts even when the inodes that used them are gone:
-    /// (next inode number, next generation). Persist them with the dirty records.
-    pub fn counters(&self) -> (u64, u64) {
-        (self.next_ino, self.next_generation)
+    /// (next inode number, next generation, next chunk id). Persist them with the dirty records.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (self.next_ino, self.next_generation, self.next_chunk)
     }
 
     /// Restores the counters (after `from_records`), never moving them backwards.
-    pub fn restore_counters(&mut self, next_ino: u64, next_generation: u64) {
+    pub fn restore_counters(&mut self, next_ino: u64, next_generation: u64, next_chunk: u64) {
         self.next_ino = self.next_ino.max(next_ino);
         self.next_generation = self.next_generation.max(next_generation);
+        self.next_chunk = self.next_chunk.max(next_chunk);
     }
 
     fn inode(&self, ino: InodeId) -> Result<&Inode, Errno> {
@@ -419,14 +445,13 @@ impl Namespace {
     fn maybe_free(&mut self, ino: InodeId) {
         if let Some(i) = self.inodes.get(&ino) {
             if i.attr.nlink == 0 && i.open == 0 {
-                let size = if i.attr.kind == FileType::Regular {
-                    i.attr.size
-                } else {
-                    0
-                };
-                self.inodes.remove(&ino);
+                if let Some(i) = self.inodes.remove(&ino) {
+                    for (idx, c) in i.extents {
+                        self.dirty_extents.insert((ino, idx));
+                        self.freed.push(c);
+                    }
+                }
                 self.dirty_inodes.insert(ino);
-                self.freed.push((ino, size));
             }
         }
     }
@@ -501,6 +526,7 @@ impl Namespace {
                 open: 0,
                 parent,
                 next_cookie: 3,
+                extents: BTreeMap::new(),
             },
         );
         self.dirty_inodes.insert(ino);
@@ -835,6 +861,10 @@ impl Namespace {
     ) -> Result<Attr, Errno> {
         let next = self.setattr_preview(creds, ino, set, now)?;
         self.inode_mut(ino)?.attr = next.clone();
+        if let Some(size) = set.size {
+            // Chunks wholly past the new end go; the caller cut the partial last one before.
+            self.drop_extents(ino, size.div_ceil(CHUNK_BYTES), u64::MAX);
+        }
         Ok(next)
     }
 
@@ -1124,24 +1154,32 @@ impl Namespace {
         Ok(())
     }
 
-    /// Records a write of `len` bytes at `offset` through an open handle: size and times
-    /// change, and a write by anyone but root drops setuid/setgid.
+    /// Records a write of `len` bytes at `offset` through an open handle, whose data went to
+    /// `chunks` (from [`Namespace::map_chunks`]): size and times change, and a write by anyone
+    /// but root drops setuid/setgid. EIO if the extent map no longer points at those chunks
+    /// (a concurrent truncate or punch dropped them, so the data may be gone).
+    #[allow(clippy::too_many_arguments)]
     pub fn wrote(
         &mut self,
         creds: &Creds,
         ino: InodeId,
         offset: u64,
         len: u64,
+        chunks: &[(u64, ChunkId)],
         now: Timespec,
     ) -> Result<Attr, Errno> {
         let end = offset.checked_add(len).ok_or(Errno::FBig)?;
         if end > MAX_FILE_SIZE {
             return Err(Errno::FBig);
         }
-        let i = self.inode_mut(ino)?;
+        let i = self.inode(ino)?;
         if i.attr.kind != FileType::Regular {
             return Err(Errno::Inval);
         }
+        if chunks.iter().any(|(idx, c)| i.extents.get(idx) != Some(c)) {
+            return Err(Errno::Io);
+        }
+        let i = self.inode_mut(ino)?;
         i.attr.size = i.attr.size.max(end);
         i.attr.mtime = now;
         i.attr.ctime = now;
@@ -1151,6 +1189,146 @@ impl Namespace {
                 i.attr.perm &= !mode::S_ISGID;
             }
         }
+        Ok(i.attr.clone())
+    }
+
+    fn regular(&self, ino: InodeId) -> Result<&Inode, Errno> {
+        let i = self.inode(ino)?;
+        match i.attr.kind {
+            FileType::Regular => Ok(i),
+            FileType::Directory => Err(Errno::IsDir),
+            _ => Err(Errno::Inval),
+        }
+    }
+
+    /// The chunks holding bytes `[offset, offset+len)` of a regular file: (chunk index, chunk)
+    /// for every index in the range that is mapped (the others are holes).
+    pub fn extents(
+        &self,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, ChunkId)>, Errno> {
+        let i = self.regular(ino)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let first = offset / CHUNK_BYTES;
+        let last = offset.saturating_add(len - 1) / CHUNK_BYTES;
+        Ok(i.extents
+            .range(first..=last)
+            .map(|(&k, &c)| (k, c))
+            .collect())
+    }
+
+    /// Maps every chunk index of `[offset, offset+len)` (`len` > 0), allocating chunk ids for
+    /// holes; returns (chunk index, chunk) for each. New extents are persisted with the next
+    /// commit; data may be written to them before that (a crash leaves an unreferenced chunk,
+    /// which the server deletes at start).
+    pub fn map_chunks(
+        &mut self,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, ChunkId)>, Errno> {
+        assert!(len > 0, "map_chunks of an empty range");
+        let end = offset.checked_add(len).ok_or(Errno::FBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Errno::FBig);
+        }
+        self.regular(ino)?;
+        let (first, last) = (offset / CHUNK_BYTES, (end - 1) / CHUNK_BYTES);
+        let mut out = Vec::with_capacity((last - first + 1) as usize);
+        for idx in first..=last {
+            let existing = self
+                .inodes
+                .get(&ino)
+                .and_then(|i| i.extents.get(&idx).copied());
+            let c = match existing {
+                Some(c) => c,
+                None => {
+                    let c = ChunkId(self.next_chunk);
+                    self.next_chunk += 1;
+                    self.inodes
+                        .get_mut(&ino)
+                        .ok_or(Errno::NoEnt)?
+                        .extents
+                        .insert(idx, c);
+                    self.dirty_extents.insert((ino, idx));
+                    c
+                }
+            };
+            out.push((idx, c));
+        }
+        Ok(out)
+    }
+
+    /// Unmaps chunk indexes `first..end` of `ino`; their chunks are freed after the commit.
+    fn drop_extents(&mut self, ino: InodeId, first: u64, end: u64) {
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        if first >= end {
+            return;
+        }
+        let gone: Vec<u64> = i.extents.range(first..end).map(|(&k, _)| k).collect();
+        for idx in gone {
+            if let Some(c) = i.extents.remove(&idx) {
+                self.dirty_extents.insert((ino, idx));
+                self.freed.push(c);
+            }
+        }
+    }
+
+    /// `fallocate` without flags (or with KEEP_SIZE): maps every chunk of the range and, unless
+    /// `keep_size`, extends the file to cover it. Space is not reserved on the devices (the
+    /// chunk store is copy-on-write); the caller checks free space.
+    pub fn fallocate(
+        &mut self,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        if len == 0 {
+            return Err(Errno::Inval);
+        }
+        self.map_chunks(ino, offset, len)?;
+        let i = self.inode_mut(ino)?;
+        let end = offset + len;
+        if !keep_size && end > i.attr.size {
+            i.attr.size = end;
+            i.attr.mtime = now;
+        }
+        i.attr.ctime = now;
+        Ok(i.attr.clone())
+    }
+
+    /// After the caller zeroed the partial chunks of `[offset, offset+len)` in the store: unmaps
+    /// the chunks the range covers whole and updates the times (`fallocate` PUNCH_HOLE and
+    /// ZERO_RANGE). With `extend`, the file grows to cover the range (ZERO_RANGE without
+    /// KEEP_SIZE).
+    pub fn punched(
+        &mut self,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        extend: bool,
+        now: Timespec,
+    ) -> Result<Attr, Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::FBig)?;
+        if len == 0 || end > MAX_FILE_SIZE {
+            return Err(if len == 0 { Errno::Inval } else { Errno::FBig });
+        }
+        self.regular(ino)?;
+        self.drop_extents(ino, offset.div_ceil(CHUNK_BYTES), end / CHUNK_BYTES);
+        let i = self.inode_mut(ino)?;
+        if extend && end > i.attr.size {
+            i.attr.size = end;
+        }
+        i.attr.mtime = now;
+        i.attr.ctime = now;
         Ok(i.attr.clone())
     }
 
@@ -1169,23 +1347,48 @@ impl Namespace {
 
     /// Whether anything changed since the last `take_dirty`.
     pub fn is_dirty(&self) -> bool {
-        !self.dirty_inodes.is_empty() || !self.dirty_dentries.is_empty()
+        !self.dirty_inodes.is_empty()
+            || !self.dirty_dentries.is_empty()
+            || !self.dirty_extents.is_empty()
     }
 
-    /// Keys changed since the last call: (inodes, directory entries). The persistence layer
-    /// writes their current values (or deletes them when absent) before replying.
-    pub fn take_dirty(&mut self) -> (Vec<InodeId>, Vec<(InodeId, Vec<u8>)>) {
-        (
-            std::mem::take(&mut self.dirty_inodes).into_iter().collect(),
-            std::mem::take(&mut self.dirty_dentries)
+    /// Keys changed since the last call. The persistence layer writes their current values
+    /// (or deletes them when absent) before replying.
+    pub fn take_dirty(&mut self) -> Dirty {
+        Dirty {
+            inodes: std::mem::take(&mut self.dirty_inodes).into_iter().collect(),
+            dentries: std::mem::take(&mut self.dirty_dentries)
                 .into_iter()
                 .collect(),
-        )
+            extents: std::mem::take(&mut self.dirty_extents)
+                .into_iter()
+                .collect(),
+        }
     }
 
-    /// Inodes freed since the last call, with the size of data to release.
-    pub fn take_freed(&mut self) -> Vec<(InodeId, u64)> {
+    /// Chunks unreferenced since the last call: delete their data once the change is durable.
+    pub fn take_freed(&mut self) -> Vec<ChunkId> {
         std::mem::take(&mut self.freed)
+    }
+
+    /// Where chunk index `idx` of `ino` points (for persistence).
+    pub fn extent(&self, ino: InodeId, idx: u64) -> Option<ChunkId> {
+        self.inodes.get(&ino)?.extents.get(&idx).copied()
+    }
+
+    /// Every extent: (inode, chunk index, chunk).
+    pub fn all_extents(&self) -> impl Iterator<Item = (InodeId, u64, ChunkId)> + '_ {
+        self.inodes
+            .iter()
+            .flat_map(|(ino, i)| i.extents.iter().map(move |(idx, c)| (*ino, *idx, *c)))
+    }
+
+    /// Every chunk some extent points at (to find chunks left behind by a crash).
+    pub fn referenced_chunks(&self) -> BTreeSet<ChunkId> {
+        self.inodes
+            .values()
+            .flat_map(|i| i.extents.values().copied())
+            .collect()
     }
 
     /// An inode record (for persistence).
@@ -1266,6 +1469,21 @@ impl Namespace {
                     return Err(format!(
                         "inode {ino} has no names and no handles but was kept"
                     ));
+                }
+            }
+        }
+        // Extents: only regular files have them, and no chunk backs two places.
+        let mut seen = BTreeSet::new();
+        for (ino, i) in &self.inodes {
+            if !i.extents.is_empty() && i.attr.kind != FileType::Regular {
+                return Err(format!("{ino} is not a regular file but has extents"));
+            }
+            for (idx, c) in &i.extents {
+                if c.0 >= self.next_chunk {
+                    return Err(format!("{ino} index {idx}: {c} not yet allocated"));
+                }
+                if !seen.insert(*c) {
+                    return Err(format!("{c} is mapped twice (at {ino} index {idx})"));
                 }
             }
         }

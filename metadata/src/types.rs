@@ -18,6 +18,17 @@ impl fmt::Display for InodeId {
     }
 }
 
+/// A chunk of file data in the chunk store: the extent map points file ranges at these.
+/// Allocated by the namespace from a counter that never goes back, so an id is never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkId(pub u64);
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "chunk {:#x}", self.0)
+    }
+}
+
 /// A point in time, as the caller's clock gave it (the state machine has no clock).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timespec {
@@ -243,6 +254,9 @@ pub enum Errno {
     /// EIO.
     #[error("input/output error")]
     Io,
+    /// ENXIO: lseek past the end, or no more data.
+    #[error("no such device or address")]
+    NxIo,
 }
 
 impl Errno {
@@ -252,6 +266,7 @@ impl Errno {
             Errno::Perm => 1,
             Errno::NoEnt => 2,
             Errno::Io => 5,
+            Errno::NxIo => 6,
             Errno::Access => 13,
             Errno::Exist => 17,
             Errno::NotDir => 20,

@@ -62,7 +62,9 @@ fn unlinked_open_files_live_until_released() {
         .mknod(&r, ROOT, b"f", FileType::Regular, 0o644, 0, t(1))
         .unwrap();
     ns.open(&r, f.ino, true, true).unwrap();
-    ns.wrote(&r, f.ino, 0, 5000, t(2)).unwrap();
+    let chunks = ns.map_chunks(f.ino, 0, 5000).unwrap();
+    assert_eq!(chunks.len(), 1);
+    ns.wrote(&r, f.ino, 0, 5000, &chunks, t(2)).unwrap();
     ns.unlink(&r, ROOT, b"f", t(3)).unwrap();
     assert_eq!(
         ns.getattr(f.ino).unwrap().nlink,
@@ -73,7 +75,56 @@ fn unlinked_open_files_live_until_released() {
     ns.check_invariants().unwrap();
     ns.release(f.ino).unwrap();
     assert_eq!(ns.getattr(f.ino), Err(Errno::NoEnt));
-    assert_eq!(ns.take_freed(), vec![(f.ino, 5000)]);
+    assert_eq!(ns.take_freed(), vec![chunks[0].1]);
+    ns.check_invariants().unwrap();
+}
+
+#[test]
+fn the_extent_map_allocates_frees_and_never_reuses_chunks() {
+    let r = Creds::root();
+    let mut ns = Namespace::new(0, 0, 0o755, t(1));
+    let f = ns
+        .mknod(&r, ROOT, b"f", FileType::Regular, 0o644, 0, t(1))
+        .unwrap();
+    const C: u64 = cfs_meta::CHUNK_BYTES;
+    // A write across a chunk boundary maps two chunks; mapping again returns the same ones.
+    let a = ns.map_chunks(f.ino, C - 10, 20).unwrap();
+    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(ns.map_chunks(f.ino, 0, 1).unwrap(), vec![a[0]]);
+    ns.wrote(&r, f.ino, C - 10, 20, &a, t(2)).unwrap();
+    // Sparse: a write at 5 GiB maps only its own chunk.
+    let far = ns.map_chunks(f.ino, 5 << 30, 4096).unwrap();
+    assert_eq!(far[0].0, (5 << 30) / C);
+    ns.wrote(&r, f.ino, 5 << 30, 4096, &far, t(2)).unwrap();
+    assert_eq!(ns.extents(f.ino, 0, u64::MAX).unwrap().len(), 3);
+    assert_eq!(ns.extents(f.ino, 2 * C, C).unwrap(), vec![]);
+    // Punching a range that covers chunk 1 whole drops it; chunk 0 is only partly covered.
+    ns.punched(f.ino, 100, 2 * C, false, t(3)).unwrap();
+    assert_eq!(ns.take_freed(), vec![a[1].1]);
+    assert_eq!(
+        ns.getattr(f.ino).unwrap().size,
+        (5 << 30) + 4096,
+        "punch keeps the size"
+    );
+    // Truncate drops chunks wholly past the end.
+    let set = SetAttr {
+        size: Some(10),
+        ..SetAttr::default()
+    };
+    ns.setattr(&r, f.ino, &set, t(4)).unwrap();
+    assert_eq!(ns.take_freed(), vec![far[0].1]);
+    // A write whose chunk was dropped meanwhile fails instead of losing data silently.
+    assert_eq!(ns.wrote(&r, f.ino, 5 << 30, 1, &far, t(5)), Err(Errno::Io));
+    // New chunks get new ids.
+    let b = ns.map_chunks(f.ino, C, 1).unwrap();
+    assert!(b[0].1 > far[0].1);
+    // fallocate maps and extends; KEEP_SIZE only maps.
+    let at = ns.fallocate(f.ino, 3 * C, 10, true, t(6)).unwrap();
+    assert_eq!(at.size, 10);
+    assert_eq!(ns.extents(f.ino, 3 * C, 1).unwrap().len(), 1);
+    assert_eq!(ns.fallocate(f.ino, 0, 100, false, t(6)).unwrap().size, 100);
+    // Only regular files have extents.
+    assert_eq!(ns.map_chunks(ROOT, 0, 1), Err(Errno::IsDir));
     ns.check_invariants().unwrap();
 }
 
@@ -435,6 +486,9 @@ enum Op {
     Open(u8),
     Release(u8),
     Chmod(u8, u16),
+    Write(u8, u8, u16),
+    Truncate(u8, u8),
+    Punch(u8, u8, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -450,6 +504,9 @@ fn op() -> impl Strategy<Value = Op> {
         any::<u8>().prop_map(Op::Open),
         any::<u8>().prop_map(Op::Release),
         (any::<u8>(), any::<u16>()).prop_map(|(i, m)| Op::Chmod(i, m)),
+        (any::<u8>(), 0u8..8, 1u16..).prop_map(|(i, c, l)| Op::Write(i, c, l)),
+        (any::<u8>(), 0u8..8).prop_map(|(i, c)| Op::Truncate(i, c)),
+        (any::<u8>(), 0u8..8, 1u8..4).prop_map(|(i, c, n)| Op::Punch(i, c, n)),
     ]
 }
 
@@ -463,6 +520,11 @@ proptest! {
     fn invariants_hold_under_random_operations(ops in proptest::collection::vec((op(), any::<bool>()), 1..120)) {
         let mut ns = Namespace::new(0, 0, 0o777, t(0));
         let mut open: Vec<InodeId> = Vec::new();
+        // Every chunk ever handed out, and every one freed: each must be exactly one of
+        // referenced or freed (no leak, no double free, no reuse).
+        let mut allocated = std::collections::BTreeSet::new();
+        let mut freed = std::collections::BTreeSet::new();
+        const C: u64 = cfs_meta::CHUNK_BYTES;
         let names = [b"a".as_slice(), b"b", b"c", b"d", b"e", b"f"];
         for (step, (o, as_root)) in ops.into_iter().enumerate() {
             let creds = if as_root { Creds::root() } else { user(1000) };
@@ -495,7 +557,22 @@ proptest! {
                     }
                 }
                 Op::Chmod(i, m) => ns.setattr(&creds, pick(i), &SetAttr { perm: Some(u32::from(m) & 0o7777), ..Default::default() }, now).map(|_| ()),
+                Op::Write(i, c, l) => {
+                    let (ino, off) = (pick(i), u64::from(c) * C / 2);
+                    ns.map_chunks(ino, off, u64::from(l)).and_then(|m| {
+                        allocated.extend(m.iter().map(|x| x.1));
+                        ns.wrote(&creds, ino, off, u64::from(l), &m, now).map(|_| ())
+                    })
+                }
+                Op::Truncate(i, c) => ns.setattr(&creds, pick(i), &SetAttr { size: Some(u64::from(c) * C / 3), ..Default::default() }, now).map(|_| ()),
+                Op::Punch(i, c, n) => ns.punched(pick(i), u64::from(c) * C / 2, u64::from(n) * C / 2, false, now).map(|_| ()),
             };
+            for c in ns.take_freed() {
+                prop_assert!(freed.insert(c), "{} freed twice", c);
+            }
+            let referenced = ns.referenced_chunks();
+            prop_assert!(referenced.is_disjoint(&freed), "a freed chunk is still referenced");
+            prop_assert_eq!(referenced.len() + freed.len(), allocated.len(), "a chunk leaked");
             if let Err(e) = ns.check_invariants() {
                 prop_assert!(false, "step {}: {:?} ({:?}) broke an invariant: {}", step, o, result, e);
             }

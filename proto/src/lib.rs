@@ -102,7 +102,37 @@ pub enum Request {
     },
     /// Read file data (short at end of file).
     Read { ino: InodeId, offset: u64, len: u32 },
+    /// Allocate, punch or zero a range; `mode` holds Linux `FALLOC_FL_*` bits.
+    Fallocate {
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        mode: u32,
+    },
+    /// Next data (`whence` = 3, SEEK_DATA) or hole (4, SEEK_HOLE) at or after `offset`.
+    Lseek {
+        ino: InodeId,
+        offset: u64,
+        whence: u32,
+    },
+    /// Directory entries after `cookie`, each with its attributes (readdirplus).
+    ReadDirPlus {
+        ino: InodeId,
+        cookie: u64,
+        limit: u32,
+    },
 }
+
+/// `FALLOC_FL_KEEP_SIZE`: do not change the file size.
+pub const FALLOC_KEEP_SIZE: u32 = 0x01;
+/// `FALLOC_FL_PUNCH_HOLE`: deallocate the range (must come with KEEP_SIZE).
+pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
+/// `FALLOC_FL_ZERO_RANGE`: make the range read as zeros.
+pub const FALLOC_ZERO_RANGE: u32 = 0x10;
+/// `SEEK_DATA`.
+pub const SEEK_DATA: u32 = 3;
+/// `SEEK_HOLE`.
+pub const SEEK_HOLE: u32 = 4;
 
 /// A successful reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +149,10 @@ pub enum Reply {
     Names(Vec<Vec<u8>>),
     /// Totals.
     Stats(FsStats),
+    /// A file offset (lseek).
+    Offset(u64),
+    /// Directory entries with attributes (readdirplus).
+    EntriesPlus(Vec<(DirEntry, Attr)>),
 }
 
 /// Error-frame code for an errno.
@@ -277,6 +311,9 @@ impl Request {
             Request::Statfs => 20,
             Request::Write { .. } => 21,
             Request::Read { .. } => 22,
+            Request::Fallocate { .. } => 23,
+            Request::Lseek { .. } => 24,
+            Request::ReadDirPlus { .. } => 25,
         }
     }
 
@@ -374,10 +411,31 @@ impl Request {
                 w.ino(*ino);
                 w.u8(u8::from(*read) | u8::from(*write) << 1 | u8::from(*truncate) << 2);
             }
-            Request::ReadDir { ino, cookie, limit } => {
+            Request::ReadDir { ino, cookie, limit }
+            | Request::ReadDirPlus { ino, cookie, limit } => {
                 w.ino(*ino);
                 w.u64(*cookie);
                 w.u32(*limit);
+            }
+            Request::Fallocate {
+                ino,
+                offset,
+                len,
+                mode,
+            } => {
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u64(*len);
+                w.u32(*mode);
+            }
+            Request::Lseek {
+                ino,
+                offset,
+                whence,
+            } => {
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u32(*whence);
             }
             Request::SetXattr {
                 ino,
@@ -558,6 +616,22 @@ impl Request {
                 offset: r.u64()?,
                 len: r.u32()?,
             },
+            23 => Request::Fallocate {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                mode: r.u32()?,
+            },
+            24 => Request::Lseek {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                whence: r.u32()?,
+            },
+            25 => Request::ReadDirPlus {
+                ino: r.ino()?,
+                cookie: r.u64()?,
+                limit: r.u32()?,
+            },
             _ => return None,
         };
         r.end()?;
@@ -601,6 +675,21 @@ impl Reply {
                 w.u64(s.inodes);
                 w.u64(s.bytes);
             }
+            Reply::Offset(o) => {
+                w.u8(6);
+                w.u64(*o);
+            }
+            Reply::EntriesPlus(es) => {
+                w.u8(7);
+                w.u32(es.len() as u32);
+                for (e, a) in es {
+                    w.bytes(&e.name);
+                    w.ino(e.ino);
+                    w.u8(e.kind.to_byte());
+                    w.u64(e.cookie);
+                    w.attr(a);
+                }
+            }
         }
         w.0
     }
@@ -637,6 +726,21 @@ impl Reply {
                 inodes: r.u64()?,
                 bytes: r.u64()?,
             }),
+            6 => Reply::Offset(r.u64()?),
+            7 => {
+                let n = r.u32()? as usize;
+                let mut es = Vec::with_capacity(n.min(b.len() / 64));
+                for _ in 0..n {
+                    let e = DirEntry {
+                        name: r.bytes()?,
+                        ino: r.ino()?,
+                        kind: FileType::from_byte(r.u8()?)?,
+                        cookie: r.u64()?,
+                    };
+                    es.push((e, r.attr()?));
+                }
+                Reply::EntriesPlus(es)
+            }
             _ => return None,
         };
         r.end()?;
@@ -651,6 +755,24 @@ mod tests {
 
     fn name() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..40)
+    }
+
+    fn attr(i: u64) -> Attr {
+        Attr {
+            ino: InodeId(i),
+            generation: i * 3,
+            kind: FileType::Regular,
+            perm: 0o640,
+            uid: 7,
+            gid: 8,
+            nlink: 1,
+            size: i << 33,
+            rdev: 0,
+            atime: Timespec::new(1, 2),
+            mtime: Timespec::new(3, 4),
+            ctime: Timespec::new(5, 6),
+            btime: Timespec::new(-7, 8),
+        }
     }
 
     fn request() -> impl Strategy<Value = Request> {
@@ -717,6 +839,23 @@ mod tests {
                 mode: XattrMode::Create
             }),
             Just(Request::Statfs),
+            (ino.clone(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+                |(ino, offset, len, mode)| Request::Fallocate {
+                    ino,
+                    offset,
+                    len,
+                    mode
+                }
+            ),
+            (ino.clone(), any::<u64>(), any::<u32>()).prop_map(|(ino, offset, whence)| {
+                Request::Lseek {
+                    ino,
+                    offset,
+                    whence,
+                }
+            }),
+            (ino.clone(), any::<u64>(), any::<u32>())
+                .prop_map(|(ino, cookie, limit)| Request::ReadDirPlus { ino, cookie, limit }),
         ]
     }
 
@@ -746,6 +885,8 @@ mod tests {
                 Reply::Names(names.clone()),
                 Reply::Stats(FsStats { inodes: 3, bytes: 9 }),
                 Reply::Entries(names.iter().enumerate().map(|(i, n)| DirEntry { name: n.clone(), ino: InodeId(i as u64), kind: FileType::Symlink, cookie: i as u64 * 3 }).collect()),
+                Reply::Offset(data.len() as u64 * 77),
+                Reply::EntriesPlus(names.iter().enumerate().map(|(i, n)| (DirEntry { name: n.clone(), ino: InodeId(i as u64), kind: FileType::Regular, cookie: i as u64 }, attr(i as u64))).collect()),
             ] {
                 prop_assert_eq!(Reply::decode(&rep.encode()), Some(rep.clone()));
             }
