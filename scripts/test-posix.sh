@@ -2,6 +2,9 @@
 # scripts/test-posix.sh - POSIX conformance of a real ClaudeFS mount (root only):
 #   pjdfstest (at least 370 passed, no unexpected failure, listed failures must still fail),
 #   fsx (20 000 operations with a fixed seed, and 20 000 with a random seed that is printed),
+#   fsx with every operation (fallocate, punch hole, mmap, copy_file_range...) on a plain mount
+#   and on a --writeback-cache mount; sparse files past 4 GiB, fallocate modes,
+#   SEEK_DATA/SEEK_HOLE and shared writable mmap through the kernel;
 #   two mounts of one server (close-to-open: what one writes and closes, the other reads),
 #   kill -9 of the server under a write+fsync load: after restart every fsync'd byte is intact.
 # Starts its own server and mounts under a temporary directory; cleans everything up on exit.
@@ -36,7 +39,7 @@ cleanup() {
   # cfs mount unmounts itself on SIGTERM; then make sure nothing is left mounted.
   for p in "${MOUNT_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${MOUNT_PIDS[@]}"; do wait "$p" 2>/dev/null; done
-  for m in "$WORK"/m1 "$WORK"/m2; do
+  for m in "$WORK"/m1 "$WORK"/m2 "$WORK"/m3; do
     if grep -q " $m fuse" /proc/mounts; then fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; fi
   done
   [[ -n $SERVER_PID ]] && { kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; }
@@ -67,9 +70,9 @@ start_server() {
   return 1
 }
 
-mount_at() { # mount_at DIR
+mount_at() { # mount_at DIR [cfs mount options]
   mkdir -p "$1"
-  "$CFS" mount "127.0.0.1:$PORT" "$1" >>"$WORK/mount.log" 2>&1 &
+  "$CFS" mount "127.0.0.1:$PORT" "$@" >>"$WORK/mount.log" 2>&1 &
   MOUNT_PIDS+=($!)
   for _ in $(seq 1 100); do
     grep -q " $1 fuse" /proc/mounts && return 0
@@ -83,6 +86,7 @@ mount_at() { # mount_at DIR
 start_server || { echo "server did not start"; exit 1; }
 mount_at "$WORK/m1"
 mount_at "$WORK/m2"
+mount_at "$WORK/m3" --writeback-cache
 
 # pjdfstest
 mkdir "$WORK/m1/pjd"
@@ -120,6 +124,82 @@ if fsx -N 20000 -S "$SEED" "$WORK/m1/fsx.random" >"$WORK/fsx2.out" 2>&1 && grep 
 else
   fail "fsx seed $SEED"; tail -20 "$WORK/fsx2.out"
 fi
+
+# fsx with every operation, on the plain mount and on the writeback-cache mount
+for m in m1 m3; do
+  if fsx -N 10000 -S 11 -f "$ROOT/fuse-client/tests/posix/fsx-full.toml" -P "$WORK" "$WORK/$m/fsx.full" >"$WORK/fsx-$m.out" 2>&1 &&
+    grep -q "A-OK" "$WORK/fsx-$m.out"; then
+    pass "fsx 10000 operations incl. fallocate, punch hole, mmap, copy_file_range on $m$([[ $m == m3 ]] && echo ' (writeback cache)')"
+  else
+    fail "fsx full on $m"; tail -20 "$WORK/fsx-$m.out"
+  fi
+done
+
+# Sparse files past 4 GiB, fallocate modes, SEEK_DATA/SEEK_HOLE, shared writable mmap
+if python3 - "$WORK/m1" "$WORK/m2" <<'PY'
+import mmap, os, subprocess, sys
+m1, m2 = sys.argv[1], sys.argv[2]
+def check(cond, what):
+    if not cond:
+        print("  " + what); sys.exit(1)
+# A file over 4 GiB: a write at 5 GiB, holes before it, read back through the other mount.
+p = os.path.join(m1, "big.sparse")
+fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+G = 1 << 30
+os.pwrite(fd, b"head", 0)
+os.pwrite(fd, b"past four gigabytes", 5 * G)
+os.close(fd)
+check(os.stat(p).st_size == 5 * G + 19, "size of the 5 GiB file")
+fd = os.open(os.path.join(m2, "big.sparse"), os.O_RDONLY)
+check(os.pread(fd, 19, 5 * G) == b"past four gigabytes", "data at 5 GiB")
+check(os.pread(fd, 4096, 3 * G) == bytes(4096), "hole at 3 GiB reads zeros")
+h = os.lseek(fd, 0, os.SEEK_HOLE)
+check(h == 4096, f"first hole at {h}, not 4096")
+check(os.lseek(fd, 4096, os.SEEK_DATA) == 5 * G, "next data at 5 GiB")
+check(os.lseek(fd, 5 * G, os.SEEK_HOLE) == 5 * G + 19, "hole at end of file")
+try:
+    os.lseek(fd, 5 * G + 19, os.SEEK_DATA); check(False, "SEEK_DATA at EOF must fail")
+except OSError as e:
+    check(e.errno == 6, "SEEK_DATA at EOF gives ENXIO")
+os.close(fd)
+# fallocate(1): allocate, punch a hole, zero a range.
+p = os.path.join(m1, "falloc")
+with open(p, "wb") as f:
+    f.write(b"\x07" * 3 * 65536)
+run = lambda *a: subprocess.run(["fallocate", *a, p], check=True)
+run("-n", "-l", str(1 << 20), "-o", "0")
+check(os.stat(p).st_size == 3 * 65536, "fallocate --keep-size keeps the size")
+run("-l", "65536", "-o", str(3 * 65536))
+check(os.stat(p).st_size == 4 * 65536, "fallocate past the end extends")
+run("--punch-hole", "-o", "65536", "-l", "65536")
+run("--zero-range", "-o", "10", "-l", "20")
+with open(p, "rb") as f:
+    d = f.read()
+check(d[:10] == b"\x07" * 10 and d[10:30] == bytes(20) and d[30:65536] == b"\x07" * (65536 - 30), "zero range")
+check(d[65536:131072] == bytes(65536) and d[131072:196608] == b"\x07" * 65536, "punched hole")
+fd = os.open(p, os.O_RDONLY)
+check(os.lseek(fd, 0, os.SEEK_HOLE) == 65536, "punched range is a hole")
+check(os.lseek(fd, 65536, os.SEEK_DATA) == 131072, "data after the hole")
+os.close(fd)
+# Shared writable mmap: stores through the mapping reach the file and the other mount.
+p = os.path.join(m1, "mapped")
+with open(p, "wb") as f:
+    f.write(bytes(3 * 4096))
+with open(p, "r+b") as f:
+    mm = mmap.mmap(f.fileno(), 3 * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    mm[4096:4101] = b"mmap!"
+    mm.flush()
+    mm.close()
+with open(os.path.join(m2, "mapped"), "rb") as f:
+    check(f.read()[4096:4101] == b"mmap!", "mmap store visible through the other mount")
+PY
+then pass "sparse file past 4 GiB, fallocate/punch/zero range, SEEK_DATA/SEEK_HOLE, shared writable mmap"
+else fail "sparse/fallocate/seek/mmap checks"; fi
+
+# Writeback-cache mount: close-to-open towards a plain mount
+head -c 1000000 /dev/urandom >"$WORK/blob3"
+cp "$WORK/blob3" "$WORK/m3/wb.bin"
+if cmp -s "$WORK/blob3" "$WORK/m2/wb.bin"; then pass "writeback-cache mount: another mount reads what it wrote and closed"; else fail "writeback-cache close-to-open"; fi
 
 # Two mounts: close-to-open
 head -c 3000000 /dev/urandom >"$WORK/blob"

@@ -43,6 +43,12 @@ enum Cmd {
         /// Kernel readahead for the mount in KiB (the FUSE default is 128).
         #[arg(long, default_value_t = 1024)]
         readahead_kb: u32,
+        /// Let the kernel cache writes and flush them in large batches (FUSE writeback
+        /// cache). Small writes get much faster; another mount sees them after this one closes
+        /// or fsyncs the file (close-to-open still holds), and an fsync is needed for
+        /// durability, as on a local disk.
+        #[arg(long)]
+        writeback_cache: bool,
     },
     /// Unmount a ClaudeFS mount point.
     Umount {
@@ -101,6 +107,7 @@ fn main() -> Result<()> {
             timeout,
             threads,
             readahead_kb,
+            writeback_cache,
         } => {
             if !(0.0..=3600.0).contains(&cache_ttl) {
                 bail!("--cache-ttl must be between 0 and 3600 seconds");
@@ -118,6 +125,7 @@ fn main() -> Result<()> {
                 client,
                 fs::FsOptions {
                     cache_ttl: Duration::from_secs_f64(cache_ttl),
+                    writeback_cache,
                 },
             );
             let mut config = fuser::Config::default();

@@ -624,8 +624,9 @@ impl Shard {
     }
 
     /// Facts about a chunk.
-    /// Byte ranges of `chunk` that hold data (allocated blocks, merged, clipped to its length);
-    /// everything else reads as zeros. Empty if the chunk does not exist.
+    /// Byte ranges of `chunk` that hold data (allocated blocks, merged; whole blocks, as a
+    /// local file system reports them); everything else reads as zeros. Empty if the chunk
+    /// does not exist.
     pub fn data_ranges(&self, chunk: ChunkId) -> Vec<(u64, u64)> {
         let st = self.st.borrow();
         let Some(m) = st.chunks.get(&chunk) else {
@@ -634,10 +635,7 @@ impl Shard {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for &l in m.blocks.keys() {
             let s = u64::from(l) * BLOCK as u64;
-            let e = (s + BLOCK as u64).min(m.len);
-            if s >= e {
-                break;
-            }
+            let e = s + BLOCK as u64;
             match out.last_mut() {
                 Some(last) if last.1 == s => last.1 = e,
                 _ => out.push((s, e)),
