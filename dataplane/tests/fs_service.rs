@@ -589,10 +589,52 @@ fn extents_fallocate_seek_data_hole_and_crash_leftovers() {
         28,
         "ENOSPC beyond the store's free space"
     );
+    // An overwrite inside the file defers its times; fsync makes them durable.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let over = match svc
+        .handle(
+            &root,
+            Request::Write {
+                ino: f,
+                offset: 5,
+                data: vec![9; 3],
+            },
+        )
+        .unwrap()
+    {
+        Reply::Attr(a) => a,
+        other => panic!("{other:?}"),
+    };
+    svc.handle(&root, Request::Fsync { ino: f }).unwrap();
     // Chunks left by a crash (data written, extent never committed) go at the next start.
     engine.write(0xdead_beef, 0, vec![1; 4096]).unwrap();
     drop(svc);
     let svc = FsService::open(&db, Arc::clone(&engine)).unwrap();
+    match svc.handle(&root, Request::GetAttr { ino: f }).unwrap() {
+        Reply::Attr(a) => assert_eq!(
+            a.mtime, over.mtime,
+            "fsync made the overwrite's mtime durable"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Create makes and opens a file in one request.
+    match svc
+        .handle(
+            &root,
+            Request::Create {
+                parent: InodeId::ROOT,
+                name: b"g".to_vec(),
+                perm: 0o600,
+            },
+        )
+        .unwrap()
+    {
+        Reply::Attr(a) => {
+            assert_eq!(a.kind, FileType::Regular);
+            svc.handle(&root, Request::Release { ino: a.ino }).unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(!engine.list_chunks().unwrap().contains(&0xdead_beef));
     let got = data(svc.handle(
         &root,

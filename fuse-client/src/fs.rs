@@ -431,40 +431,19 @@ impl Filesystem for CfsFs {
         n: &OsStr,
         mode: u32,
         umask: u32,
-        flags: i32,
+        _flags: i32,
         reply: ReplyCreate,
     ) {
-        let c = creds(req);
-        let perm = mode & 0o7777 & !umask;
-        let a = match self.attr(
-            &c,
-            Req::Mknod {
+        let r = self.attr(
+            &creds(req),
+            Req::Create {
                 parent: ino(parent),
                 name: name(n),
-                kind: MetaType::Regular,
-                perm,
-                rdev: 0,
+                perm: mode & 0o7777 & !umask,
             },
-        ) {
-            Ok(a) => a,
-            Err(e) => {
-                reply.error(e);
-                return;
-            }
-        };
-        let acc = flags & libc::O_ACCMODE;
-        // The creator may write the file it just made whatever its mode says (open(O_CREAT)).
-        let read = (acc == libc::O_RDONLY || acc == libc::O_RDWR) && a.perm & 0o400 != 0;
-        match self.call(
-            &Creds::root(),
-            Req::Open {
-                ino: a.ino,
-                read,
-                write: false,
-                truncate: false,
-            },
-        ) {
-            Ok(_) => reply.created(
+        );
+        match r {
+            Ok(a) => reply.created(
                 &self.opts.cache_ttl,
                 &file_attr(&a),
                 Generation(a.generation),
@@ -553,15 +532,13 @@ impl Filesystem for CfsFs {
         Self::empty(reply, self.call(&creds(req), Req::Release { ino: ino(i) }));
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _i: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
+    fn fsync(&self, req: &Request, i: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        // Data is durable when a write is acknowledged; times of overwrites may still be
+        // pending on the server (fdatasync does not need them).
+        if datasync {
+            return reply.ok();
+        }
+        Self::empty(reply, self.call(&creds(req), Req::Fsync { ino: ino(i) }));
     }
 
     fn readdir(

@@ -121,6 +121,15 @@ pub enum Request {
         cookie: u64,
         limit: u32,
     },
+    /// Create a regular file and open a handle on it (one round trip for open(O_CREAT)).
+    Create {
+        parent: InodeId,
+        name: Vec<u8>,
+        perm: u32,
+    },
+    /// Make everything acknowledged about the file durable (metadata deferred by writes that
+    /// changed only times).
+    Fsync { ino: InodeId },
 }
 
 /// `FALLOC_FL_KEEP_SIZE`: do not change the file size.
@@ -314,6 +323,8 @@ impl Request {
             Request::Fallocate { .. } => 23,
             Request::Lseek { .. } => 24,
             Request::ReadDirPlus { .. } => 25,
+            Request::Create { .. } => 26,
+            Request::Fsync { .. } => 27,
         }
     }
 
@@ -417,6 +428,12 @@ impl Request {
                 w.u64(*cookie);
                 w.u32(*limit);
             }
+            Request::Create { parent, name, perm } => {
+                w.ino(*parent);
+                w.bytes(name);
+                w.u32(*perm);
+            }
+            Request::Fsync { ino } => w.ino(*ino),
             Request::Fallocate {
                 ino,
                 offset,
@@ -632,6 +649,12 @@ impl Request {
                 cookie: r.u64()?,
                 limit: r.u32()?,
             },
+            26 => Request::Create {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                perm: r.u32()?,
+            },
+            27 => Request::Fsync { ino: r.ino()? },
             _ => return None,
         };
         r.end()?;
@@ -856,6 +879,12 @@ mod tests {
             }),
             (ino.clone(), any::<u64>(), any::<u32>())
                 .prop_map(|(ino, cookie, limit)| Request::ReadDirPlus { ino, cookie, limit }),
+            (ino.clone(), name(), any::<u32>()).prop_map(|(parent, name, perm)| Request::Create {
+                parent,
+                name,
+                perm
+            }),
+            ino.clone().prop_map(|ino| Request::Fsync { ino }),
         ]
     }
 
