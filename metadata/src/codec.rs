@@ -16,8 +16,8 @@
 //! one small record per new 64 MiB chunk rather than the whole map.
 //! Open-handle counts are not persisted: handles do not survive a server restart.
 
-use crate::namespace::{Dentry, Inode};
-use crate::types::{Attr, FileType, InodeId, Timespec};
+use crate::namespace::{Dentry, Inode, RenameFlags, SetAttr, TimeSet, XattrMode};
+use crate::types::{Attr, Creds, FileType, InodeId, Timespec};
 use std::collections::BTreeMap;
 
 const VERSION: u8 = 1;
@@ -65,6 +65,220 @@ impl<'a> Reader<'a> {
     /// `Some(())` if every byte was consumed.
     pub fn end(&self) -> Option<()> {
         self.0.is_empty().then_some(())
+    }
+}
+
+impl Reader<'_> {
+    /// A boolean byte (0 or 1; anything else is malformed).
+    pub fn bool(&mut self) -> Option<bool> {
+        match self.u8()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+    /// A byte string: u32 length + bytes.
+    pub fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        Some(self.take(n)?.to_vec())
+    }
+    /// An inode number.
+    pub fn ino(&mut self) -> Option<InodeId> {
+        Some(InodeId(self.u64()?))
+    }
+    /// An optional u32: u8 present | u32.
+    pub fn opt_u32(&mut self) -> Option<Option<u32>> {
+        Some(if self.bool()? {
+            Some(self.u32()?)
+        } else {
+            None
+        })
+    }
+    /// An optional timestamp setting: u8 0 none, 1 now, 2 explicit time.
+    pub fn timeset(&mut self) -> Option<Option<TimeSet>> {
+        Some(match self.u8()? {
+            0 => None,
+            1 => Some(TimeSet::Now),
+            2 => Some(TimeSet::At(self.time()?)),
+            _ => return None,
+        })
+    }
+    /// Attributes (the layout of [`Writer::attr`]).
+    pub fn attr(&mut self) -> Option<Attr> {
+        Some(Attr {
+            ino: self.ino()?,
+            generation: self.u64()?,
+            kind: FileType::from_byte(self.u8()?)?,
+            perm: self.u32()?,
+            uid: self.u32()?,
+            gid: self.u32()?,
+            nlink: self.u32()?,
+            size: self.u64()?,
+            rdev: self.u64()?,
+            atime: self.time()?,
+            mtime: self.time()?,
+            ctime: self.time()?,
+            btime: self.time()?,
+        })
+    }
+    /// Attribute changes (the layout of [`Writer::setattr`]).
+    pub fn setattr(&mut self) -> Option<SetAttr> {
+        let perm = self.opt_u32()?;
+        let uid = self.opt_u32()?;
+        let gid = self.opt_u32()?;
+        let size = if self.bool()? {
+            Some(self.u64()?)
+        } else {
+            None
+        };
+        Some(SetAttr {
+            perm,
+            uid,
+            gid,
+            size,
+            atime: self.timeset()?,
+            mtime: self.timeset()?,
+            via_write_handle: self.bool()?,
+        })
+    }
+    /// Rename flags: bit 0 noreplace, bit 1 exchange.
+    pub fn rename_flags(&mut self) -> Option<RenameFlags> {
+        let f = self.u8()?;
+        (f <= 3).then_some(RenameFlags {
+            noreplace: f & 1 != 0,
+            exchange: f & 2 != 0,
+        })
+    }
+    /// setxattr mode: 0 any, 1 create, 2 replace.
+    pub fn xattr_mode(&mut self) -> Option<XattrMode> {
+        Some(match self.u8()? {
+            0 => XattrMode::Any,
+            1 => XattrMode::Create,
+            2 => XattrMode::Replace,
+            _ => return None,
+        })
+    }
+    /// Credentials: u32 uid | u32 gid | u16 ngroups | ngroups x u32.
+    pub fn creds(&mut self) -> Option<Creds> {
+        let uid = self.u32()?;
+        let gid = self.u32()?;
+        let n = self.u16()? as usize;
+        let mut groups = Vec::with_capacity(n.min(self.0.len() / 4));
+        for _ in 0..n {
+            groups.push(self.u32()?);
+        }
+        Some(Creds { uid, gid, groups })
+    }
+}
+
+/// The little-endian writer matching [`Reader`], shared by the record, RPC and Raft command
+/// codecs.
+#[derive(Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    /// One byte.
+    pub fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    /// A little-endian u16.
+    pub fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A little-endian u32.
+    pub fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A little-endian u64.
+    pub fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A byte string: u32 length + bytes.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    /// An inode number.
+    pub fn ino(&mut self, i: InodeId) {
+        self.u64(i.0);
+    }
+    /// A timestamp: i64 seconds | u32 nanoseconds.
+    pub fn time(&mut self, t: Timespec) {
+        put_time(&mut self.0, t);
+    }
+    /// An optional u32.
+    pub fn opt_u32(&mut self, v: Option<u32>) {
+        match v {
+            Some(x) => {
+                self.u8(1);
+                self.u32(x);
+            }
+            None => self.u8(0),
+        }
+    }
+    /// An optional timestamp setting.
+    pub fn timeset(&mut self, t: Option<TimeSet>) {
+        match t {
+            None => self.u8(0),
+            Some(TimeSet::Now) => self.u8(1),
+            Some(TimeSet::At(ts)) => {
+                self.u8(2);
+                self.time(ts);
+            }
+        }
+    }
+    /// Attributes: u64 ino | u64 generation | u8 kind | u32 perm uid gid nlink | u64 size rdev
+    /// | 4 x time.
+    pub fn attr(&mut self, a: &Attr) {
+        self.ino(a.ino);
+        self.u64(a.generation);
+        self.u8(a.kind.to_byte());
+        for v in [a.perm, a.uid, a.gid, a.nlink] {
+            self.u32(v);
+        }
+        self.u64(a.size);
+        self.u64(a.rdev);
+        for t in [a.atime, a.mtime, a.ctime, a.btime] {
+            self.time(t);
+        }
+    }
+    /// Attribute changes: opt perm, uid, gid | u8 has_size [u64 size] | atime, mtime settings
+    /// | u8 via_write_handle.
+    pub fn setattr(&mut self, set: &SetAttr) {
+        self.opt_u32(set.perm);
+        self.opt_u32(set.uid);
+        self.opt_u32(set.gid);
+        match set.size {
+            Some(s) => {
+                self.u8(1);
+                self.u64(s);
+            }
+            None => self.u8(0),
+        }
+        self.timeset(set.atime);
+        self.timeset(set.mtime);
+        self.u8(u8::from(set.via_write_handle));
+    }
+    /// Rename flags.
+    pub fn rename_flags(&mut self, f: RenameFlags) {
+        self.u8(u8::from(f.noreplace) | u8::from(f.exchange) << 1);
+    }
+    /// setxattr mode.
+    pub fn xattr_mode(&mut self, m: XattrMode) {
+        self.u8(match m {
+            XattrMode::Any => 0,
+            XattrMode::Create => 1,
+            XattrMode::Replace => 2,
+        });
+    }
+    /// Credentials (groups beyond 65 535 are dropped).
+    pub fn creds(&mut self, c: &Creds) {
+        self.u32(c.uid);
+        self.u32(c.gid);
+        self.u16(c.groups.len().min(u16::MAX as usize) as u16);
+        for g in c.groups.iter().take(u16::MAX as usize) {
+            self.u32(*g);
+        }
     }
 }
 

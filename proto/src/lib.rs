@@ -7,11 +7,9 @@
 
 #![forbid(unsafe_code)]
 
-use cfs_meta::codec::Reader;
+use cfs_meta::codec::{Reader, Writer};
 use cfs_meta::namespace::{DirEntry, FsStats};
-use cfs_meta::{
-    Attr, Creds, FileType, InodeId, RenameFlags, SetAttr, TimeSet, Timespec, XattrMode,
-};
+use cfs_meta::{Attr, Creds, FileType, InodeId, RenameFlags, SetAttr, XattrMode};
 
 /// A file-system request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,133 +165,6 @@ pub enum Reply {
 /// Error-frame code for an errno.
 pub const ERRNO_BASE: u32 = 1000;
 
-struct W(Vec<u8>);
-
-impl W {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.u32(b.len() as u32);
-        self.0.extend_from_slice(b);
-    }
-    fn ino(&mut self, i: InodeId) {
-        self.u64(i.0);
-    }
-    fn time(&mut self, t: Timespec) {
-        self.u64(t.sec as u64);
-        self.u32(t.nsec);
-    }
-    fn opt_u32(&mut self, v: Option<u32>) {
-        match v {
-            Some(x) => {
-                self.u8(1);
-                self.u32(x);
-            }
-            None => self.u8(0),
-        }
-    }
-    fn timeset(&mut self, t: Option<TimeSet>) {
-        match t {
-            None => self.u8(0),
-            Some(TimeSet::Now) => self.u8(1),
-            Some(TimeSet::At(ts)) => {
-                self.u8(2);
-                self.time(ts);
-            }
-        }
-    }
-    fn attr(&mut self, a: &Attr) {
-        self.ino(a.ino);
-        self.u64(a.generation);
-        self.u8(a.kind.to_byte());
-        for v in [a.perm, a.uid, a.gid, a.nlink] {
-            self.u32(v);
-        }
-        self.u64(a.size);
-        self.u64(a.rdev);
-        for t in [a.atime, a.mtime, a.ctime, a.btime] {
-            self.time(t);
-        }
-    }
-}
-
-/// The RPC's own field types on top of the shared bounds-checked reader.
-trait R {
-    fn bool(&mut self) -> Option<bool>;
-    fn bytes(&mut self) -> Option<Vec<u8>>;
-    fn ino(&mut self) -> Option<InodeId>;
-    fn opt_u32(&mut self) -> Option<Option<u32>>;
-    fn timeset(&mut self) -> Option<Option<TimeSet>>;
-    fn attr(&mut self) -> Option<Attr>;
-}
-
-impl R for Reader<'_> {
-    fn bool(&mut self) -> Option<bool> {
-        match self.u8()? {
-            0 => Some(false),
-            1 => Some(true),
-            _ => None,
-        }
-    }
-    fn bytes(&mut self) -> Option<Vec<u8>> {
-        let n = self.u32()? as usize;
-        Some(self.take(n)?.to_vec())
-    }
-    fn ino(&mut self) -> Option<InodeId> {
-        Some(InodeId(self.u64()?))
-    }
-    fn opt_u32(&mut self) -> Option<Option<u32>> {
-        Some(if self.bool()? {
-            Some(self.u32()?)
-        } else {
-            None
-        })
-    }
-    fn timeset(&mut self) -> Option<Option<TimeSet>> {
-        Some(match self.u8()? {
-            0 => None,
-            1 => Some(TimeSet::Now),
-            2 => Some(TimeSet::At(self.time()?)),
-            _ => return None,
-        })
-    }
-    fn attr(&mut self) -> Option<Attr> {
-        Some(Attr {
-            ino: self.ino()?,
-            generation: self.u64()?,
-            kind: FileType::from_byte(self.u8()?)?,
-            perm: self.u32()?,
-            uid: self.u32()?,
-            gid: self.u32()?,
-            nlink: self.u32()?,
-            size: self.u64()?,
-            rdev: self.u64()?,
-            atime: self.time()?,
-            mtime: self.time()?,
-            ctime: self.time()?,
-            btime: self.time()?,
-        })
-    }
-}
-
-fn xmode_byte(m: XattrMode) -> u8 {
-    match m {
-        XattrMode::Any => 0,
-        XattrMode::Create => 1,
-        XattrMode::Replace => 2,
-    }
-}
-
 impl Request {
     /// The RPC method id.
     pub fn method(&self) -> u32 {
@@ -330,13 +201,8 @@ impl Request {
 
     /// Encodes the credentials and the request's fields (the method id travels in the frame).
     pub fn encode(&self, creds: &Creds) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64));
-        w.u32(creds.uid);
-        w.u32(creds.gid);
-        w.u16(creds.groups.len().min(u16::MAX as usize) as u16);
-        for g in creds.groups.iter().take(u16::MAX as usize) {
-            w.u32(*g);
-        }
+        let mut w = Writer(Vec::with_capacity(64));
+        w.creds(creds);
         match self {
             Request::Lookup { parent, name }
             | Request::Unlink { parent, name }
@@ -350,19 +216,7 @@ impl Request {
             | Request::ListXattr { ino } => w.ino(*ino),
             Request::SetAttr { ino, set } => {
                 w.ino(*ino);
-                w.opt_u32(set.perm);
-                w.opt_u32(set.uid);
-                w.opt_u32(set.gid);
-                match set.size {
-                    Some(s) => {
-                        w.u8(1);
-                        w.u64(s);
-                    }
-                    None => w.u8(0),
-                }
-                w.timeset(set.atime);
-                w.timeset(set.mtime);
-                w.u8(u8::from(set.via_write_handle));
+                w.setattr(set);
             }
             Request::Mknod {
                 parent,
@@ -411,7 +265,7 @@ impl Request {
                 w.bytes(name);
                 w.ino(*newparent);
                 w.bytes(newname);
-                w.u8(u8::from(flags.noreplace) | u8::from(flags.exchange) << 1);
+                w.rename_flags(*flags);
             }
             Request::Open {
                 ino,
@@ -463,7 +317,7 @@ impl Request {
                 w.ino(*ino);
                 w.bytes(name);
                 w.bytes(value);
-                w.u8(xmode_byte(*mode));
+                w.xattr_mode(*mode);
             }
             Request::GetXattr { ino, name } | Request::RemoveXattr { ino, name } => {
                 w.ino(*ino);
@@ -491,41 +345,17 @@ impl Request {
     /// Decodes a request of `method`; `None` if malformed.
     pub fn decode(method: u32, b: &[u8]) -> Option<(Creds, Request)> {
         let mut r = Reader::new(b);
-        let uid = r.u32()?;
-        let gid = r.u32()?;
-        let n = r.u16()? as usize;
-        let mut groups = Vec::with_capacity(n.min(b.len() / 4));
-        for _ in 0..n {
-            groups.push(r.u32()?);
-        }
+        let creds = r.creds()?;
         let req = match method {
             1 => Request::Lookup {
                 parent: r.ino()?,
                 name: r.bytes()?,
             },
             2 => Request::GetAttr { ino: r.ino()? },
-            3 => {
-                let ino = r.ino()?;
-                let perm = r.opt_u32()?;
-                let uid = r.opt_u32()?;
-                let gid = r.opt_u32()?;
-                let size = if r.bool()? { Some(r.u64()?) } else { None };
-                let atime = r.timeset()?;
-                let mtime = r.timeset()?;
-                let via_write_handle = r.bool()?;
-                Request::SetAttr {
-                    ino,
-                    set: SetAttr {
-                        perm,
-                        uid,
-                        gid,
-                        size,
-                        atime,
-                        mtime,
-                        via_write_handle,
-                    },
-                }
-            }
+            3 => Request::SetAttr {
+                ino: r.ino()?,
+                set: r.setattr()?,
+            },
             4 => Request::Mknod {
                 parent: r.ino()?,
                 name: r.bytes()?,
@@ -559,19 +389,12 @@ impl Request {
             10 => {
                 let (parent, name, newparent, newname) =
                     (r.ino()?, r.bytes()?, r.ino()?, r.bytes()?);
-                let f = r.u8()?;
-                if f > 3 {
-                    return None;
-                }
                 Request::Rename {
                     parent,
                     name,
                     newparent,
                     newname,
-                    flags: RenameFlags {
-                        noreplace: f & 1 != 0,
-                        exchange: f & 2 != 0,
-                    },
+                    flags: r.rename_flags()?,
                 }
             }
             11 => Request::Readlink { ino: r.ino()? },
@@ -596,12 +419,7 @@ impl Request {
             },
             15 => {
                 let (ino, name, value) = (r.ino()?, r.bytes()?, r.bytes()?);
-                let mode = match r.u8()? {
-                    0 => XattrMode::Any,
-                    1 => XattrMode::Create,
-                    2 => XattrMode::Replace,
-                    _ => return None,
-                };
+                let mode = r.xattr_mode()?;
                 Request::SetXattr {
                     ino,
                     name,
@@ -658,14 +476,14 @@ impl Request {
             _ => return None,
         };
         r.end()?;
-        Some((Creds { uid, gid, groups }, req))
+        Some((creds, req))
     }
 }
 
 impl Reply {
     /// Encodes a reply.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64));
+        let mut w = Writer(Vec::with_capacity(64));
         match self {
             Reply::Unit => w.u8(0),
             Reply::Attr(a) => {
@@ -774,6 +592,7 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cfs_meta::{TimeSet, Timespec};
     use proptest::prelude::*;
 
     fn name() -> impl Strategy<Value = Vec<u8>> {

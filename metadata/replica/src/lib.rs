@@ -1,0 +1,2 @@
+//! Metadata shards under Raft.
+#![forbid(unsafe_code)]
