@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod command;
 pub mod namespace;
 pub mod types;
 

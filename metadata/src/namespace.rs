@@ -996,7 +996,11 @@ impl Namespace {
     /// Releases a handle; an unlinked inode goes away with its last handle.
     pub fn release(&mut self, ino: InodeId) -> Result<(), Errno> {
         let i = self.inodes.get_mut(&ino).ok_or(Errno::NoEnt)?;
-        assert!(i.open > 0, "release without open");
+        // A peer can send a release it never opened (or one from before a restart, when
+        // handles were reset): an error, never a broken count.
+        if i.open == 0 {
+            return Err(Errno::Inval);
+        }
         i.open -= 1;
         self.maybe_free(ino);
         Ok(())

@@ -1,0 +1,559 @@
+//! Namespace mutations as self-contained commands: what a Raft log carries. A command holds the
+//! caller's credentials and the time the leader stamped, so every replica applying the same
+//! commands in the same order reaches the same state and the same results ([`Namespace::apply`]).
+//!
+//! ```text
+//! command:  u8 version (1) | creds | time now | u8 op | op fields
+//! creds:    u32 uid | u32 gid | u16 n | n x u32 group
+//! time:     i64 sec | u32 nsec
+//! ops (fields in order; bytes = u32 len + bytes, ino = u64):
+//!   1 Mknod      ino parent | bytes name | u8 kind | u32 perm | u64 rdev
+//!   2 Mkdir      ino parent | bytes name | u32 perm
+//!   3 Symlink    ino parent | bytes name | bytes target
+//!   4 Link       ino | ino newparent | bytes newname
+//!   5 Unlink     ino parent | bytes name
+//!   6 Rmdir      ino parent | bytes name
+//!   7 Rename     ino parent | bytes name | ino newparent | bytes newname | u8 flags
+//!   8 SetAttr    ino | setattr
+//!   9 SetXattr   ino | bytes name | bytes value | u8 mode
+//!  10 RemoveXattr ino | bytes name
+//!  11 Open       ino | u8 read | u8 write
+//!  12 Release    ino
+//!  13 Create     ino parent | bytes name | u32 perm
+//!  14 MapChunks  ino | u64 offset | u64 len
+//!  15 Wrote      ino | u64 offset | u64 len | u32 n | n x (u64 index | u64 chunk)
+//!  16 Fallocate  ino | u64 offset | u64 len | u8 keep_size
+//!  17 Punched    ino | u64 offset | u64 len | u8 extend
+//! outcome:  u8 0 unit | u8 1 attr | u8 2 u32 n x (u64 index | u64 chunk)
+//! ```
+
+use crate::codec::{Reader, Writer};
+use crate::namespace::{Namespace, RenameFlags, SetAttr, XattrMode};
+use crate::types::{Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
+
+const VERSION: u8 = 1;
+
+/// A namespace mutation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are those of the `Namespace` method of the same name
+pub enum Op {
+    Mknod {
+        parent: InodeId,
+        name: Vec<u8>,
+        kind: FileType,
+        perm: u32,
+        rdev: u64,
+    },
+    Mkdir {
+        parent: InodeId,
+        name: Vec<u8>,
+        perm: u32,
+    },
+    Symlink {
+        parent: InodeId,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Link {
+        ino: InodeId,
+        newparent: InodeId,
+        newname: Vec<u8>,
+    },
+    Unlink {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: InodeId,
+        name: Vec<u8>,
+        newparent: InodeId,
+        newname: Vec<u8>,
+        flags: RenameFlags,
+    },
+    SetAttr {
+        ino: InodeId,
+        set: SetAttr,
+    },
+    SetXattr {
+        ino: InodeId,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    RemoveXattr {
+        ino: InodeId,
+        name: Vec<u8>,
+    },
+    Open {
+        ino: InodeId,
+        read: bool,
+        write: bool,
+    },
+    Release {
+        ino: InodeId,
+    },
+    /// Make a regular file and open a handle on it.
+    Create {
+        parent: InodeId,
+        name: Vec<u8>,
+        perm: u32,
+    },
+    MapChunks {
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+    },
+    Wrote {
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        chunks: Vec<(u64, ChunkId)>,
+    },
+    Fallocate {
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    },
+    Punched {
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+        extend: bool,
+    },
+}
+
+/// A mutation with who asked and when (the leader's clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// The caller.
+    pub creds: Creds,
+    /// The time the command takes effect at.
+    pub now: Timespec,
+    /// What to do.
+    pub op: Op,
+}
+
+/// What a successful command returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing.
+    Unit,
+    /// Attributes of the inode made or changed.
+    Attr(Attr),
+    /// Chunks mapped (chunk index, chunk).
+    Chunks(Vec<(u64, ChunkId)>),
+}
+
+impl Namespace {
+    /// Applies a command: the only way a replicated namespace changes. Deterministic: same
+    /// state and command, same result and same new state.
+    pub fn apply(&mut self, c: &Command) -> Result<Outcome, Errno> {
+        let (cr, t) = (&c.creds, c.now);
+        Ok(match &c.op {
+            Op::Mknod {
+                parent,
+                name,
+                kind,
+                perm,
+                rdev,
+            } => Outcome::Attr(self.mknod(cr, *parent, name, *kind, *perm, *rdev, t)?),
+            Op::Mkdir { parent, name, perm } => {
+                Outcome::Attr(self.mkdir(cr, *parent, name, *perm, t)?)
+            }
+            Op::Symlink {
+                parent,
+                name,
+                target,
+            } => Outcome::Attr(self.symlink(cr, *parent, name, target, t)?),
+            Op::Link {
+                ino,
+                newparent,
+                newname,
+            } => Outcome::Attr(self.link(cr, *ino, *newparent, newname, t)?),
+            Op::Unlink { parent, name } => {
+                self.unlink(cr, *parent, name, t)?;
+                Outcome::Unit
+            }
+            Op::Rmdir { parent, name } => {
+                self.rmdir(cr, *parent, name, t)?;
+                Outcome::Unit
+            }
+            Op::Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                flags,
+            } => {
+                self.rename(cr, *parent, name, *newparent, newname, *flags, t)?;
+                Outcome::Unit
+            }
+            Op::SetAttr { ino, set } => Outcome::Attr(self.setattr(cr, *ino, set, t)?),
+            Op::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => {
+                self.setxattr(cr, *ino, name, value, *mode, t)?;
+                Outcome::Unit
+            }
+            Op::RemoveXattr { ino, name } => {
+                self.removexattr(cr, *ino, name, t)?;
+                Outcome::Unit
+            }
+            Op::Open { ino, read, write } => Outcome::Attr(self.open(cr, *ino, *read, *write)?),
+            Op::Release { ino } => {
+                self.release(*ino)?;
+                Outcome::Unit
+            }
+            Op::Create { parent, name, perm } => {
+                let a = self.mknod(cr, *parent, name, FileType::Regular, *perm, 0, t)?;
+                // The creator may use the file whatever its mode says (open(O_CREAT)).
+                self.open(&Creds::root(), a.ino, false, false)?;
+                Outcome::Attr(a)
+            }
+            Op::MapChunks { ino, offset, len } => {
+                if *len == 0 {
+                    return Err(Errno::Inval);
+                }
+                Outcome::Chunks(self.map_chunks(*ino, *offset, *len)?)
+            }
+            Op::Wrote {
+                ino,
+                offset,
+                len,
+                chunks,
+            } => Outcome::Attr(self.wrote(cr, *ino, *offset, *len, chunks, t)?),
+            Op::Fallocate {
+                ino,
+                offset,
+                len,
+                keep_size,
+            } => Outcome::Attr(self.fallocate(*ino, *offset, *len, *keep_size, t)?),
+            Op::Punched {
+                ino,
+                offset,
+                len,
+                extend,
+            } => Outcome::Attr(self.punched(*ino, *offset, *len, *extend, t)?),
+        })
+    }
+}
+
+impl Command {
+    /// Encodes the command (layout in the module documentation).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(64));
+        w.u8(VERSION);
+        w.creds(&self.creds);
+        w.time(self.now);
+        match &self.op {
+            Op::Mknod {
+                parent,
+                name,
+                kind,
+                perm,
+                rdev,
+            } => {
+                w.u8(1);
+                w.ino(*parent);
+                w.bytes(name);
+                w.u8(kind.to_byte());
+                w.u32(*perm);
+                w.u64(*rdev);
+            }
+            Op::Mkdir { parent, name, perm } => {
+                w.u8(2);
+                w.ino(*parent);
+                w.bytes(name);
+                w.u32(*perm);
+            }
+            Op::Symlink {
+                parent,
+                name,
+                target,
+            } => {
+                w.u8(3);
+                w.ino(*parent);
+                w.bytes(name);
+                w.bytes(target);
+            }
+            Op::Link {
+                ino,
+                newparent,
+                newname,
+            } => {
+                w.u8(4);
+                w.ino(*ino);
+                w.ino(*newparent);
+                w.bytes(newname);
+            }
+            Op::Unlink { parent, name } => {
+                w.u8(5);
+                w.ino(*parent);
+                w.bytes(name);
+            }
+            Op::Rmdir { parent, name } => {
+                w.u8(6);
+                w.ino(*parent);
+                w.bytes(name);
+            }
+            Op::Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                flags,
+            } => {
+                w.u8(7);
+                w.ino(*parent);
+                w.bytes(name);
+                w.ino(*newparent);
+                w.bytes(newname);
+                w.rename_flags(*flags);
+            }
+            Op::SetAttr { ino, set } => {
+                w.u8(8);
+                w.ino(*ino);
+                w.setattr(set);
+            }
+            Op::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => {
+                w.u8(9);
+                w.ino(*ino);
+                w.bytes(name);
+                w.bytes(value);
+                w.xattr_mode(*mode);
+            }
+            Op::RemoveXattr { ino, name } => {
+                w.u8(10);
+                w.ino(*ino);
+                w.bytes(name);
+            }
+            Op::Open { ino, read, write } => {
+                w.u8(11);
+                w.ino(*ino);
+                w.u8(u8::from(*read));
+                w.u8(u8::from(*write));
+            }
+            Op::Release { ino } => {
+                w.u8(12);
+                w.ino(*ino);
+            }
+            Op::Create { parent, name, perm } => {
+                w.u8(13);
+                w.ino(*parent);
+                w.bytes(name);
+                w.u32(*perm);
+            }
+            Op::MapChunks { ino, offset, len } => {
+                w.u8(14);
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u64(*len);
+            }
+            Op::Wrote {
+                ino,
+                offset,
+                len,
+                chunks,
+            } => {
+                w.u8(15);
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u64(*len);
+                w.u32(chunks.len() as u32);
+                for (idx, c) in chunks {
+                    w.u64(*idx);
+                    w.u64(c.0);
+                }
+            }
+            Op::Fallocate {
+                ino,
+                offset,
+                len,
+                keep_size,
+            } => {
+                w.u8(16);
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u64(*len);
+                w.u8(u8::from(*keep_size));
+            }
+            Op::Punched {
+                ino,
+                offset,
+                len,
+                extend,
+            } => {
+                w.u8(17);
+                w.ino(*ino);
+                w.u64(*offset);
+                w.u64(*len);
+                w.u8(u8::from(*extend));
+            }
+        }
+        w.0
+    }
+
+    /// Decodes a command; `None` on any malformed byte.
+    pub fn decode(b: &[u8]) -> Option<Command> {
+        let mut r = Reader::new(b);
+        if r.u8()? != VERSION {
+            return None;
+        }
+        let creds = r.creds()?;
+        let now = r.time()?;
+        let op = match r.u8()? {
+            1 => Op::Mknod {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                kind: FileType::from_byte(r.u8()?)?,
+                perm: r.u32()?,
+                rdev: r.u64()?,
+            },
+            2 => Op::Mkdir {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                perm: r.u32()?,
+            },
+            3 => Op::Symlink {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                target: r.bytes()?,
+            },
+            4 => Op::Link {
+                ino: r.ino()?,
+                newparent: r.ino()?,
+                newname: r.bytes()?,
+            },
+            5 => Op::Unlink {
+                parent: r.ino()?,
+                name: r.bytes()?,
+            },
+            6 => Op::Rmdir {
+                parent: r.ino()?,
+                name: r.bytes()?,
+            },
+            7 => Op::Rename {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                newparent: r.ino()?,
+                newname: r.bytes()?,
+                flags: r.rename_flags()?,
+            },
+            8 => Op::SetAttr {
+                ino: r.ino()?,
+                set: r.setattr()?,
+            },
+            9 => Op::SetXattr {
+                ino: r.ino()?,
+                name: r.bytes()?,
+                value: r.bytes()?,
+                mode: r.xattr_mode()?,
+            },
+            10 => Op::RemoveXattr {
+                ino: r.ino()?,
+                name: r.bytes()?,
+            },
+            11 => Op::Open {
+                ino: r.ino()?,
+                read: r.bool()?,
+                write: r.bool()?,
+            },
+            12 => Op::Release { ino: r.ino()? },
+            13 => Op::Create {
+                parent: r.ino()?,
+                name: r.bytes()?,
+                perm: r.u32()?,
+            },
+            14 => Op::MapChunks {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            15 => {
+                let (ino, offset, len) = (r.ino()?, r.u64()?, r.u64()?);
+                let n = r.u32()? as usize;
+                let mut chunks = Vec::with_capacity(n.min(b.len() / 16));
+                for _ in 0..n {
+                    chunks.push((r.u64()?, ChunkId(r.u64()?)));
+                }
+                Op::Wrote {
+                    ino,
+                    offset,
+                    len,
+                    chunks,
+                }
+            }
+            16 => Op::Fallocate {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                keep_size: r.bool()?,
+            },
+            17 => Op::Punched {
+                ino: r.ino()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                extend: r.bool()?,
+            },
+            _ => return None,
+        };
+        r.end()?;
+        Some(Command { creds, now, op })
+    }
+}
+
+impl Outcome {
+    /// Encodes the outcome.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Outcome::Unit => w.u8(0),
+            Outcome::Attr(a) => {
+                w.u8(1);
+                w.attr(a);
+            }
+            Outcome::Chunks(cs) => {
+                w.u8(2);
+                w.u32(cs.len() as u32);
+                for (idx, c) in cs {
+                    w.u64(*idx);
+                    w.u64(c.0);
+                }
+            }
+        }
+        w.0
+    }
+
+    /// Decodes an outcome; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<Outcome> {
+        let mut r = Reader::new(b);
+        let o = match r.u8()? {
+            0 => Outcome::Unit,
+            1 => Outcome::Attr(r.attr()?),
+            2 => {
+                let n = r.u32()? as usize;
+                let mut cs = Vec::with_capacity(n.min(b.len() / 16));
+                for _ in 0..n {
+                    cs.push((r.u64()?, ChunkId(r.u64()?)));
+                }
+                Outcome::Chunks(cs)
+            }
+            _ => return None,
+        };
+        r.end()?;
+        Some(o)
+    }
+}
