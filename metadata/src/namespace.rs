@@ -259,9 +259,94 @@ impl Namespace {
         inodes: impl IntoIterator<Item = Inode>,
         dentries: impl IntoIterator<Item = (InodeId, Vec<u8>, Dentry)>,
     ) -> Result<Namespace, String> {
+        Namespace::rebuild(inodes, dentries, false)
+    }
+
+    /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
+    /// releases are replicated commands, so handles are part of the state):
+    /// `u8 version (1) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
+    /// u32 n_entries | n x (bytes key | bytes entry)` (bytes = u32 length + bytes).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut w = crate::codec::Writer::default();
+        w.u8(1);
+        w.u64(self.next_ino);
+        w.u64(self.next_generation);
+        w.u64(self.next_chunk);
+        w.u32(self.inodes.len() as u32);
+        for i in self.inodes.values() {
+            w.bytes(&crate::codec::encode_inode(i));
+            w.u32(i.open);
+            w.u32(i.extents.len() as u32);
+            for (idx, c) in &i.extents {
+                w.u64(*idx);
+                w.u64(c.0);
+            }
+        }
+        w.u32(self.dentries.len() as u32);
+        for ((parent, name), d) in &self.dentries {
+            w.bytes(&crate::codec::encode_dentry_key(*parent, name));
+            w.bytes(&crate::codec::encode_dentry(d));
+        }
+        w.0
+    }
+
+    /// Rebuilds a namespace from [`Namespace::snapshot`]; `Err` names what is malformed or
+    /// inconsistent.
+    pub fn from_snapshot(b: &[u8]) -> Result<Namespace, String> {
+        let bad = || "malformed namespace snapshot".to_string();
+        let mut r = crate::codec::Reader::new(b);
+        if r.u8().ok_or_else(bad)? != 1 {
+            return Err("unknown namespace snapshot version".into());
+        }
+        let (next_ino, next_gen, next_chunk) = (
+            r.u64().ok_or_else(bad)?,
+            r.u64().ok_or_else(bad)?,
+            r.u64().ok_or_else(bad)?,
+        );
+        let n = r.u32().ok_or_else(bad)? as usize;
+        let mut inodes = Vec::with_capacity(n.min(b.len() / 64));
+        for _ in 0..n {
+            let rec = r.bytes().ok_or_else(bad)?;
+            let mut i = crate::codec::decode_inode(&rec).ok_or_else(bad)?;
+            i.open = r.u32().ok_or_else(bad)?;
+            let ne = r.u32().ok_or_else(bad)? as usize;
+            for _ in 0..ne {
+                let idx = r.u64().ok_or_else(bad)?;
+                i.extents.insert(idx, ChunkId(r.u64().ok_or_else(bad)?));
+            }
+            inodes.push(i);
+        }
+        let n = r.u32().ok_or_else(bad)? as usize;
+        let mut dentries = Vec::with_capacity(n.min(b.len() / 16));
+        for _ in 0..n {
+            let k = r.bytes().ok_or_else(bad)?;
+            let v = r.bytes().ok_or_else(bad)?;
+            let (parent, name) = crate::codec::decode_dentry_key(&k).ok_or_else(bad)?;
+            dentries.push((
+                parent,
+                name,
+                crate::codec::decode_dentry(&v).ok_or_else(bad)?,
+            ));
+        }
+        r.end().ok_or_else(bad)?;
+        let mut ns = Namespace::rebuild(inodes, dentries, true)?;
+        ns.restore_counters(next_ino, next_gen, next_chunk);
+        // A restored snapshot is a starting point, not a change to persist.
+        ns.take_dirty();
+        Ok(ns)
+    }
+
+    fn rebuild(
+        inodes: impl IntoIterator<Item = Inode>,
+        dentries: impl IntoIterator<Item = (InodeId, Vec<u8>, Dentry)>,
+        keep_handles: bool,
+    ) -> Result<Namespace, String> {
         let mut ns = Namespace::empty();
         for mut i in inodes {
-            i.open = 0;
+            if !keep_handles {
+                i.open = 0;
+            }
             ns.next_ino = ns.next_ino.max(i.attr.ino.0 + 1);
             ns.next_generation = ns.next_generation.max(i.attr.generation + 1);
             if let Some(c) = i.extents.values().max() {

@@ -151,6 +151,7 @@ proptest! {
     fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..120)) {
         let _ = Command::decode(&b);
         let _ = Outcome::decode(&b);
+        let _ = Namespace::from_snapshot(&b);
     }
 
     /// Two replicas applying the same log agree on every result and end in the same state,
@@ -173,5 +174,10 @@ proptest! {
         for i in 1..40u64 {
             prop_assert_eq!(a.getattr(InodeId(i)), b.getattr(InodeId(i)));
         }
+        // A snapshot restores the same state (handles included) and re-encodes identically.
+        let snap = a.snapshot();
+        let restored = Namespace::from_snapshot(&snap).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(restored.snapshot(), snap);
+        restored.check_invariants().map_err(TestCaseError::fail)?;
     }
 }
