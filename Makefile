@@ -1,7 +1,7 @@
 # ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
 # runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
 CARGO ?= cargo
-CRATES := hugepages nvme dataplane fabric metadata proto fuse-client
+CRATES := hugepages nvme dataplane fabric metadata proto fuse-client sim
 
 .PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
 
@@ -35,7 +35,11 @@ test-fabric: deps
 	$(CARGO) test -p cfs-fabric
 
 test-metadata: deps
-	$(CARGO) test -p cfs-meta
+	$(CARGO) test -p cfs-meta -p cfs-meta-replica
+
+# Deterministic simulation (CFS_SIM_SEEDS=K for more seeds, CFS_SIM_SEED=N to replay one).
+test-sim: deps
+	$(CARGO) test -p cfs-sim
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto

@@ -1,2 +1,13 @@
-//! Metadata shards under Raft.
+//! Metadata shards under Raft (raft-rs): the log store and the replica driver. No I/O, no
+//! clocks: the server and the simulator drive it.
 #![forbid(unsafe_code)]
+
+pub mod replica;
+pub mod storage;
+
+pub use raft::eraftpb::{Message, MessageType};
+pub use replica::{
+    initial_namespace, Applied, Output, PersistJob, ProposeError, Replica, ReplicaConfig,
+    ReplicaError, StepError,
+};
+pub use storage::LogStore;

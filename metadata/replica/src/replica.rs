@@ -1,0 +1,383 @@
+//! One replica of a metadata shard: a raft-rs `RawNode` over a [`LogStore`] and the namespace
+//! it applies committed commands to. Like raft-rs itself it does no I/O and reads no clock:
+//! ticks, messages and proposals come in; messages to send, work to persist and applied results
+//! come out ([`Output`]). The driver (the server, or the simulator) moves messages, makes persist
+//! jobs durable in order and reports them back ([`Replica::persisted`]).
+//!
+//! Persistence is asynchronous (raft-rs "async ready"): messages that depend on the local log
+//! being durable (votes, append acknowledgements) are held until their job is persisted, so a
+//! crash that loses an unflushed job never loses anything another node was told.
+
+use crate::storage::LogStore;
+use cfs_meta::command::{Command, Outcome};
+use cfs_meta::{ChunkId, Errno, Namespace, Timespec};
+use raft::eraftpb::{Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use raft::{RawNode, StateRole};
+
+/// Static settings of a replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// This replica's Raft id (non-zero).
+    pub id: u64,
+    /// Every voter of the group (including this one).
+    pub voters: Vec<u64>,
+    /// Ticks without a leader before an election (randomised in [n, 2n)).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between log compactions (snapshots).
+    pub snapshot_every: u64,
+    /// Seed of this replica's election-timeout randomness (determinism in the simulator).
+    pub seed: u64,
+}
+
+/// Something for the driver to make durable, in order; report it back with
+/// [`Replica::persisted`] once it is.
+#[derive(Clone, Debug)]
+pub struct PersistJob {
+    /// raft-rs ready number.
+    pub number: u64,
+    /// Log entries to append (replacing any conflicting suffix).
+    pub entries: Vec<Entry>,
+    /// New hard state (term, vote, commit), if it changed.
+    pub hard_state: Option<HardState>,
+    /// A snapshot from the leader to install, if any (before the entries).
+    pub snapshot: Option<Snapshot>,
+    /// Log compaction (after the entries): everything up to this index is replaced by a
+    /// snapshot holding this namespace.
+    pub compact: Option<(u64, Vec<u8>)>,
+}
+
+/// A committed command applied to this replica's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Log index.
+    pub index: u64,
+    /// Term of the entry.
+    pub term: u64,
+    /// The proposer's tag (matches a proposal to its result).
+    pub tag: Vec<u8>,
+    /// The result every replica computes for it.
+    pub result: Result<Outcome, Errno>,
+    /// Chunks the command unreferenced (their data may be deleted).
+    pub freed: Vec<ChunkId>,
+}
+
+/// What one [`Replica::ready`] call produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to send now.
+    pub messages: Vec<Message>,
+    /// Work to make durable, if any.
+    pub persist: Option<PersistJob>,
+    /// Commands applied, in log order.
+    pub applied: Vec<Applied>,
+}
+
+/// Why a proposal was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Only the leader takes proposals.
+    #[error("not the leader (leader is {leader:?})")]
+    NotLeader {
+        /// The leader this replica knows of.
+        leader: Option<u64>,
+    },
+    /// raft-rs refused it (e.g. a leadership transfer is in progress).
+    #[error("proposal dropped: {0}")]
+    Dropped(String),
+}
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// raft-rs refused it.
+    #[error("raft: {0}")]
+    Raft(raft::Error),
+    /// A snapshot whose namespace does not decode.
+    #[error("bad snapshot: {0}")]
+    BadSnapshot(String),
+}
+
+/// Why a replica cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// raft-rs refused the configuration or the stored state.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// The snapshot's namespace does not decode or is inconsistent.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+/// One replica (see the module documentation).
+pub struct Replica {
+    node: RawNode<LogStore>,
+    ns: Namespace,
+    applied: u64,
+    cfg: ReplicaConfig,
+    rng: u64,
+    timeout: usize,
+    role_term: (StateRole, u64),
+    /// Messages waiting for the persist job with this number.
+    held: Vec<(u64, Vec<Message>)>,
+}
+
+/// The namespace every group starts from (identical on every replica).
+pub fn initial_namespace() -> Namespace {
+    let mut ns = Namespace::new(0, 0, 0o755, Timespec::new(0, 0));
+    ns.take_dirty();
+    ns
+}
+
+impl Replica {
+    /// Starts (or restarts after a crash) from what `store` holds: the namespace from its
+    /// snapshot, then raft-rs re-delivers the committed entries after it.
+    pub fn open(cfg: ReplicaConfig, store: LogStore) -> Result<Replica, ReplicaError> {
+        let snap = store.latest_snapshot();
+        let applied = snap.get_metadata().index;
+        let ns = if snap.get_data().is_empty() {
+            initial_namespace()
+        } else {
+            Namespace::from_snapshot(snap.get_data()).map_err(ReplicaError::Snapshot)?
+        };
+        let rc = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..raft::Config::default()
+        };
+        rc.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(&rc, store, &logger)?;
+        let mut r = Replica {
+            role_term: (node.raft.state, node.raft.term),
+            node,
+            ns,
+            applied,
+            rng: cfg.seed | 1,
+            timeout: cfg.election_ticks,
+            cfg,
+            held: Vec::new(),
+        };
+        r.new_timeout();
+        Ok(r)
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64*: deterministic per replica.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn new_timeout(&mut self) {
+        let n = self.cfg.election_ticks as u64;
+        self.timeout = (n + self.next_rand() % n) as usize;
+        self.node.raft.set_randomized_election_timeout(self.timeout);
+    }
+
+    /// raft-rs draws election timeouts from a thread-local RNG whenever the role or term
+    /// changes; replace them with this replica's seeded draws so a run is reproducible.
+    fn fix_timeout(&mut self) {
+        let now = (self.node.raft.state, self.node.raft.term);
+        if now != self.role_term {
+            self.role_term = now;
+            self.new_timeout();
+        } else {
+            self.node.raft.set_randomized_election_timeout(self.timeout);
+        }
+    }
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.node.tick();
+        self.fix_timeout();
+    }
+
+    /// Feeds a message from a peer. Messages from unknown peers or stale terms are ignored
+    /// (raft-rs decides); a malformed one is an error for the transport to log.
+    pub fn step(&mut self, msg: Message) -> Result<(), StepError> {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            // Check the namespace decodes before raft-rs accepts the snapshot.
+            Namespace::from_snapshot(msg.get_snapshot().get_data())
+                .map_err(StepError::BadSnapshot)?;
+        }
+        let r = self.node.step(msg);
+        self.fix_timeout();
+        r.map_err(StepError::Raft)
+    }
+
+    /// Proposes a command; `tag` comes back with its result in [`Applied`].
+    pub fn propose(&mut self, tag: Vec<u8>, cmd: &Command) -> Result<(), ProposeError> {
+        if self.node.raft.state != StateRole::Leader {
+            let leader = self.node.raft.leader_id;
+            return Err(ProposeError::NotLeader {
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+        self.node
+            .propose(tag, cmd.encode())
+            .map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
+    /// Collects what raft-rs has ready: messages to send, a persist job, applied results.
+    pub fn ready(&mut self) -> Output {
+        let mut out = Output::default();
+        if !self.node.has_ready() {
+            return out;
+        }
+        let mut rd = self.node.ready();
+        out.messages = rd.take_messages();
+        let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        if let Some(s) = &snapshot {
+            // The namespace restarts from the leader's snapshot; entries after it follow.
+            match Namespace::from_snapshot(s.get_data()) {
+                Ok(ns) => {
+                    self.ns = ns;
+                    self.applied = s.get_metadata().index;
+                }
+                // `step` checked it; only a bug gets here.
+                Err(e) => panic!("accepted snapshot does not decode: {e}"),
+            }
+        }
+        let committed = rd.take_committed_entries();
+        out.applied = self.apply(committed);
+        let held = rd.take_persisted_messages();
+        let mut job = PersistJob {
+            number: rd.number(),
+            entries: rd.take_entries(),
+            hard_state: rd.hs().cloned(),
+            snapshot,
+            compact: None,
+        };
+        if !held.is_empty() {
+            self.held.push((job.number, held));
+        }
+        // raft-rs reads entries back from the storage as soon as the ready is advanced, so
+        // the in-memory log takes them now; durability is tracked by `persisted`.
+        let store = self.node.mut_store();
+        store.apply_job(&job);
+        let snap_index = store.latest_snapshot().get_metadata().index;
+        let last = raft::Storage::last_index(&*store).unwrap_or(0);
+        // The namespace is the state after `applied`: only that index can be its snapshot.
+        if self.applied <= last && self.applied >= snap_index + self.cfg.snapshot_every {
+            let data = self.ns.snapshot();
+            store.compact(self.applied, data.clone());
+            job.compact = Some((self.applied, data));
+        }
+        self.node.advance_append_async(rd);
+        self.report_applied();
+        out.persist = Some(job);
+        out
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Vec<Applied> {
+        let mut out = Vec::new();
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            assert_eq!(e.index, self.applied + 1, "committed entries out of order");
+            self.applied = e.index;
+            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+                // A new leader's empty entry (membership changes come with a later step).
+                continue;
+            }
+            let result = match Command::decode(&e.data) {
+                Some(cmd) => self.ns.apply(&cmd),
+                // Every replica sees the same bytes and the same failure: no divergence.
+                None => Err(Errno::Inval),
+            };
+            self.ns.take_dirty();
+            out.push(Applied {
+                index: e.index,
+                term: e.term,
+                tag: e.context.to_vec(),
+                result,
+                freed: self.ns.take_freed(),
+            });
+        }
+        out
+    }
+
+    /// Tells raft-rs how far the namespace has applied; it accepts no more than what is
+    /// persisted locally (a leader's snapshot restores the namespace before it is durable).
+    fn report_applied(&mut self) {
+        let log = &self.node.raft.raft_log;
+        let to = self.applied.min(log.persisted).min(log.committed);
+        if to > log.applied {
+            self.node.advance_apply_to(to);
+        }
+    }
+
+    /// The driver made the job with this number (and every earlier one) durable: release the
+    /// messages that waited for it. Returns them, to send.
+    pub fn persisted(&mut self, number: u64) -> Vec<Message> {
+        self.node.on_persist_ready(number);
+        self.report_applied();
+        let mut msgs = Vec::new();
+        self.held.retain_mut(|(n, m)| {
+            if *n <= number {
+                msgs.append(m);
+                false
+            } else {
+                true
+            }
+        });
+        msgs
+    }
+
+    /// The transport tells the leader how sending a snapshot to `to` ended (it is streamed
+    /// apart from other messages, and a lost one must be resent).
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        let status = if delivered {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.node.report_snapshot(to, status);
+    }
+
+    /// Whether this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// Current term.
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<u64> {
+        let l = self.node.raft.leader_id;
+        (l != 0).then_some(l)
+    }
+
+    /// Index of the last applied entry.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// The namespace as applied so far.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// The persisted log (what survives a crash).
+    pub fn store(&self) -> &LogStore {
+        self.node.store()
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+}
