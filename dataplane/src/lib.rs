@@ -13,6 +13,7 @@ pub mod exec;
 pub mod fs_service;
 pub mod io;
 pub mod meta_store;
+pub mod raft_store;
 pub mod reactor;
 pub mod store;
 pub mod workload;

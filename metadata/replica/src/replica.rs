@@ -43,9 +43,9 @@ pub struct PersistJob {
     pub hard_state: Option<HardState>,
     /// A snapshot from the leader to install, if any (before the entries).
     pub snapshot: Option<Snapshot>,
-    /// Log compaction (after the entries): everything up to this index is replaced by a
-    /// snapshot holding this namespace.
-    pub compact: Option<(u64, Vec<u8>)>,
+    /// Log compaction (after the entries): everything up to the snapshot's index is replaced
+    /// by it (it holds the namespace at that index).
+    pub compact: Option<Snapshot>,
 }
 
 /// A committed command applied to this replica's namespace.
@@ -268,9 +268,8 @@ impl Replica {
         let last = raft::Storage::last_index(&*store).unwrap_or(0);
         // The namespace is the state after `applied`: only that index can be its snapshot.
         if self.applied <= last && self.applied >= snap_index + self.cfg.snapshot_every {
-            let data = self.ns.snapshot();
-            store.compact(self.applied, data.clone());
-            job.compact = Some((self.applied, data));
+            let snap = store.compact(self.applied, self.ns.snapshot());
+            job.compact = Some(snap);
         }
         self.node.advance_append_async(rd);
         self.report_applied();

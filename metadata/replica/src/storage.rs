@@ -67,8 +67,8 @@ impl LogStore {
         if let Some(hs) = &job.hard_state {
             self.set_hard_state(hs.clone());
         }
-        if let Some((index, data)) = &job.compact {
-            self.compact(*index, data.clone());
+        if let Some(snap) = &job.compact {
+            self.install_compaction(snap.clone());
         }
     }
 
@@ -121,12 +121,23 @@ impl LogStore {
         self.snapshot = snap;
     }
 
-    /// Replaces the log up to `index` (applied, and persisted here) by a snapshot whose data is
-    /// `data` (the namespace after applying `index`).
-    pub fn compact(&mut self, index: u64, data: Vec<u8>) {
-        assert!(index <= self.last(), "compaction past the persisted log");
+    /// Installs a compaction snapshot made by [`LogStore::compact`] (on the durable copy).
+    pub fn install_compaction(&mut self, snap: Snapshot) {
+        let index = snap.get_metadata().index;
         if index <= self.snap_index() {
             return;
+        }
+        assert!(index <= self.last(), "compaction past the log");
+        self.entries.drain(..(index + 1 - self.first()) as usize);
+        self.snapshot = snap;
+    }
+
+    /// Replaces the log up to `index` (applied) by a snapshot whose data is `data` (the
+    /// namespace after applying `index`); returns that snapshot.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Snapshot {
+        assert!(index <= self.last(), "compaction past the log");
+        if index <= self.snap_index() {
+            return self.snapshot.clone();
         }
         let term = self.term(index).unwrap_or_else(|e| {
             panic!("term of persisted index {index} unavailable: {e}");
@@ -138,7 +149,8 @@ impl LogStore {
         meta.term = term;
         meta.set_conf_state(self.conf_state.clone());
         self.entries.drain(..(index + 1 - self.first()) as usize);
-        self.snapshot = snap;
+        self.snapshot = snap.clone();
+        snap
     }
 }
 
