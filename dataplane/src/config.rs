@@ -25,6 +25,68 @@ pub struct Config {
     /// The file-system RPC endpoint.
     #[serde(default)]
     pub server: ServerSection,
+    /// Membership of the metadata Raft group; absent, the node runs alone with a local
+    /// metadata database.
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[cluster]`: this node's id and every member's RPC address.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's id (a key of `peers`).
+    pub node_id: u64,
+    /// Every member, this node included: id -> "host:port" (its `server.listen`).
+    pub peers: std::collections::BTreeMap<String, String>,
+    /// Milliseconds per Raft tick.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// Ticks without a leader before an election (randomised up to twice that).
+    #[serde(default = "default_election_ticks")]
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    #[serde(default = "default_heartbeat_ticks")]
+    pub heartbeat_ticks: usize,
+    /// Applied commands between Raft log compactions.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// Milliseconds a metadata change may wait for its commit before the caller gets EIO.
+    #[serde(default = "default_propose_timeout_ms")]
+    pub propose_timeout_ms: u64,
+}
+
+fn default_tick_ms() -> u64 {
+    100
+}
+fn default_election_ticks() -> usize {
+    10
+}
+fn default_heartbeat_ticks() -> usize {
+    2
+}
+fn default_snapshot_every() -> u64 {
+    10_000
+}
+fn default_propose_timeout_ms() -> u64 {
+    10_000
+}
+
+impl ClusterSection {
+    /// Members by numeric id; errors name the bad key.
+    pub fn members(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in &self.peers {
+            let id: u64 = k.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                invalid(format!("cluster.peers.{k}"), "ids are positive integers")
+            })?;
+            if v.is_empty() {
+                return Err(invalid(format!("cluster.peers.{k}"), "address is empty"));
+            }
+            out.insert(id, v.clone());
+        }
+        Ok(out)
+    }
 }
 
 /// Where `cfs-dataplane run` listens.
@@ -270,6 +332,7 @@ impl Config {
             hugepages: HugepageConfig::default(),
             format: FormatConfig::default(),
             server: ServerSection::default(),
+            cluster: None,
         }
     }
 
@@ -294,6 +357,18 @@ impl Config {
 
     /// Checks every value that the type system does not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(c) = &self.cluster {
+            let members = c.members()?;
+            if !members.contains_key(&c.node_id) {
+                return Err(invalid("cluster.node_id", "must be one of cluster.peers"));
+            }
+            if c.tick_ms == 0 || c.heartbeat_ticks == 0 || c.heartbeat_ticks >= c.election_ticks {
+                return Err(invalid(
+                    "cluster",
+                    "need tick_ms > 0 and 0 < heartbeat_ticks < election_ticks",
+                ));
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }

@@ -13,10 +13,12 @@
 //! them at its next start (the database is bound to the store's UUID so this can never run
 //! against another store's chunks).
 
+use crate::cluster::{Cluster, ClusterError};
 use crate::meta_store::MetaStore;
 use crate::reactor::Engine;
 use crate::store::StoreError;
 use cfs_fabric::{ErrorCode, Service, ServiceError, ServiceFuture};
+use cfs_meta::command::{Command, Op, Outcome};
 use cfs_meta::namespace::{Namespace, MAX_FILE_SIZE};
 use cfs_meta::{ChunkId, Creds, Errno, FileType, InodeId, SetAttr, Timespec, CHUNK_BYTES};
 use cfs_proto::{
@@ -53,9 +55,20 @@ struct Meta {
 /// The service; cheap to clone.
 #[derive(Clone)]
 pub struct FsService {
-    meta: Arc<Mutex<Meta>>,
+    backend: Backend,
     engine: Arc<Engine>,
-    db_path: std::path::PathBuf,
+}
+
+/// Where the namespace lives.
+#[derive(Clone)]
+enum Backend {
+    /// This node alone: the namespace in memory, persisted to redb before each reply.
+    Local {
+        meta: Arc<Mutex<Meta>>,
+        db_path: std::path::PathBuf,
+    },
+    /// A Raft group: mutations are proposed and applied on every member; the leader serves.
+    Raft(Cluster),
 }
 
 /// Why the service cannot start.
@@ -74,6 +87,29 @@ pub enum OpenError {
     #[error("cannot list the chunk store: {0}")]
     Store(StoreError),
 }
+
+fn internal(what: String) -> ServiceError {
+    tracing::error!("{what}");
+    ServiceError::new(ErrorCode::Internal, what)
+}
+
+/// A Raft-side failure as the client sees it: EIO (the operation may or may not have been
+/// applied when it timed out), or "not the leader" for the forwarding layer.
+fn cluster_error(e: ClusterError) -> ServiceError {
+    match e {
+        ClusterError::NotLeader(leader) => ServiceError::new(
+            ErrorCode::Service(NOT_LEADER),
+            format!("not the leader; leader is {leader:?}"),
+        ),
+        other => ServiceError::new(
+            ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+            other.to_string(),
+        ),
+    }
+}
+
+/// Service error code: this node does not lead the metadata group (the request was not run).
+pub const NOT_LEADER: u32 = 900;
 
 fn errno(e: Errno) -> ServiceError {
     ServiceError::new(
@@ -116,9 +152,11 @@ impl FsService {
         let freed = ns.take_freed();
         let referenced = ns.referenced_chunks();
         let svc = FsService {
-            meta: Arc::new(Mutex::new(Meta { store, ns })),
+            backend: Backend::Local {
+                meta: Arc::new(Mutex::new(Meta { store, ns })),
+                db_path: db_path.to_path_buf(),
+            },
             engine,
-            db_path: db_path.to_path_buf(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -137,17 +175,79 @@ impl FsService {
         Ok(svc)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    /// Serves a node of a Raft group: the namespace is the group's (see [`Cluster`]).
+    pub fn open_cluster(cluster: Cluster, engine: Arc<Engine>) -> FsService {
+        FsService {
+            backend: Backend::Raft(cluster),
+            engine,
+        }
     }
 
-    /// Applies a namespace change and makes it durable; on a persistence failure the
-    /// in-memory namespace is rolled back to what is on disk and the caller gets EIO.
+    /// The Raft group this node serves, if any.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        match &self.backend {
+            Backend::Raft(c) => Some(c),
+            Backend::Local { .. } => None,
+        }
+    }
+
+    fn local(&self) -> Option<MutexGuard<'_, Meta>> {
+        match &self.backend {
+            Backend::Local { meta, .. } => Some(meta.lock().unwrap_or_else(|p| p.into_inner())),
+            Backend::Raft(_) => None,
+        }
+    }
+
+    /// Runs a read on the current namespace (the leader's, in a group).
+    fn view<T>(&self, f: impl FnOnce(&Namespace) -> Result<T, Errno>) -> Result<T, ServiceError> {
+        match &self.backend {
+            Backend::Local { meta, .. } => {
+                let m = meta.lock().unwrap_or_else(|p| p.into_inner());
+                f(&m.ns).map_err(errno)
+            }
+            Backend::Raft(c) => match c.read(f) {
+                Ok(r) => r.map_err(errno),
+                Err(e) => Err(cluster_error(e)),
+            },
+        }
+    }
+
+    /// Applies a mutation: committed locally, or through the Raft group.
+    fn exec(&self, creds: &Creds, op: Op) -> Result<Outcome, ServiceError> {
+        let cmd = Command {
+            creds: creds.clone(),
+            now: now(),
+            op,
+        };
+        match &self.backend {
+            Backend::Local { .. } => self.mutate(|ns| ns.apply(&cmd)),
+            Backend::Raft(c) => match c.propose(cmd) {
+                Ok(r) => r.map_err(errno),
+                Err(e) => Err(cluster_error(e)),
+            },
+        }
+    }
+
+    fn exec_attr(&self, creds: &Creds, op: Op) -> Result<Reply, ServiceError> {
+        match self.exec(creds, op)? {
+            Outcome::Attr(a) => Ok(Reply::Attr(a)),
+            other => Err(internal(format!("expected attributes, got {other:?}"))),
+        }
+    }
+
+    fn exec_unit(&self, creds: &Creds, op: Op) -> Result<Reply, ServiceError> {
+        self.exec(creds, op).map(|_| Reply::Unit)
+    }
+
+    /// Applies a namespace change and makes it durable (local mode); on a persistence failure
+    /// the in-memory namespace is rolled back to what is on disk and the caller gets EIO.
     fn mutate<T>(
         &self,
         f: impl FnOnce(&mut Namespace) -> Result<T, Errno>,
     ) -> Result<T, ServiceError> {
-        let mut m = self.lock();
+        let Some(mut m) = self.local() else {
+            return Err(internal("local commit on a cluster node".into()));
+        };
         let out = f(&mut m.ns);
         let persisted = {
             let Meta { store, ns } = &mut *m;
@@ -171,8 +271,11 @@ impl FsService {
     }
 
     fn reload(&self) {
-        let mut m = self.lock();
-        match MetaStore::open(&self.db_path, now()) {
+        let Backend::Local { meta, db_path } = &self.backend else {
+            return;
+        };
+        let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+        match MetaStore::open(db_path, now()) {
             Ok((store, ns)) => {
                 m.store = store;
                 m.ns = ns;
@@ -199,7 +302,7 @@ impl FsService {
         if at.is_multiple_of(CHUNK_BYTES) || old == new {
             return Ok(());
         }
-        let mapped = self.lock().ns.extents(ino, at, 1).map_err(errno)?;
+        let mapped = self.view(|ns| ns.extents(ino, at, 1))?;
         if let Some((_, c)) = mapped.first() {
             match self.engine.truncate(c.0, at % CHUNK_BYTES) {
                 Ok(()) | Err(StoreError::NotFound { .. }) => {}
@@ -226,15 +329,30 @@ impl FsService {
             return Err(errno(Errno::FBig));
         }
         if data.is_empty() {
-            return self.lock().ns.getattr(ino).map(Reply::Attr).map_err(errno);
+            return self.view(|ns| ns.getattr(ino)).map(Reply::Attr);
         }
         let len = data.len() as u64;
-        let (chunks, new_chunks) = {
-            let mut m = self.lock();
-            let existing = m.ns.extents(ino, offset, len).map_err(errno)?.len();
-            let chunks = m.ns.map_chunks(ino, offset, len).map_err(errno)?;
-            let new = chunks.len() != existing;
-            (chunks, new)
+        let (chunks, new_chunks) = match self.local() {
+            Some(mut m) => {
+                // Mapped in memory now, committed with the write (see the module docs).
+                let existing = m.ns.extents(ino, offset, len).map_err(errno)?.len();
+                let chunks = m.ns.map_chunks(ino, offset, len).map_err(errno)?;
+                let new = chunks.len() != existing;
+                (chunks, new)
+            }
+            None => {
+                let existing = self.view(|ns| ns.extents(ino, offset, len))?;
+                if existing.len() as u64
+                    == (offset + len - 1) / CHUNK_BYTES - offset / CHUNK_BYTES + 1
+                {
+                    (existing, false)
+                } else {
+                    match self.exec(creds, Op::MapChunks { ino, offset, len })? {
+                        Outcome::Chunks(c) => (c, true),
+                        other => return Err(internal(format!("expected chunks, got {other:?}"))),
+                    }
+                }
+            }
         };
         for ((_, off, n, at), (_, c)) in pieces(offset, data.len() as u64).zip(&chunks) {
             let piece = &data[at as usize..(at + n) as usize];
@@ -242,9 +360,19 @@ impl FsService {
                 .write(c.0, off, piece.to_vec())
                 .map_err(io_error)?;
         }
+        let Some(mut m) = self.local() else {
+            return self.exec_attr(
+                creds,
+                Op::Wrote {
+                    ino,
+                    offset,
+                    len,
+                    chunks,
+                },
+            );
+        };
         let t = now();
         let res = {
-            let mut m = self.lock();
             let before = m.ns.getattr(ino).map_err(errno)?;
             let res = m.ns.wrote(creds, ino, offset, len, &chunks, t);
             if let Ok(a) = &res {
@@ -257,16 +385,14 @@ impl FsService {
             }
             res
         };
+        drop(m);
         self.mutate(|_| res).map(Reply::Attr)
     }
 
     fn read(&self, ino: InodeId, offset: u64, len: u32) -> Result<Reply, ServiceError> {
-        let (attr, mapped) = {
-            let m = self.lock();
-            let attr = m.ns.getattr(ino).map_err(errno)?;
-            let want = u64::from(len.min(MAX_IO));
-            (attr, m.ns.extents(ino, offset, want).map_err(errno)?)
-        };
+        let want = u64::from(len.min(MAX_IO));
+        let (attr, mapped) =
+            self.view(|ns| Ok((ns.getattr(ino)?, ns.extents(ino, offset, want)?)))?;
         let end = attr
             .size
             .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
@@ -290,7 +416,7 @@ impl FsService {
     /// Makes `[offset, offset+len)` read as zeros in the store, except whole chunks, which
     /// the namespace unmaps (`Namespace::punched`).
     fn zero_partial_chunks(&self, ino: InodeId, offset: u64, len: u64) -> Result<(), ServiceError> {
-        let mapped = self.lock().ns.extents(ino, offset, len).map_err(errno)?;
+        let mapped = self.view(|ns| ns.extents(ino, offset, len))?;
         for (idx, off, n, _) in pieces(offset, len) {
             if n == CHUNK_BYTES {
                 continue;
@@ -307,6 +433,7 @@ impl FsService {
 
     fn fallocate(
         &self,
+        creds: &Creds,
         ino: InodeId,
         offset: u64,
         len: u64,
@@ -320,7 +447,6 @@ impl FsService {
             return Err(errno(Errno::FBig));
         }
         let keep = mode & FALLOC_KEEP_SIZE != 0;
-        let t = now();
         match mode & !FALLOC_KEEP_SIZE {
             0 => {
                 // The store is copy-on-write, so space cannot be set aside; refuse what
@@ -332,22 +458,43 @@ impl FsService {
                     .iter()
                     .map(|(_, s)| s.free_blocks * crate::store::format::BLOCK as u64)
                     .sum();
-                let size = self.lock().ns.getattr(ino).map_err(errno)?.size;
+                let size = self.view(|ns| ns.getattr(ino))?.size;
                 if end.saturating_sub(size.max(offset)) > free {
                     return Err(errno(Errno::NoSpc));
                 }
-                self.mutate(|ns| ns.fallocate(ino, offset, len, keep, t))
-                    .map(Reply::Attr)
+                self.exec_attr(
+                    creds,
+                    Op::Fallocate {
+                        ino,
+                        offset,
+                        len,
+                        keep_size: keep,
+                    },
+                )
             }
             FALLOC_PUNCH_HOLE if keep => {
                 self.zero_partial_chunks(ino, offset, len)?;
-                self.mutate(|ns| ns.punched(ino, offset, len, false, t))
-                    .map(Reply::Attr)
+                self.exec_attr(
+                    creds,
+                    Op::Punched {
+                        ino,
+                        offset,
+                        len,
+                        extend: false,
+                    },
+                )
             }
             FALLOC_ZERO_RANGE => {
                 self.zero_partial_chunks(ino, offset, len)?;
-                self.mutate(|ns| ns.punched(ino, offset, len, !keep, t))
-                    .map(Reply::Attr)
+                self.exec_attr(
+                    creds,
+                    Op::Punched {
+                        ino,
+                        offset,
+                        len,
+                        extend: !keep,
+                    },
+                )
             }
             FALLOC_PUNCH_HOLE => Err(errno(Errno::Inval)),
             _ => Err(errno(Errno::NotSup)),
@@ -357,15 +504,10 @@ impl FsService {
     /// SEEK_DATA / SEEK_HOLE at 4 KiB precision: holes are unmapped chunks, blocks never
     /// written or punched, and anything past a chunk's length.
     fn lseek(&self, ino: InodeId, offset: u64, whence: u32) -> Result<Reply, ServiceError> {
-        let (size, mapped) = {
-            let m = self.lock();
-            let size = m.ns.getattr(ino).map_err(errno)?.size;
-            (
-                size,
-                m.ns.extents(ino, offset, size.saturating_sub(offset))
-                    .map_err(errno)?,
-            )
-        };
+        let (size, mapped) = self.view(|ns| {
+            let size = ns.getattr(ino)?.size;
+            Ok((size, ns.extents(ino, offset, size.saturating_sub(offset))?))
+        })?;
         if offset >= size {
             return Err(errno(Errno::NxIo));
         }
@@ -419,26 +561,21 @@ impl FsService {
         let t = now();
         match req {
             Request::Lookup { parent, name } => self
-                .lock()
-                .ns
-                .lookup(creds, parent, &name)
-                .map(Reply::Attr)
-                .map_err(errno),
-            Request::GetAttr { ino } => self.lock().ns.getattr(ino).map(Reply::Attr).map_err(errno),
+                .view(|ns| ns.lookup(creds, parent, &name))
+                .map(Reply::Attr),
+            Request::GetAttr { ino } => self.view(|ns| ns.getattr(ino)).map(Reply::Attr),
             Request::SetAttr { ino, set } => {
                 if let Some(size) = set.size {
-                    let old = self.lock().ns.getattr(ino).map_err(errno)?;
                     // Check every rule before cutting any data.
-                    self.lock()
-                        .ns
-                        .setattr_preview(creds, ino, &set, t)
-                        .map_err(errno)?;
+                    let old = self.view(|ns| {
+                        ns.setattr_preview(creds, ino, &set, t)?;
+                        ns.getattr(ino)
+                    })?;
                     if old.kind == FileType::Regular {
                         self.cut_tail(ino, old.size, size)?;
                     }
                 }
-                self.mutate(|ns| ns.setattr(creds, ino, &set, t))
-                    .map(Reply::Attr)
+                self.exec_attr(creds, Op::SetAttr { ino, set })
             }
             Request::Mknod {
                 parent,
@@ -446,51 +583,72 @@ impl FsService {
                 kind,
                 perm,
                 rdev,
-            } => self
-                .mutate(|ns| ns.mknod(creds, parent, &name, kind, perm, rdev, t))
-                .map(Reply::Attr),
-            Request::Mkdir { parent, name, perm } => self
-                .mutate(|ns| ns.mkdir(creds, parent, &name, perm, t))
-                .map(Reply::Attr),
+            } => self.exec_attr(
+                creds,
+                Op::Mknod {
+                    parent,
+                    name,
+                    kind,
+                    perm,
+                    rdev,
+                },
+            ),
+            Request::Mkdir { parent, name, perm } => {
+                self.exec_attr(creds, Op::Mkdir { parent, name, perm })
+            }
             Request::Symlink {
                 parent,
                 name,
                 target,
-            } => self
-                .mutate(|ns| ns.symlink(creds, parent, &name, &target, t))
-                .map(Reply::Attr),
+            } => self.exec_attr(
+                creds,
+                Op::Symlink {
+                    parent,
+                    name,
+                    target,
+                },
+            ),
             Request::Link {
                 ino,
                 newparent,
                 newname,
-            } => self
-                .mutate(|ns| ns.link(creds, ino, newparent, &newname, t))
-                .map(Reply::Attr),
-            Request::Unlink { parent, name } => self
-                .mutate(|ns| ns.unlink(creds, parent, &name, t))
-                .map(|()| Reply::Unit),
-            Request::Rmdir { parent, name } => self
-                .mutate(|ns| ns.rmdir(creds, parent, &name, t))
-                .map(|()| Reply::Unit),
+            } => self.exec_attr(
+                creds,
+                Op::Link {
+                    ino,
+                    newparent,
+                    newname,
+                },
+            ),
+            Request::Unlink { parent, name } => self.exec_unit(creds, Op::Unlink { parent, name }),
+            Request::Rmdir { parent, name } => self.exec_unit(creds, Op::Rmdir { parent, name }),
             Request::Rename {
                 parent,
                 name,
                 newparent,
                 newname,
                 flags,
-            } => self
-                .mutate(|ns| ns.rename(creds, parent, &name, newparent, &newname, flags, t))
-                .map(|()| Reply::Unit),
-            Request::Readlink { ino } => {
-                self.lock().ns.readlink(ino).map(Reply::Data).map_err(errno)
-            }
+            } => self.exec_unit(
+                creds,
+                Op::Rename {
+                    parent,
+                    name,
+                    newparent,
+                    newname,
+                    flags,
+                },
+            ),
+            Request::Readlink { ino } => self.view(|ns| ns.readlink(ino)).map(Reply::Data),
             Request::Open {
                 ino,
                 read,
                 write,
                 truncate,
             } => {
-                let attr = self.mutate(|ns| ns.open(creds, ino, read, write))?;
+                let attr = match self.exec(creds, Op::Open { ino, read, write })? {
+                    Outcome::Attr(a) => a,
+                    other => return Err(internal(format!("open gave {other:?}"))),
+                };
                 if truncate && write && attr.kind == FileType::Regular && attr.size > 0 {
                     let set = SetAttr {
                         size: Some(0),
@@ -498,59 +656,50 @@ impl FsService {
                         ..SetAttr::default()
                     };
                     self.cut_tail(ino, attr.size, 0)?;
-                    return self
-                        .mutate(|ns| ns.setattr(creds, ino, &set, t))
-                        .map(Reply::Attr);
+                    return self.exec_attr(creds, Op::SetAttr { ino, set });
                 }
                 Ok(Reply::Attr(attr))
             }
-            Request::Release { ino } => self.mutate(|ns| ns.release(ino)).map(|()| Reply::Unit),
-            Request::Create { parent, name, perm } => self
-                .mutate(|ns| {
-                    let a = ns.mknod(creds, parent, &name, FileType::Regular, perm, 0, t)?;
-                    // The creator may use the file whatever its mode says (open(O_CREAT)).
-                    ns.open(&Creds::root(), a.ino, false, false)?;
-                    Ok(a)
-                })
-                .map(Reply::Attr),
-            // Commits whatever is pending (times deferred by overwrites).
-            Request::Fsync { ino } => self.mutate(|ns| ns.getattr(ino)).map(|_| Reply::Unit),
+            Request::Release { ino } => self.exec_unit(creds, Op::Release { ino }),
+            Request::Create { parent, name, perm } => {
+                self.exec_attr(creds, Op::Create { parent, name, perm })
+            }
+            // Commits whatever is pending (times deferred by overwrites, local mode); in a
+            // group every change is already committed.
+            Request::Fsync { ino } => match self.backend {
+                Backend::Local { .. } => self.mutate(|ns| ns.getattr(ino)).map(|_| Reply::Unit),
+                Backend::Raft(_) => self.view(|ns| ns.getattr(ino)).map(|_| Reply::Unit),
+            },
             Request::ReadDir { ino, cookie, limit } => self
-                .lock()
-                .ns
-                .readdir(creds, ino, cookie, limit.min(4096) as usize)
-                .map(Reply::Entries)
-                .map_err(errno),
+                .view(|ns| ns.readdir(creds, ino, cookie, limit.min(4096) as usize))
+                .map(Reply::Entries),
             Request::SetXattr {
                 ino,
                 name,
                 value,
                 mode,
-            } => self
-                .mutate(|ns| ns.setxattr(creds, ino, &name, &value, mode, t))
-                .map(|()| Reply::Unit),
+            } => self.exec_unit(
+                creds,
+                Op::SetXattr {
+                    ino,
+                    name,
+                    value,
+                    mode,
+                },
+            ),
             Request::GetXattr { ino, name } => self
-                .lock()
-                .ns
-                .getxattr(creds, ino, &name)
-                .map(Reply::Data)
-                .map_err(errno),
-            Request::ListXattr { ino } => self
-                .lock()
-                .ns
-                .listxattr(creds, ino)
-                .map(Reply::Names)
-                .map_err(errno),
-            Request::RemoveXattr { ino, name } => self
-                .mutate(|ns| ns.removexattr(creds, ino, &name, t))
-                .map(|()| Reply::Unit),
+                .view(|ns| ns.getxattr(creds, ino, &name))
+                .map(Reply::Data),
+            Request::ListXattr { ino } => {
+                self.view(|ns| ns.listxattr(creds, ino)).map(Reply::Names)
+            }
+            Request::RemoveXattr { ino, name } => {
+                self.exec_unit(creds, Op::RemoveXattr { ino, name })
+            }
             Request::Access { ino, mask } => self
-                .lock()
-                .ns
-                .access(creds, ino, mask)
-                .map(|()| Reply::Unit)
-                .map_err(errno),
-            Request::Statfs => Ok(Reply::Stats(self.lock().ns.stats())),
+                .view(|ns| ns.access(creds, ino, mask))
+                .map(|()| Reply::Unit),
+            Request::Statfs => self.view(|ns| Ok(ns.stats())).map(Reply::Stats),
             Request::Write { ino, offset, data } => self.write(creds, ino, offset, &data),
             Request::Read { ino, offset, len } => self.read(ino, offset, len),
             Request::Fallocate {
@@ -558,24 +707,95 @@ impl FsService {
                 offset,
                 len,
                 mode,
-            } => self.fallocate(ino, offset, len, mode),
+            } => self.fallocate(creds, ino, offset, len, mode),
             Request::Lseek {
                 ino,
                 offset,
                 whence,
             } => self.lseek(ino, offset, whence),
-            Request::ReadDirPlus { ino, cookie, limit } => {
-                let m = self.lock();
-                let entries =
-                    m.ns.readdir(creds, ino, cookie, limit.min(4096) as usize)
-                        .map_err(errno)?;
+            Request::ReadDirPlus { ino, cookie, limit } => self.view(|ns| {
+                let entries = ns.readdir(creds, ino, cookie, limit.min(4096) as usize)?;
                 let mut out = Vec::with_capacity(entries.len());
                 for e in entries {
-                    let a = m.ns.getattr(e.ino).map_err(errno)?;
+                    let a = ns.getattr(e.ino)?;
                     out.push((e, a));
                 }
                 Ok(Reply::EntriesPlus(out))
+            }),
+        }
+    }
+}
+
+/// Set on the method id of a request one node forwards to the leader: the receiver runs it or
+/// answers NOT_LEADER, never forwards it again (no forwarding loops).
+pub const FORWARDED: u32 = 0x8000_0000;
+
+impl FsService {
+    /// Runs a decoded request here (blocking work off the async workers).
+    async fn run_here(&self, creds: Creds, req: Request) -> Result<Reply, ServiceError> {
+        let read_only = matches!(
+            req,
+            Request::Lookup { .. }
+                | Request::GetAttr { .. }
+                | Request::Readlink { .. }
+                | Request::ReadDir { .. }
+                | Request::ReadDirPlus { .. }
+                | Request::GetXattr { .. }
+                | Request::ListXattr { .. }
+                | Request::Access { .. }
+                | Request::Statfs
+        );
+        if read_only {
+            // In-memory lookups answer at once: a hand-off to another thread would cost
+            // more than the work (measured: thread wake-ups dominated stat latency).
+            self.handle(&creds, req)
+        } else {
+            // Commits and data I/O block: keep them off the async workers.
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.handle(&creds, req))
+                .await
+                .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
+        }
+    }
+
+    /// Sends a request this node cannot serve to the group's leader, waiting up to an
+    /// election for one to be known.
+    async fn forward(
+        &self,
+        c: &Cluster,
+        method: u32,
+        payload: &[u8],
+    ) -> Result<bytes::Bytes, ServiceError> {
+        let give_up = std::time::Instant::now() + c.election_timeout() * 3;
+        loop {
+            let leader = c.replica().leader();
+            if let Some(l) = leader.filter(|l| *l != c.node_id()) {
+                if let Some(client) = c.client(l) {
+                    match client.call(method | FORWARDED, payload).await {
+                        Ok(b) => return Ok(b),
+                        Err(cfs_fabric::RpcError::Remote {
+                            code: ErrorCode::Service(NOT_LEADER),
+                            ..
+                        }) => {}
+                        Err(cfs_fabric::RpcError::Remote { code, message }) => {
+                            return Err(ServiceError::new(code, message))
+                        }
+                        Err(e) => tracing::debug!("forwarding to leader {l} failed: {e}"),
+                    }
+                }
+            } else if leader == Some(c.node_id()) {
+                return Err(ServiceError::new(
+                    ErrorCode::Service(NOT_LEADER),
+                    "became leader",
+                ));
             }
+            if std::time::Instant::now() >= give_up {
+                return Err(ServiceError::new(
+                    ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+                    "no metadata leader reachable",
+                ));
+            }
+            tokio::time::sleep(c.tick()).await;
         }
     }
 }
@@ -584,34 +804,41 @@ impl Service for FsService {
     fn call(&self, method: u32, payload: bytes::Bytes) -> ServiceFuture {
         let this = self.clone();
         Box::pin(async move {
+            if method == crate::cluster::RAFT_METHOD {
+                let (Some(c), Some(msg)) =
+                    (this.cluster(), crate::cluster::decode_message(&payload))
+                else {
+                    return Err(ServiceError::new(
+                        ErrorCode::BadRequest,
+                        "not a raft message, or no raft group here",
+                    ));
+                };
+                c.deliver(msg);
+                return Ok(bytes::Bytes::new());
+            }
+            let forwarded = method & FORWARDED != 0;
+            let method = method & !FORWARDED;
             let (creds, req) = Request::decode(method, &payload).ok_or_else(|| {
                 ServiceError::new(
                     ErrorCode::BadRequest,
                     format!("malformed request for method {method}"),
                 )
             })?;
-            let read_only = matches!(
-                req,
-                Request::Lookup { .. }
-                    | Request::GetAttr { .. }
-                    | Request::Readlink { .. }
-                    | Request::ReadDir { .. }
-                    | Request::ReadDirPlus { .. }
-                    | Request::GetXattr { .. }
-                    | Request::ListXattr { .. }
-                    | Request::Access { .. }
-                    | Request::Statfs
-            );
-            let reply = if read_only {
-                // In-memory lookups answer at once: a hand-off to another thread would cost
-                // more than the work (measured: thread wake-ups dominated stat latency).
-                this.handle(&creds, req)
-            } else {
-                // Commits and data I/O block: keep them off the async workers.
-                tokio::task::spawn_blocking(move || this.handle(&creds, req))
-                    .await
-                    .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
-            };
+            if let Some(c) = this.cluster() {
+                if !c.replica().is_leader() {
+                    if forwarded {
+                        return Err(ServiceError::new(
+                            ErrorCode::Service(NOT_LEADER),
+                            "not the leader",
+                        ));
+                    }
+                    match this.forward(c, method, &payload).await {
+                        Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
+                        other => return other,
+                    }
+                }
+            }
+            let reply = this.run_here(creds, req).await;
             reply.map(|r| bytes::Bytes::from(r.encode()))
         })
     }

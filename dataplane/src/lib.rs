@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 pub mod exec;
 pub mod fs_service;

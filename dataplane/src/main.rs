@@ -342,9 +342,47 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
         .thread_name("cfs-rpc")
         .build()
         .context("cannot start the RPC runtime")?;
-    let db = cfg.data_dir.join("meta.redb");
-    let service = cfs_dataplane::fs_service::FsService::open(&db, Arc::clone(&engine))
-        .with_context(|| format!("cannot open the metadata database {}", db.display()))?;
+    let service = match &cfg.cluster {
+        None => {
+            let db = cfg.data_dir.join("meta.redb");
+            cfs_dataplane::fs_service::FsService::open(&db, Arc::clone(&engine))
+                .with_context(|| format!("cannot open the metadata database {}", db.display()))?
+        }
+        Some(c) => {
+            let cc = cfs_dataplane::cluster::ClusterConfig {
+                node_id: c.node_id,
+                peers: c.members()?,
+                tick_ms: c.tick_ms,
+                election_ticks: c.election_ticks,
+                heartbeat_ticks: c.heartbeat_ticks,
+                snapshot_every: c.snapshot_every,
+                propose_timeout_ms: c.propose_timeout_ms,
+            };
+            let db = cfg.data_dir.join("raft.redb");
+            let eng = Arc::clone(&engine);
+            let freed = Box::new(move |chunks: Vec<cfs_meta::ChunkId>| {
+                for ch in chunks {
+                    if let Err(e) = eng.delete(ch.0) {
+                        if !matches!(e, cfs_dataplane::store::StoreError::NotFound { .. }) {
+                            tracing::warn!("cannot delete {ch}: {e}");
+                        }
+                    }
+                }
+            });
+            let cluster =
+                cfs_dataplane::cluster::Cluster::start(cc, &db, rt.handle().clone(), freed)
+                    .with_context(|| {
+                        format!("cannot start the metadata replica ({})", db.display())
+                    })?;
+            tracing::info!(
+                node = c.node_id,
+                members = c.peers.len(),
+                "metadata Raft group member"
+            );
+            cfs_dataplane::fs_service::FsService::open_cluster(cluster, Arc::clone(&engine))
+        }
+    };
+    let cluster_handle = service.cluster().cloned();
     let server = rt
         .block_on(cfs_fabric::Server::bind(
             &cfg.server.listen,
@@ -383,6 +421,9 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
     }
     println!("stopping: closing connections, checkpointing shards");
     rt.block_on(server.stop());
+    if let Some(c) = cluster_handle {
+        c.stop();
+    }
     drop(rt);
     match Arc::try_unwrap(engine) {
         Ok(e) => e.shutdown()?,

@@ -24,6 +24,8 @@
 //!  15 Wrote      ino | u64 offset | u64 len | u32 n | n x (u64 index | u64 chunk)
 //!  16 Fallocate  ino | u64 offset | u64 len | u8 keep_size
 //!  17 Punched    ino | u64 offset | u64 len | u8 extend
+//!  18 MarkStale  u32 n x u64 chunk | u32 m x u64 node
+//!  19 Repaired   u64 chunk | u64 node
 //! outcome:  u8 0 unit | u8 1 attr | u8 2 u32 n x (u64 index | u64 chunk)
 //! ```
 
@@ -124,6 +126,16 @@ pub enum Op {
         offset: u64,
         len: u64,
         extend: bool,
+    },
+    /// Replicas `nodes` missed a change to `chunks`.
+    MarkStale {
+        chunks: Vec<ChunkId>,
+        nodes: Vec<u64>,
+    },
+    /// `node`'s copy of `chunk` is current again.
+    Repaired {
+        chunk: ChunkId,
+        node: u64,
     },
 }
 
@@ -242,6 +254,14 @@ impl Namespace {
                 len,
                 extend,
             } => Outcome::Attr(self.punched(*ino, *offset, *len, *extend, t)?),
+            Op::MarkStale { chunks, nodes } => {
+                self.mark_stale(chunks, nodes);
+                Outcome::Unit
+            }
+            Op::Repaired { chunk, node } => {
+                self.repaired(*chunk, *node);
+                Outcome::Unit
+            }
         })
     }
 }
@@ -402,6 +422,22 @@ impl Command {
                 w.u64(*len);
                 w.u8(u8::from(*extend));
             }
+            Op::MarkStale { chunks, nodes } => {
+                w.u8(18);
+                w.u32(chunks.len() as u32);
+                for c in chunks {
+                    w.u64(c.0);
+                }
+                w.u32(nodes.len() as u32);
+                for n in nodes {
+                    w.u64(*n);
+                }
+            }
+            Op::Repaired { chunk, node } => {
+                w.u8(19);
+                w.u64(chunk.0);
+                w.u64(*node);
+            }
         }
         w.0
     }
@@ -507,6 +543,23 @@ impl Command {
                 offset: r.u64()?,
                 len: r.u64()?,
                 extend: r.bool()?,
+            },
+            18 => {
+                let n = r.u32()? as usize;
+                let mut chunks = Vec::with_capacity(n.min(b.len() / 8));
+                for _ in 0..n {
+                    chunks.push(ChunkId(r.u64()?));
+                }
+                let m = r.u32()? as usize;
+                let mut nodes = Vec::with_capacity(m.min(b.len() / 8));
+                for _ in 0..m {
+                    nodes.push(r.u64()?);
+                }
+                Op::MarkStale { chunks, nodes }
+            }
+            19 => Op::Repaired {
+                chunk: ChunkId(r.u64()?),
+                node: r.u64()?,
             },
             _ => return None,
         };

@@ -160,6 +160,9 @@ pub struct Namespace {
     dirty_dentries: BTreeSet<(InodeId, Vec<u8>)>,
     dirty_extents: BTreeSet<(InodeId, u64)>,
     next_chunk: u64,
+    /// Replicated clusters: nodes whose copy of a chunk missed a change (they must not serve
+    /// it until repaired). Empty on a single node.
+    stale: BTreeMap<ChunkId, BTreeSet<u64>>,
     /// Chunks no extent points at any more (truncated, punched, or of a freed inode): their
     /// data is to be deleted once the change is durable.
     freed: Vec<ChunkId>,
@@ -214,6 +217,7 @@ impl Namespace {
             dirty_dentries: BTreeSet::new(),
             dirty_extents: BTreeSet::new(),
             next_chunk: 1,
+            stale: BTreeMap::new(),
             freed: Vec::new(),
         }
     }
@@ -264,12 +268,13 @@ impl Namespace {
 
     /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
     /// releases are replicated commands, so handles are part of the state):
-    /// `u8 version (1) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// `u8 version (2) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
-    /// u32 n_entries | n x (bytes key | bytes entry)` (bytes = u32 length + bytes).
+    /// u32 n_entries | n x (bytes key | bytes entry) | u32 n_stale | n x (u64 chunk | u32 m |
+    /// m x u64 node)` (bytes = u32 length + bytes; version 1 has no stale list).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(1);
+        w.u8(2);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -288,6 +293,14 @@ impl Namespace {
             w.bytes(&crate::codec::encode_dentry_key(*parent, name));
             w.bytes(&crate::codec::encode_dentry(d));
         }
+        w.u32(self.stale.len() as u32);
+        for (c, nodes) in &self.stale {
+            w.u64(c.0);
+            w.u32(nodes.len() as u32);
+            for n in nodes {
+                w.u64(*n);
+            }
+        }
         w.0
     }
 
@@ -296,7 +309,8 @@ impl Namespace {
     pub fn from_snapshot(b: &[u8]) -> Result<Namespace, String> {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
-        if r.u8().ok_or_else(bad)? != 1 {
+        let version = r.u8().ok_or_else(bad)?;
+        if version != 1 && version != 2 {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -329,8 +343,22 @@ impl Namespace {
                 crate::codec::decode_dentry(&v).ok_or_else(bad)?,
             ));
         }
+        let mut stale = BTreeMap::new();
+        if version >= 2 {
+            let n = r.u32().ok_or_else(bad)? as usize;
+            for _ in 0..n {
+                let c = ChunkId(r.u64().ok_or_else(bad)?);
+                let m = r.u32().ok_or_else(bad)? as usize;
+                let mut nodes = BTreeSet::new();
+                for _ in 0..m {
+                    nodes.insert(r.u64().ok_or_else(bad)?);
+                }
+                stale.insert(c, nodes);
+            }
+        }
         r.end().ok_or_else(bad)?;
         let mut ns = Namespace::rebuild(inodes, dentries, true)?;
+        ns.stale = stale;
         ns.restore_counters(next_ino, next_gen, next_chunk);
         // A restored snapshot is a starting point, not a change to persist.
         ns.take_dirty();
@@ -533,6 +561,7 @@ impl Namespace {
                 if let Some(i) = self.inodes.remove(&ino) {
                     for (idx, c) in i.extents {
                         self.dirty_extents.insert((ino, idx));
+                        self.stale.remove(&c);
                         self.freed.push(c);
                     }
                 }
@@ -1364,6 +1393,7 @@ impl Namespace {
         for idx in gone {
             if let Some(c) = i.extents.remove(&idx) {
                 self.dirty_extents.insert((ino, idx));
+                self.stale.remove(&c);
                 self.freed.push(c);
             }
         }
@@ -1463,6 +1493,38 @@ impl Namespace {
     /// Where chunk index `idx` of `ino` points (for persistence).
     pub fn extent(&self, ino: InodeId, idx: u64) -> Option<ChunkId> {
         self.inodes.get(&ino)?.extents.get(&idx).copied()
+    }
+
+    /// Records that `nodes` missed a change to `chunks` (replicated clusters). Chunks no file
+    /// maps any more are ignored.
+    pub fn mark_stale(&mut self, chunks: &[ChunkId], nodes: &[u64]) {
+        let live = self.referenced_chunks();
+        for c in chunks.iter().filter(|c| live.contains(c)) {
+            self.stale
+                .entry(*c)
+                .or_default()
+                .extend(nodes.iter().copied());
+        }
+    }
+
+    /// `node` holds the current data of `chunk` again.
+    pub fn repaired(&mut self, chunk: ChunkId, node: u64) {
+        if let Some(s) = self.stale.get_mut(&chunk) {
+            s.remove(&node);
+            if s.is_empty() {
+                self.stale.remove(&chunk);
+            }
+        }
+    }
+
+    /// Nodes whose copy of `chunk` is out of date.
+    pub fn stale_nodes(&self, chunk: ChunkId) -> BTreeSet<u64> {
+        self.stale.get(&chunk).cloned().unwrap_or_default()
+    }
+
+    /// Every (chunk, stale nodes) pair (status and repair).
+    pub fn all_stale(&self) -> impl Iterator<Item = (ChunkId, &BTreeSet<u64>)> + '_ {
+        self.stale.iter().map(|(c, n)| (*c, n))
     }
 
     /// Every extent: (inode, chunk index, chunk).

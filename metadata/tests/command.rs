@@ -110,6 +110,18 @@ fn op() -> impl Strategy<Value = Op> {
                 extend,
             }
         }),
+        (
+            proptest::collection::vec(1u64..20, 0..3),
+            proptest::collection::vec(1u64..4, 0..3)
+        )
+            .prop_map(|(c, nodes)| Op::MarkStale {
+                chunks: c.into_iter().map(ChunkId).collect(),
+                nodes
+            }),
+        (1u64..20, 1u64..4).prop_map(|(c, node)| Op::Repaired {
+            chunk: ChunkId(c),
+            node
+        }),
     ]
 }
 

@@ -1,0 +1,397 @@
+//! A node's place in the metadata Raft group: the driver thread that owns the replica's
+//! progress (ticks, messages, proposals, persisting to the Raft log database, applying), and
+//! the transport that carries Raft messages to peers over the fabric RPC.
+//!
+//! One thread drives the replica (raft-rs is single-threaded): inputs arrive on a bounded
+//! channel (a full channel drops Raft messages, which Raft tolerates, and refuses proposals
+//! with EAGAIN-like errors rather than queueing without limit). Persist jobs are made durable
+//! in the driver thread, one redb transaction per ready (so concurrent proposals share a sync),
+//! before the replica is told; messages that acknowledge the log go out only after that.
+
+use crate::raft_store::RaftStore;
+use cfs_fabric::{Client, ClientConfig};
+use cfs_meta::command::{Command, Outcome};
+use cfs_meta::{ChunkId, Errno, Namespace};
+use cfs_meta_replica::{Message, MessageType, ProposeError, Replica, ReplicaConfig};
+use protobuf::Message as _;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// RPC method of a Raft message between nodes (outside the file-system method range).
+pub const RAFT_METHOD: u32 = 0x0100_0001;
+
+/// Static membership and timing of the group.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's id.
+    pub node_id: u64,
+    /// Every member: id -> RPC address.
+    pub peers: BTreeMap<u64, String>,
+    /// Milliseconds per Raft tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader before an election (randomised up to twice that).
+    pub election_ticks: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied commands between log compactions.
+    pub snapshot_every: u64,
+    /// How long a proposal may wait for its commit before the caller gets EIO.
+    pub propose_timeout_ms: u64,
+}
+
+/// Why a proposal got no result.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// Another node leads; send the request there.
+    #[error("not the leader (leader is {0:?})")]
+    NotLeader(Option<u64>),
+    /// No commit within the timeout: the command may or may not have been applied.
+    #[error("no commit within the timeout")]
+    Timeout,
+    /// The driver stopped (shutdown or a failed log write).
+    #[error("the metadata replica stopped")]
+    Stopped,
+    /// Too many requests queued.
+    #[error("too many requests queued")]
+    Busy,
+}
+
+enum Input {
+    Msg(Box<Message>),
+    Propose {
+        cmd: Box<Command>,
+        reply: SyncSender<Result<Result<Outcome, Errno>, ClusterError>>,
+    },
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Stop,
+}
+
+/// Handle on the running group member (cheap to clone).
+#[derive(Clone)]
+pub struct Cluster {
+    inbox: SyncSender<Input>,
+    replica: Arc<Mutex<Replica>>,
+    cfg: Arc<ClusterConfig>,
+    clients: Arc<BTreeMap<u64, Client>>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Cluster {
+    /// Opens the Raft log at `db` and starts the driver thread; `rt` runs the transport;
+    /// `freed` receives chunks the applied commands unreferenced (to delete their data).
+    pub fn start(
+        cfg: ClusterConfig,
+        db: &std::path::Path,
+        rt: tokio::runtime::Handle,
+        freed: Box<dyn Fn(Vec<ChunkId>) + Send>,
+    ) -> Result<Cluster, anyhow::Error> {
+        let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+        anyhow::ensure!(
+            cfg.peers.contains_key(&cfg.node_id),
+            "node_id {} is not among the peers {:?}",
+            cfg.node_id,
+            voters
+        );
+        let (store, log) = RaftStore::open(db, &voters)?;
+        let rc = ReplicaConfig {
+            id: cfg.node_id,
+            voters,
+            election_ticks: cfg.election_ticks,
+            heartbeat_ticks: cfg.heartbeat_ticks,
+            snapshot_every: cfg.snapshot_every,
+            seed: cfg.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_nanos(),
+        };
+        let replica = Arc::new(Mutex::new(Replica::open(rc, log)?));
+        let (tx, rx) = sync_channel(4096);
+        let client_cfg = ClientConfig {
+            request_timeout: Duration::from_millis(cfg.tick_ms * cfg.election_ticks as u64),
+            connect_timeout: Duration::from_millis(cfg.tick_ms * 2),
+            ..ClientConfig::default()
+        };
+        let clients: BTreeMap<u64, Client> = cfg
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != cfg.node_id)
+            .map(|(id, addr)| (*id, Client::new(addr.clone(), client_cfg.clone())))
+            .collect();
+        let cluster = Cluster {
+            inbox: tx.clone(),
+            replica: Arc::clone(&replica),
+            cfg: Arc::new(cfg),
+            clients: Arc::new(clients),
+            thread: Arc::new(Mutex::new(None)),
+        };
+        let driver = Driver {
+            cluster: cluster.clone(),
+            rx,
+            store,
+            rt,
+            waiting: HashMap::new(),
+            next_tag: 1,
+            freed,
+            last_leader: (None, 0),
+        };
+        let handle = std::thread::Builder::new()
+            .name("cfs-raft".into())
+            .spawn(move || driver.run())?;
+        *cluster.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(cluster)
+    }
+
+    /// Delivers a Raft message from a peer (dropped if the driver is backed up).
+    pub fn deliver(&self, msg: Message) {
+        match self.inbox.try_send(Input::Msg(Box::new(msg))) {
+            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Proposes a command and waits for its result (blocking).
+    pub fn propose(&self, cmd: Command) -> Result<Result<Outcome, Errno>, ClusterError> {
+        let (tx, rx) = sync_channel(1);
+        self.inbox
+            .try_send(Input::Propose {
+                cmd: Box::new(cmd),
+                reply: tx,
+            })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => ClusterError::Busy,
+                TrySendError::Disconnected(_) => ClusterError::Stopped,
+            })?;
+        let wait = Duration::from_millis(self.cfg.propose_timeout_ms + self.cfg.tick_ms);
+        match rx.recv_timeout(wait) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(ClusterError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ClusterError::Stopped),
+        }
+    }
+
+    /// The replica (for reads of the applied namespace and status).
+    pub fn replica(&self) -> MutexGuard<'_, Replica> {
+        self.replica.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the namespace if this node leads (`Err(NotLeader)` otherwise). The leader's
+    /// applied state is current because it stays leader only while a quorum hears from it
+    /// within an election timeout (check-quorum), and no other node can be elected sooner.
+    pub fn read<T>(&self, f: impl FnOnce(&Namespace) -> T) -> Result<T, ClusterError> {
+        let r = self.replica();
+        if !r.is_leader() {
+            return Err(ClusterError::NotLeader(r.leader()));
+        }
+        Ok(f(r.namespace()))
+    }
+
+    /// The RPC address of a member.
+    pub fn address(&self, id: u64) -> Option<&str> {
+        self.cfg.peers.get(&id).map(String::as_str)
+    }
+
+    /// A client to a member (for forwarding requests to the leader).
+    pub fn client(&self, id: u64) -> Option<&Client> {
+        self.clients.get(&id)
+    }
+
+    /// One Raft tick.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.cfg.tick_ms)
+    }
+
+    /// The shortest election timeout.
+    pub fn election_timeout(&self) -> Duration {
+        self.tick() * self.cfg.election_ticks as u32
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    /// Stops the driver thread and waits for it.
+    pub fn stop(&self) {
+        let _ = self.inbox.send(Input::Stop);
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+type Waiter = SyncSender<Result<Result<Outcome, Errno>, ClusterError>>;
+
+struct Driver {
+    cluster: Cluster,
+    rx: Receiver<Input>,
+    store: RaftStore,
+    rt: tokio::runtime::Handle,
+    /// Proposals waiting for their entry: tag -> (reply, deadline).
+    waiting: HashMap<u64, (Waiter, Instant)>,
+    next_tag: u64,
+    freed: Box<dyn Fn(Vec<ChunkId>) + Send>,
+    last_leader: (Option<u64>, u64),
+}
+
+impl Driver {
+    fn run(mut self) {
+        let tick = Duration::from_millis(self.cluster.cfg.tick_ms.max(1));
+        let mut next_tick = Instant::now() + tick;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(timeout) {
+                Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(input) => self.input(input),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            // Take whatever else is queued before handling readiness (one sync for all).
+            while let Ok(input) = self.rx.try_recv() {
+                if matches!(input, Input::Stop) {
+                    return;
+                }
+                self.input(input);
+            }
+            if Instant::now() >= next_tick {
+                self.cluster.replica().tick();
+                next_tick += tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + tick;
+                }
+                self.expire();
+            }
+            self.log_leadership();
+            if let Err(e) = self.process_ready() {
+                // A log write failed: acknowledging anything more would be unsafe.
+                tracing::error!("metadata replica stops: cannot persist its Raft log: {e}");
+                for (_, (w, _)) in self.waiting.drain() {
+                    let _ = w.send(Err(ClusterError::Stopped));
+                }
+                return;
+            }
+        }
+    }
+
+    fn log_leadership(&mut self) {
+        let (leader, term) = {
+            let r = self.cluster.replica();
+            (r.leader(), r.term())
+        };
+        if (leader, term) != self.last_leader {
+            self.last_leader = (leader, term);
+            match leader {
+                Some(l) if l == self.cluster.cfg.node_id => {
+                    tracing::info!(term, "this node now leads the metadata group")
+                }
+                Some(l) => tracing::info!(term, leader = l, "metadata group leader"),
+                None => tracing::info!(term, "metadata group has no leader"),
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match input {
+            Input::Msg(m) => {
+                if let Err(e) = self.cluster.replica().step(*m) {
+                    tracing::debug!("raft message refused: {e}");
+                }
+            }
+            Input::Propose { cmd, reply } => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                match self
+                    .cluster
+                    .replica()
+                    .propose(tag.to_le_bytes().to_vec(), &cmd)
+                {
+                    Ok(()) => {
+                        let deadline = Instant::now()
+                            + Duration::from_millis(self.cluster.cfg.propose_timeout_ms);
+                        self.waiting.insert(tag, (reply, deadline));
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let _ = reply.send(Err(ClusterError::NotLeader(leader)));
+                    }
+                    Err(ProposeError::Dropped(_)) => {
+                        let _ = reply.send(Err(ClusterError::NotLeader(None)));
+                    }
+                }
+            }
+            Input::SnapshotSent { to, ok } => self.cluster.replica().report_snapshot(to, ok),
+            Input::Stop => {}
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        self.waiting.retain(|_, (w, deadline)| {
+            if *deadline <= now {
+                let _ = w.send(Err(ClusterError::Timeout));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn process_ready(&mut self) -> Result<(), crate::raft_store::RaftStoreError> {
+        loop {
+            let out = self.cluster.replica().ready();
+            let Some(job) = out.persist else {
+                return Ok(());
+            };
+            self.send(out.messages);
+            self.store.persist(&job)?;
+            let held = self.cluster.replica().persisted(job.number);
+            self.send(held);
+            for a in out.applied {
+                if !a.freed.is_empty() {
+                    (self.freed)(a.freed.clone());
+                }
+                let Ok(tag) = <[u8; 8]>::try_from(a.tag.as_slice()) else {
+                    continue;
+                };
+                if let Some((w, _)) = self.waiting.remove(&u64::from_le_bytes(tag)) {
+                    let _ = w.send(Ok(a.result));
+                }
+            }
+        }
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            let Some(client) = self.cluster.clients.get(&m.to).cloned() else {
+                continue;
+            };
+            let bytes = match m.write_to_bytes() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("cannot encode a raft message: {e}");
+                    continue;
+                }
+            };
+            let snapshot = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
+            let inbox = self.cluster.inbox.clone();
+            // Each message on its own task: Raft tolerates reordering and loss, not stalls.
+            self.rt.spawn(async move {
+                let r = client.call(RAFT_METHOD, &bytes).await;
+                if let Some(to) = snapshot {
+                    let _ = inbox.try_send(Input::SnapshotSent { to, ok: r.is_ok() });
+                }
+            });
+        }
+    }
+}
+
+/// Decodes a Raft message received over RPC.
+pub fn decode_message(b: &[u8]) -> Option<Message> {
+    Message::parse_from_bytes(b).ok()
+}
