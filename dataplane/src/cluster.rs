@@ -196,6 +196,11 @@ impl Cluster {
         self.clients.get(&id)
     }
 
+    /// Every member's id.
+    pub fn members(&self) -> Vec<u64> {
+        self.cfg.peers.keys().copied().collect()
+    }
+
     /// One Raft tick.
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.cfg.tick_ms)

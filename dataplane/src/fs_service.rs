@@ -16,6 +16,7 @@
 use crate::cluster::{Cluster, ClusterError};
 use crate::meta_store::MetaStore;
 use crate::reactor::Engine;
+use crate::replication::{self, ChunkOp};
 use crate::store::StoreError;
 use cfs_fabric::{ErrorCode, Service, ServiceError, ServiceFuture};
 use cfs_meta::command::{Command, Op, Outcome};
@@ -57,6 +58,13 @@ struct Meta {
 pub struct FsService {
     backend: Backend,
     engine: Arc<Engine>,
+    /// Cluster mode: one change at a time per chunk (by hash), so every member applies a
+    /// chunk's changes in the same order.
+    chunk_locks: Arc<Vec<Mutex<()>>>,
+}
+
+fn chunk_locks() -> Arc<Vec<Mutex<()>>> {
+    Arc::new((0..64).map(|_| Mutex::new(())).collect())
 }
 
 /// Where the namespace lives.
@@ -157,6 +165,7 @@ impl FsService {
                 db_path: db_path.to_path_buf(),
             },
             engine,
+            chunk_locks: chunk_locks(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -180,6 +189,7 @@ impl FsService {
         FsService {
             backend: Backend::Raft(cluster),
             engine,
+            chunk_locks: chunk_locks(),
         }
     }
 
@@ -295,6 +305,114 @@ impl FsService {
         }
     }
 
+    /// Applies a change to a chunk's data: here (one node), or on every member of the
+    /// cluster (see [`crate::replication`]): a majority must apply it, and members that did
+    /// not are marked stale for the chunk before this returns.
+    fn chunk_change(&self, chunk: ChunkId, op: ChunkOp) -> Result<(), ServiceError> {
+        let c = match &self.backend {
+            Backend::Local { .. } => {
+                return replication::apply(&self.engine, chunk, op)
+                    .map(|_| ())
+                    .map_err(io_error)
+            }
+            Backend::Raft(c) => c,
+        };
+        let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let stale = self.view(|ns| Ok(ns.stale_nodes(chunk)))?;
+        let me = c.node_id();
+        let members = c.members();
+        let payload = bytes::Bytes::from(replication::encode(chunk, &op));
+        let rt = tokio::runtime::Handle::current();
+        let mut calls = tokio::task::JoinSet::new();
+        for m in members
+            .iter()
+            .copied()
+            .filter(|m| *m != me && !stale.contains(m))
+        {
+            if let Some(client) = c.client(m).cloned() {
+                let p = payload.clone();
+                calls.spawn_on(
+                    async move { (m, client.call(replication::CHUNK_METHOD, &p).await) },
+                    &rt,
+                );
+            }
+        }
+        let mut ok = Vec::new();
+        if !stale.contains(&me) {
+            match replication::apply(&self.engine, chunk, op) {
+                Ok(_) => ok.push(me),
+                Err(e) => tracing::error!("local change to {chunk} failed: {e}"),
+            }
+        }
+        rt.block_on(async {
+            while let Some(r) = calls.join_next().await {
+                match r {
+                    Ok((m, Ok(_))) => ok.push(m),
+                    Ok((m, Err(e))) => tracing::warn!("member {m} missed a change to {chunk}: {e}"),
+                    Err(e) => tracing::warn!("replication task failed: {e}"),
+                }
+            }
+        });
+        if ok.len() < members.len() / 2 + 1 {
+            return Err(ServiceError::new(
+                ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+                format!(
+                    "{chunk}: only {} of {} members applied the change",
+                    ok.len(),
+                    members.len()
+                ),
+            ));
+        }
+        let missed: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|m| !ok.contains(m) && !stale.contains(m))
+            .collect();
+        if !missed.is_empty() {
+            self.exec(
+                &Creds::root(),
+                Op::MarkStale {
+                    chunks: vec![chunk],
+                    nodes: missed,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reads a range of a chunk: this node's copy, or (cluster) a current member's when this
+    /// node's copy is stale.
+    fn chunk_read(
+        &self,
+        chunk: ChunkId,
+        stale: &std::collections::BTreeSet<u64>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, ServiceError> {
+        let op = ChunkOp::Read { offset, len };
+        let c = match &self.backend {
+            Backend::Raft(c) if stale.contains(&c.node_id()) => c,
+            _ => return replication::apply(&self.engine, chunk, op).map_err(io_error),
+        };
+        let payload = replication::encode(chunk, &op);
+        let rt = tokio::runtime::Handle::current();
+        for m in c.members().into_iter().filter(|m| !stale.contains(m)) {
+            if let Some(client) = c.client(m) {
+                match rt.block_on(client.call(replication::CHUNK_METHOD, &payload)) {
+                    Ok(b) if b.len() as u64 == len => return Ok(b.to_vec()),
+                    Ok(b) => tracing::warn!("member {m} returned {} of {len} bytes", b.len()),
+                    Err(e) => tracing::warn!("reading {chunk} from member {m}: {e}"),
+                }
+            }
+        }
+        Err(ServiceError::new(
+            ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+            format!("no current copy of {chunk} reachable"),
+        ))
+    }
+
     /// Before a size change from `old` to `new`: cuts the chunk holding the new (when
     /// shrinking) or old (when growing) end, so bytes past the end read as zeros later.
     fn cut_tail(&self, ino: InodeId, old: u64, new: u64) -> Result<(), ServiceError> {
@@ -304,10 +422,12 @@ impl FsService {
         }
         let mapped = self.view(|ns| ns.extents(ino, at, 1))?;
         if let Some((_, c)) = mapped.first() {
-            match self.engine.truncate(c.0, at % CHUNK_BYTES) {
-                Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(io_error(e)),
-            }
+            self.chunk_change(
+                *c,
+                ChunkOp::Truncate {
+                    len: at % CHUNK_BYTES,
+                },
+            )?;
         }
         Ok(())
     }
@@ -356,9 +476,13 @@ impl FsService {
         };
         for ((_, off, n, at), (_, c)) in pieces(offset, data.len() as u64).zip(&chunks) {
             let piece = &data[at as usize..(at + n) as usize];
-            self.engine
-                .write(c.0, off, piece.to_vec())
-                .map_err(io_error)?;
+            self.chunk_change(
+                *c,
+                ChunkOp::Write {
+                    offset: off,
+                    data: piece.to_vec(),
+                },
+            )?;
         }
         let Some(mut m) = self.local() else {
             return self.exec_attr(
@@ -391,8 +515,14 @@ impl FsService {
 
     fn read(&self, ino: InodeId, offset: u64, len: u32) -> Result<Reply, ServiceError> {
         let want = u64::from(len.min(MAX_IO));
-        let (attr, mapped) =
-            self.view(|ns| Ok((ns.getattr(ino)?, ns.extents(ino, offset, want)?)))?;
+        let (attr, mapped) = self.view(|ns| {
+            let mapped: Vec<(u64, ChunkId, std::collections::BTreeSet<u64>)> = ns
+                .extents(ino, offset, want)?
+                .into_iter()
+                .map(|(i, c)| (i, c, ns.stale_nodes(c)))
+                .collect();
+            Ok((ns.getattr(ino)?, mapped))
+        })?;
         let end = attr
             .size
             .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
@@ -401,14 +531,11 @@ impl FsService {
         }
         let mut out = vec![0u8; (end - offset) as usize];
         for (idx, off, n, at) in pieces(offset, end - offset) {
-            let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) else {
+            let Some((_, c, stale)) = mapped.iter().find(|(i, _, _)| *i == idx) else {
                 continue; // a hole: zeros
             };
-            match self.engine.read(c.0, off, n as usize) {
-                Ok(d) => out[at as usize..at as usize + d.len()].copy_from_slice(&d),
-                Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(io_error(e)),
-            }
+            let d = self.chunk_read(*c, stale, off, n)?;
+            out[at as usize..at as usize + d.len()].copy_from_slice(&d);
         }
         Ok(Reply::Data(out))
     }
@@ -422,10 +549,13 @@ impl FsService {
                 continue;
             }
             if let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) {
-                match self.engine.punch(c.0, off, n) {
-                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                    Err(e) => return Err(io_error(e)),
-                }
+                self.chunk_change(
+                    *c,
+                    ChunkOp::Punch {
+                        offset: off,
+                        len: n,
+                    },
+                )?;
             }
         }
         Ok(())
@@ -815,6 +945,20 @@ impl Service for FsService {
                 };
                 c.deliver(msg);
                 return Ok(bytes::Bytes::new());
+            }
+            if method == replication::CHUNK_METHOD {
+                let Some((chunk, op)) = this.cluster().and(replication::decode(&payload)) else {
+                    return Err(ServiceError::new(
+                        ErrorCode::BadRequest,
+                        "not a chunk operation, or no cluster here",
+                    ));
+                };
+                let engine = Arc::clone(&this.engine);
+                return tokio::task::spawn_blocking(move || replication::apply(&engine, chunk, op))
+                    .await
+                    .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
+                    .map(bytes::Bytes::from)
+                    .map_err(io_error);
             }
             let forwarded = method & FORWARDED != 0;
             let method = method & !FORWARDED;

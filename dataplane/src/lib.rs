@@ -16,5 +16,6 @@ pub mod io;
 pub mod meta_store;
 pub mod raft_store;
 pub mod reactor;
+pub mod replication;
 pub mod store;
 pub mod workload;
