@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CRATES := hugepages nvme dataplane fabric metadata proto fuse-client sim
 
-.PHONY: all build release deps test check fmt clippy doc bench clean $(addprefix test-,$(CRATES))
+.PHONY: all build release deps test check fmt clippy doc bench clean test-cluster $(addprefix test-,$(CRATES))
 
 all: build
 
@@ -20,6 +20,7 @@ test: deps
 	$(CARGO) test --workspace
 	./scripts/test-hugepages.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
+	./scripts/test-cluster.sh
 
 test-hugepages: deps
 	$(CARGO) test -p cfs-hugepages
@@ -40,6 +41,10 @@ test-metadata: deps
 # Deterministic simulation (CFS_SIM_SEEDS=K for more seeds, CFS_SIM_SEED=N to replay one).
 test-sim: deps
 	$(CARGO) test -p cfs-sim
+
+# A three-process cluster on loopback: SIGKILL of the leader under load, then of another member.
+test-cluster: deps
+	./scripts/test-cluster.sh
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto

@@ -192,3 +192,64 @@ impl BlockingClient {
         }
     }
 }
+
+/// Blocking calls to any of several servers (the members of a cluster): a call goes to the
+/// server that answered last; if it cannot be reached at all (nothing was sent), the next one
+/// is tried, until every server has been tried for `total_timeout`. A request that was sent
+/// and then lost is not retried elsewhere (it may have run): the caller sees the error.
+pub struct FailoverClient {
+    clients: Vec<BlockingClient>,
+    current: std::sync::atomic::AtomicUsize,
+    total_timeout: Duration,
+}
+
+impl FailoverClient {
+    /// Clients for `addrs` (at least one); each connection attempt is bounded by
+    /// `cfg.connect_timeout`, the whole search for a reachable server by `total_timeout`.
+    pub fn new(addrs: &[String], cfg: ClientConfig, total_timeout: Duration) -> FailoverClient {
+        assert!(!addrs.is_empty(), "a failover client needs an address");
+        FailoverClient {
+            clients: addrs
+                .iter()
+                .map(|a| BlockingClient::new(a.clone(), cfg.clone()))
+                .collect(),
+            current: std::sync::atomic::AtomicUsize::new(0),
+            total_timeout,
+        }
+    }
+
+    fn each<T>(&self, f: impl Fn(&BlockingClient) -> Result<T, RpcError>) -> Result<T, RpcError> {
+        let n = self.clients.len();
+        let start = Instant::now();
+        let mut i = self.current.load(Ordering::Relaxed) % n;
+        let mut tried = 0;
+        loop {
+            match f(&self.clients[i]) {
+                Err(e @ RpcError::Connect { .. }) => {
+                    tried += 1;
+                    if tried >= n && start.elapsed() >= self.total_timeout {
+                        return Err(e);
+                    }
+                    if tried % n == 0 {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    i = (i + 1) % n;
+                }
+                other => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// A two-sided call (see the type's documentation for failover).
+    pub fn call(&self, method: u32, payload: &[u8]) -> Result<Bytes, RpcError> {
+        self.each(|c| c.call(method, payload))
+    }
+
+    /// A round trip to whichever server answers.
+    pub fn ping(&self) -> Result<(), RpcError> {
+        self.each(BlockingClient::ping)
+    }
+}

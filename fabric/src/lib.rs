@@ -15,7 +15,7 @@ pub mod frame;
 pub mod region;
 pub mod server;
 
-pub use blocking::BlockingClient;
+pub use blocking::{BlockingClient, FailoverClient};
 pub use client::{Client, ClientConfig};
 pub use frame::FrameError;
 pub use region::{Region, RegionKey, RegionTable};

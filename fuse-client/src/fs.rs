@@ -1,7 +1,7 @@
 //! The FUSE file system: each kernel request becomes one RPC to the server, with the caller's
 //! credentials; replies and errno values come back unchanged.
 
-use cfs_fabric::{BlockingClient, ErrorCode, RpcError};
+use cfs_fabric::{ErrorCode, FailoverClient, RpcError};
 use cfs_meta::namespace::access;
 use cfs_meta::{
     Attr, Creds, FileType as MetaType, InodeId, RenameFlags as MetaRename, SetAttr, TimeSet,
@@ -31,7 +31,7 @@ pub struct FsOptions {
 
 /// The mounted file system.
 pub struct CfsFs {
-    client: BlockingClient,
+    client: FailoverClient,
     opts: FsOptions,
 }
 
@@ -119,7 +119,7 @@ fn ino(i: INodeNo) -> InodeId {
 
 impl CfsFs {
     /// A file system talking to `client` (calls run on the FUSE worker threads themselves).
-    pub fn new(client: BlockingClient, opts: FsOptions) -> CfsFs {
+    pub fn new(client: FailoverClient, opts: FsOptions) -> CfsFs {
         CfsFs { client, opts }
     }
 

@@ -23,7 +23,8 @@ struct Cli {
 enum Cmd {
     /// Mount a ClaudeFS server (runs until unmounted, SIGINT or SIGTERM).
     Mount {
-        /// Server address (host:port of a cfs-dataplane).
+        /// Server address (host:port of a cfs-dataplane), or several members of a cluster
+        /// separated by commas (the mount moves to another when one cannot be reached).
         server: String,
         /// Where to mount.
         mountpoint: PathBuf,
@@ -112,12 +113,27 @@ fn main() -> Result<()> {
             if !(0.0..=3600.0).contains(&cache_ttl) {
                 bail!("--cache-ttl must be between 0 and 3600 seconds");
             }
+            let addrs: Vec<String> = server
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(String::from)
+                .collect();
+            if addrs.is_empty() {
+                bail!("no server address given");
+            }
+            let total = Duration::from_secs(timeout.max(1));
             let cfg = cfs_fabric::ClientConfig {
-                request_timeout: Duration::from_secs(timeout.max(1)),
-                connect_timeout: Duration::from_secs(timeout.max(1)),
+                request_timeout: total,
+                // With several members, a dead one costs at most a second before the next.
+                connect_timeout: if addrs.len() > 1 {
+                    total.min(Duration::from_secs(1))
+                } else {
+                    total
+                },
                 ..cfs_fabric::ClientConfig::default()
             };
-            let client = cfs_fabric::BlockingClient::new(server.clone(), cfg);
+            let client = cfs_fabric::FailoverClient::new(&addrs, cfg, total);
             client
                 .ping()
                 .with_context(|| format!("cannot reach the server at {server}"))?;
