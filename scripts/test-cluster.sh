@@ -3,9 +3,9 @@
 #   three cfs-dataplane processes on loopback form the metadata Raft group; one cfs mount names
 #   all three. Under a create+write+fsync load the leader is killed with SIGKILL: the load must
 #   go on after an election, every file whose write and fsync were acknowledged must read back
-#   byte for byte, and the killed node must rejoin and catch up. Then a second member (a
-#   follower that missed writes, or the new leader) is killed and everything must still read
-#   back from the two that are left.
+#   byte for byte, and the killed node must rejoin, catch up, and get the chunks it missed
+#   copied back (repair). Then a second member is killed and everything must still read back
+#   from the two that are left.
 # Starts everything under a temporary directory; stops its processes by PID and cleans up.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -176,6 +176,19 @@ if sed 's/\x1b\[[0-9;]*m//g' "$WORK/n$L1.log" | grep -q "metadata group leader\|
   pass "node $L1 rejoined the group"
 else
   fail "node $L1 did not rejoin"
+fi
+
+# Chunks written while it was down are stale on it; the leader copies them back.
+repaired=0
+for _ in $(seq 1 100); do
+  repaired=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK"/n*.log | grep -c "repaired chunk .* on member $L1" || true)
+  ((repaired > 0)) && break
+  sleep 0.2
+done
+if ((repaired > 0)); then
+  pass "the leader repaired $repaired stale chunk copies on node $L1"
+else
+  fail "no stale copy repaired on node $L1"
 fi
 
 # Kill another member: two of three remain (node L1 among them, stale for chunks written

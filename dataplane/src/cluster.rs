@@ -79,6 +79,7 @@ pub struct Cluster {
     cfg: Arc<ClusterConfig>,
     clients: Arc<BTreeMap<u64, Client>>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cluster {
@@ -125,6 +126,7 @@ impl Cluster {
             cfg: Arc::new(cfg),
             clients: Arc::new(clients),
             thread: Arc::new(Mutex::new(None)),
+            stopped: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let driver = Driver {
             cluster: cluster.clone(),
@@ -196,6 +198,11 @@ impl Cluster {
         self.clients.get(&id)
     }
 
+    /// Whether [`Cluster::stop`] was called (background work ends).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every member's id.
     pub fn members(&self) -> Vec<u64> {
         self.cfg.peers.keys().copied().collect()
@@ -218,6 +225,8 @@ impl Cluster {
 
     /// Stops the driver thread and waits for it.
     pub fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.inbox.send(Input::Stop);
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {

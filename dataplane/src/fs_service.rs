@@ -184,13 +184,116 @@ impl FsService {
         Ok(svc)
     }
 
-    /// Serves a node of a Raft group: the namespace is the group's (see [`Cluster`]).
-    pub fn open_cluster(cluster: Cluster, engine: Arc<Engine>) -> FsService {
-        FsService {
+    /// Serves a node of a Raft group: the namespace is the group's (see [`Cluster`]). While
+    /// this node leads, a background thread repairs stale chunk copies.
+    pub fn open_cluster(
+        cluster: Cluster,
+        engine: Arc<Engine>,
+        rt: tokio::runtime::Handle,
+    ) -> FsService {
+        let svc = FsService {
             backend: Backend::Raft(cluster),
             engine,
             chunk_locks: chunk_locks(),
+        };
+        let bg = svc.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cfs-repair".into())
+            .spawn(move || {
+                let _rt = rt.enter();
+                bg.repair_loop();
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the repair thread: {e}");
         }
+        svc
+    }
+
+    fn repair_loop(self) {
+        let Backend::Raft(c) = &self.backend else {
+            return;
+        };
+        while !c.is_stopped() {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            if !c.replica().is_leader() {
+                continue;
+            }
+            let todo: Vec<(ChunkId, Vec<u64>)> = c
+                .read(|ns| {
+                    ns.all_stale()
+                        .take(16)
+                        .map(|(ch, nodes)| (ch, nodes.iter().copied().collect()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (chunk, nodes) in todo {
+                for node in nodes {
+                    if c.is_stopped() {
+                        return;
+                    }
+                    match self.repair(c, chunk, node) {
+                        Ok(bytes) => {
+                            tracing::info!("repaired {chunk} on member {node} ({bytes} bytes)")
+                        }
+                        Err(e) => {
+                            tracing::debug!("cannot repair {chunk} on member {node} yet: {e}")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `chunk` to `node` from a current copy and records it current again.
+    fn repair(&self, c: &Cluster, chunk: ChunkId, node: u64) -> Result<u64, String> {
+        let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let stale = self
+            .view(|ns| Ok(ns.stale_nodes(chunk)))
+            .map_err(|e| e.to_string())?;
+        if !stale.contains(&node) {
+            return Ok(0);
+        }
+        let rt = tokio::runtime::Handle::current();
+        let me = c.node_id();
+        // Run an operation on a member (this node directly).
+        let on = |m: u64, op: ChunkOp| -> Result<Vec<u8>, String> {
+            if m == me {
+                return replication::apply(&self.engine, chunk, op).map_err(|e| e.to_string());
+            }
+            let client = c.client(m).ok_or("unknown member")?;
+            rt.block_on(client.call(replication::CHUNK_METHOD, &replication::encode(chunk, &op)))
+                .map(|b| b.to_vec())
+                .map_err(|e| e.to_string())
+        };
+        let source = c
+            .members()
+            .into_iter()
+            .filter(|m| !stale.contains(m))
+            .find(|m| on(*m, ChunkOp::Len).is_ok())
+            .ok_or("no current copy reachable")?;
+        let len_bytes = on(source, ChunkOp::Len)?;
+        let len = u64::from_le_bytes(len_bytes.try_into().map_err(|_| "bad length reply")?);
+        on(node, ChunkOp::Truncate { len: 0 })?;
+        let piece = 4u64 << 20;
+        let mut off = 0;
+        while off < len {
+            let n = piece.min(len - off);
+            let data = on(
+                source,
+                ChunkOp::Read {
+                    offset: off,
+                    len: n,
+                },
+            )?;
+            on(node, ChunkOp::Write { offset: off, data })?;
+            off += n;
+        }
+        on(node, ChunkOp::Truncate { len })?;
+        self.exec(&Creds::root(), Op::Repaired { chunk, node })
+            .map_err(|e| e.to_string())?;
+        Ok(len)
     }
 
     /// The Raft group this node serves, if any.

@@ -379,7 +379,11 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
                 members = c.peers.len(),
                 "metadata Raft group member"
             );
-            cfs_dataplane::fs_service::FsService::open_cluster(cluster, Arc::clone(&engine))
+            cfs_dataplane::fs_service::FsService::open_cluster(
+                cluster,
+                Arc::clone(&engine),
+                rt.handle().clone(),
+            )
         }
     };
     let cluster_handle = service.cluster().cloned();
@@ -425,9 +429,21 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
         c.stop();
     }
     drop(rt);
-    match Arc::try_unwrap(engine) {
-        Ok(e) => e.shutdown()?,
-        Err(_) => bail!("the engine is still in use at shutdown"),
+    // Background work (repair) notices the stop within a second and lets go of the engine.
+    let mut engine = engine;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => {
+                e.shutdown()?;
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                engine = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => bail!("the engine is still in use at shutdown"),
+        }
     }
     println!("stopped cleanly");
     Ok(())

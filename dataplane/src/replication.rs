@@ -7,9 +7,13 @@
 //!
 //! Node-to-node request (`CHUNK_METHOD`), fixed little-endian layout:
 //! ```text
-//! u8 op (1 write, 2 truncate, 3 punch, 4 read) | u64 chunk | u64 offset | u64 len | u32 n | n bytes data
+//! u8 op (1 write, 2 truncate, 3 punch, 4 read, 5 length) | u64 chunk | u64 offset | u64 len | u32 n | n bytes data
 //! ```
-//! (truncate: offset is the new length; read: the reply is the data.)
+//! (truncate: offset is the new length; read: the reply is the data; length: u64 LE.)
+//!
+//! Repair: the leader copies each chunk a member is stale for from a current copy (its length,
+//! then its bytes in 4 MiB pieces; holes are copied as zeros), under the chunk's lock so no
+//! change slips past, and then commits `Repaired`.
 
 use crate::reactor::Engine;
 use crate::store::StoreError;
@@ -30,6 +34,8 @@ pub enum ChunkOp {
     Punch { offset: u64, len: u64 },
     /// Read `len` bytes at `offset`.
     Read { offset: u64, len: u64 },
+    /// The chunk's length (8 bytes, little-endian; 0 if it does not exist).
+    Len,
 }
 
 /// Encodes a request.
@@ -40,6 +46,7 @@ pub fn encode(chunk: ChunkId, op: &ChunkOp) -> Vec<u8> {
         ChunkOp::Truncate { len } => (2, *len, 0, &[]),
         ChunkOp::Punch { offset, len } => (3, *offset, *len, &[]),
         ChunkOp::Read { offset, len } => (4, *offset, *len, &[]),
+        ChunkOp::Len => (5, 0, 0, &[]),
     };
     w.u8(code);
     w.u64(chunk.0);
@@ -62,6 +69,7 @@ pub fn decode(b: &[u8]) -> Option<(ChunkId, ChunkOp)> {
         2 => ChunkOp::Truncate { len: offset },
         3 => ChunkOp::Punch { offset, len },
         4 => ChunkOp::Read { offset, len },
+        5 => ChunkOp::Len,
         _ => return None,
     };
     Some((chunk, op))
@@ -80,6 +88,12 @@ pub fn apply(engine: &Engine, chunk: ChunkId, op: ChunkOp) -> Result<Vec<u8>, St
             Ok(()) | Err(StoreError::NotFound { .. }) => Ok(Vec::new()),
             Err(e) => Err(e),
         },
+        ChunkOp::Len => Ok(engine
+            .stat(chunk.0)?
+            .map(|i| i.len)
+            .unwrap_or(0)
+            .to_le_bytes()
+            .to_vec()),
         ChunkOp::Read { offset, len } => {
             let n =
                 usize::try_from(len).map_err(|_| StoreError::Layout("read too large".into()))?;
@@ -99,12 +113,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..4) {
+        fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..5) {
             let op = match k {
                 0 => ChunkOp::Write { offset, data },
                 1 => ChunkOp::Truncate { len },
                 2 => ChunkOp::Punch { offset, len },
-                _ => ChunkOp::Read { offset, len },
+                3 => ChunkOp::Read { offset, len },
+                _ => ChunkOp::Len,
             };
             let b = encode(ChunkId(chunk), &op);
             prop_assert_eq!(decode(&b), Some((ChunkId(chunk), op)));
