@@ -191,6 +191,22 @@ else
   fail "no stale copy repaired on node $L1"
 fi
 
+# cfs status: every member answers, one leads, and the repair backlog drains to zero.
+stale_left=""
+for _ in $(seq 1 50); do
+  st=$("$CFS" status "$ADDRS" 2>&1 || true)
+  leaders=$(grep -c ' leader ' <<<"$st" || true)
+  stale_left=$(awk 'NR > 1 && $2 == "leader" {print $NF}' <<<"$st")
+  ((leaders == 1)) && [[ $stale_left == 0 ]] && break
+  sleep 0.2
+done
+echo "$st" | sed 's/^/  /'
+if ((leaders == 1)) && [[ $stale_left == 0 ]]; then
+  pass "cfs status: three members answer, one leader, no stale chunk copy left"
+else
+  fail "cfs status: $leaders leader(s), stale copies left: ${stale_left:-?}"
+fi
+
 # Kill another member: two of three remain (node L1 among them, stale for chunks written
 # while it was down: those must come from the other survivor).
 VICTIM=$L2

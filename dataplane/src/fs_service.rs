@@ -408,6 +408,52 @@ impl FsService {
         }
     }
 
+    /// This node's view, as JSON: role, term, applied index, members, stale chunk copies
+    /// (repair backlog) and the local chunk store's usage.
+    pub fn status(&self) -> String {
+        let (chunks, used, free) = match self.engine.stats() {
+            Ok(st) => st.iter().fold((0, 0, 0), |(c, u, f), (_, s)| {
+                (
+                    c + s.chunks,
+                    u + s.live_blocks * 4096,
+                    f + s.free_blocks * 4096,
+                )
+            }),
+            Err(_) => (0, 0, 0),
+        };
+        let store = serde_json::json!({"chunks": chunks, "used_bytes": used, "free_bytes": free});
+        match &self.backend {
+            Backend::Local { .. } => serde_json::json!({"mode": "single", "store": store}),
+            Backend::Raft(c) => {
+                let r = c.replica();
+                let stale: Vec<serde_json::Value> = r
+                    .namespace()
+                    .all_stale()
+                    .map(|(ch, nodes)| serde_json::json!({"chunk": ch.0, "stale_on": nodes}))
+                    .take(1000)
+                    .collect();
+                let members: serde_json::Map<String, serde_json::Value> = c
+                    .members()
+                    .into_iter()
+                    .map(|m| (m.to_string(), c.address(m).unwrap_or("").into()))
+                    .collect();
+                serde_json::json!({
+                    "mode": "cluster",
+                    "node": c.node_id(),
+                    "role": if r.is_leader() { "leader" } else { "follower" },
+                    "leader": r.leader(),
+                    "term": r.term(),
+                    "applied": r.applied(),
+                    "members": members,
+                    "stale_chunk_copies": stale.len(),
+                    "stale": stale,
+                    "store": store,
+                })
+            }
+        }
+        .to_string()
+    }
+
     /// Applies a change to a chunk's data: here (one node), or on every member of the
     /// cluster (see [`crate::replication`]): a majority must apply it, and members that did
     /// not are marked stale for the chunk before this returns.
@@ -933,6 +979,7 @@ impl FsService {
                 .view(|ns| ns.access(creds, ino, mask))
                 .map(|()| Reply::Unit),
             Request::Statfs => self.view(|ns| Ok(ns.stats())).map(Reply::Stats),
+            Request::Status => Ok(Reply::Data(self.status().into_bytes())),
             Request::Write { ino, offset, data } => self.write(creds, ino, offset, &data),
             Request::Read { ino, offset, len } => self.read(ino, offset, len),
             Request::Fallocate {
@@ -1071,7 +1118,7 @@ impl Service for FsService {
                     format!("malformed request for method {method}"),
                 )
             })?;
-            if let Some(c) = this.cluster() {
+            if let Some(c) = this.cluster().filter(|_| !matches!(req, Request::Status)) {
                 if !c.replica().is_leader() {
                     if forwarded {
                         return Err(ServiceError::new(

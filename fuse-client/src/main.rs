@@ -51,6 +51,15 @@ enum Cmd {
         #[arg(long)]
         writeback_cache: bool,
     },
+    /// Show each server's view of the cluster: role, term, applied index, stale chunk copies
+    /// (the repair backlog) and store usage.
+    Status {
+        /// One or more servers, separated by commas.
+        servers: String,
+        /// Print each server's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Unmount a ClaudeFS mount point.
     Umount {
         /// The mount point.
@@ -91,6 +100,67 @@ fn set_readahead(mountpoint: &std::path::Path, kb: u32) {
     }
 }
 
+fn status(servers: &str, json: bool) -> Result<()> {
+    let cfg = cfs_fabric::ClientConfig {
+        request_timeout: Duration::from_secs(3),
+        connect_timeout: Duration::from_secs(1),
+        ..cfs_fabric::ClientConfig::default()
+    };
+    let req = cfs_proto::Request::Status;
+    let payload = req.encode(&cfs_meta::Creds::root());
+    let mut reachable = 0;
+    if !json {
+        println!(
+            "{:<22} {:<10} {:>6} {:>7} {:>9} {:>8} {:>10} {:>10}",
+            "server", "role", "node", "term", "applied", "chunks", "used MiB", "stale"
+        );
+    }
+    for addr in servers.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let client = cfs_fabric::BlockingClient::new(addr, cfg.clone());
+        let answer = client
+            .call(req.method(), &payload)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| match cfs_proto::Reply::decode(&b) {
+                Some(cfs_proto::Reply::Data(d)) => {
+                    Ok(serde_json::from_slice::<serde_json::Value>(&d)?)
+                }
+                _ => bail!("unexpected reply"),
+            });
+        let v = match answer {
+            Ok(v) => v,
+            Err(e) => {
+                println!("{addr:<22} unreachable: {e}");
+                continue;
+            }
+        };
+        reachable += 1;
+        if json {
+            println!("{addr} {v}");
+            continue;
+        }
+        let g = |k: &str| {
+            v.get(k)
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let store = |k: &str| v["store"].get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        let role = v.get("role").and_then(|r| r.as_str()).unwrap_or("single");
+        println!(
+            "{addr:<22} {role:<10} {:>6} {:>7} {:>9} {:>8} {:>10} {:>10}",
+            g("node"),
+            g("term"),
+            g("applied"),
+            store("chunks"),
+            store("used_bytes") >> 20,
+            g("stale_chunk_copies"),
+        );
+    }
+    if reachable == 0 {
+        bail!("no server answered");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -101,6 +171,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Umount { mountpoint } => umount(&mountpoint),
+        Cmd::Status { servers, json } => status(&servers, json),
         Cmd::Mount {
             server,
             mountpoint,

@@ -128,6 +128,9 @@ pub enum Request {
     /// Make everything acknowledged about the file durable (metadata deferred by writes that
     /// changed only times).
     Fsync { ino: InodeId },
+    /// This node's view of the cluster, as JSON text in [`Reply::Data`] (answered by the node
+    /// asked, never forwarded).
+    Status,
 }
 
 /// `FALLOC_FL_KEEP_SIZE`: do not change the file size.
@@ -196,6 +199,7 @@ impl Request {
             Request::ReadDirPlus { .. } => 25,
             Request::Create { .. } => 26,
             Request::Fsync { .. } => 27,
+            Request::Status => 28,
         }
     }
 
@@ -288,6 +292,7 @@ impl Request {
                 w.u32(*perm);
             }
             Request::Fsync { ino } => w.ino(*ino),
+            Request::Status => {}
             Request::Fallocate {
                 ino,
                 offset,
@@ -473,6 +478,7 @@ impl Request {
                 perm: r.u32()?,
             },
             27 => Request::Fsync { ino: r.ino()? },
+            28 => Request::Status,
             _ => return None,
         };
         r.end()?;
@@ -704,6 +710,7 @@ mod tests {
                 perm
             }),
             ino.clone().prop_map(|ino| Request::Fsync { ino }),
+            Just(Request::Status),
         ]
     }
 
