@@ -21,6 +21,7 @@ test: deps
 	./scripts/test-hugepages.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
 	./scripts/test-cluster.sh
+	./scripts/test-partition.sh
 
 test-hugepages: deps
 	$(CARGO) test -p cfs-hugepages
@@ -42,9 +43,11 @@ test-metadata: deps
 test-sim: deps
 	$(CARGO) test -p cfs-sim
 
-# A three-process cluster on loopback: SIGKILL of the leader under load, then of another member.
+# Three-process clusters: SIGKILL of the leader under load (loopback), and a partition of the
+# leader (network namespaces).
 test-cluster: deps
 	./scripts/test-cluster.sh
+	./scripts/test-partition.sh
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto

@@ -196,7 +196,8 @@ impl BlockingClient {
 /// Blocking calls to any of several servers (the members of a cluster): a call goes to the
 /// server that answered last; if it cannot be reached at all (nothing was sent), the next one
 /// is tried, until every server has been tried for `total_timeout`. A request that was sent
-/// and then lost is not retried elsewhere (it may have run): the caller sees the error.
+/// and then lost or timed out is not retried elsewhere (it may have run): the caller sees the
+/// error, and the next call starts with the next server.
 pub struct FailoverClient {
     clients: Vec<BlockingClient>,
     current: std::sync::atomic::AtomicUsize,
@@ -234,6 +235,12 @@ impl FailoverClient {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     i = (i + 1) % n;
+                }
+                Err(e @ (RpcError::Timeout { .. } | RpcError::ConnectionLost { .. })) => {
+                    // It may have run, so it is not retried; but the next call goes elsewhere
+                    // (a server cut off by a partition times out rather than refusing).
+                    self.current.store((i + 1) % n, Ordering::Relaxed);
+                    return Err(e);
                 }
                 other => {
                     self.current.store(i, Ordering::Relaxed);
