@@ -19,6 +19,8 @@ use cfs_nvme::rng::SimRng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
+pub mod lincheck;
+
 /// Time units per Raft tick.
 const TICK: u64 = 10;
 
