@@ -21,6 +21,7 @@ test: deps
 	./scripts/test-hugepages.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
 	./scripts/test-cluster.sh
+	NODES=5 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
 
 test-hugepages: deps
@@ -47,6 +48,7 @@ test-sim: deps
 # leader (network namespaces).
 test-cluster: deps
 	./scripts/test-cluster.sh
+	NODES=5 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
 
 test-proto: deps

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# scripts/test-cluster.sh - a three-node ClaudeFS cluster on this machine (root only):
-#   three cfs-dataplane processes on loopback form the metadata Raft group; one cfs mount names
-#   all three. Under a create+write+fsync load the leader is killed with SIGKILL: the load must
+# scripts/test-cluster.sh - a ClaudeFS cluster on this machine (root only; NODES=5 for five):
+#   NODES (default 3) cfs-dataplane processes on loopback form the metadata Raft group; one cfs
+#   mount names them all. Under a create+write+fsync load the leader is killed with SIGKILL: the load must
 #   go on after an election, every file whose write and fsync were acknowledged must read back
 #   byte for byte, and the killed node must rejoin, catch up, and get the chunks it missed
 #   copied back (repair). Then a second member is killed and everything must still read back
@@ -43,9 +43,15 @@ cleanup() {
 trap cleanup EXIT
 [[ -n ${KEEP_WORK:-} ]] && trap - EXIT
 
+N=${NODES:-3}
+((N >= 3)) || { echo "NODES must be at least 3" >&2; exit 1; }
 ADDRS=""
-for i in 1 2 3; do ADDRS+="${ADDRS:+,}127.0.0.1:$((BASE + i))"; done
-for i in 1 2 3; do
+PEERS=""
+for ((i = 1; i <= N; i++)); do
+  ADDRS+="${ADDRS:+,}127.0.0.1:$((BASE + i))"
+  PEERS+="${PEERS:+, }$i = \"127.0.0.1:$((BASE + i))\""
+done
+for ((i = 1; i <= N; i++)); do
   mkdir -p "$WORK/n$i"
   cat >"$WORK/n$i.toml" <<CONF
 data_dir = "$WORK/n$i"
@@ -60,7 +66,7 @@ cores = [$(((i - 1) % 2))]
 listen = "127.0.0.1:$((BASE + i))"
 [cluster]
 node_id = $i
-peers = { 1 = "127.0.0.1:$((BASE + 1))", 2 = "127.0.0.1:$((BASE + 2))", 3 = "127.0.0.1:$((BASE + 3))" }
+peers = { $PEERS }
 tick_ms = 50
 CONF
   "$BIN" format --config "$WORK/n$i.toml" >/dev/null 2>&1
@@ -78,7 +84,7 @@ start_node() { # start_node I
 }
 leader() { # prints the id of the node that most recently announced it leads, if alive
   local best="" bt=-1
-  for i in 1 2 3; do
+  for ((i = 1; i <= N; i++)); do
     [[ -n ${PIDS[$i]:-} ]] && kill -0 "${PIDS[$i]}" 2>/dev/null || continue
     local t
     t=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/n$i.log" | grep -o 'now leads the metadata group term=[0-9]*' | tail -1 | grep -o '[0-9]*$' || true)
@@ -96,9 +102,9 @@ wait_leader() {
   return 1
 }
 
-for i in 1 2 3; do start_node "$i"; done
+for ((i = 1; i <= N; i++)); do start_node "$i"; done
 L1=$(wait_leader) || { fail "no leader elected"; exit 1; }
-pass "three nodes formed a metadata group (leader: node $L1)"
+pass "$N nodes formed a metadata group (leader: node $L1)"
 
 mkdir -p "$WORK/mnt"
 "$CFS" mount "$ADDRS" "$WORK/mnt" --timeout 20 >>"$WORK/mount.log" 2>&1 &
@@ -199,13 +205,14 @@ stale_left=""
 for _ in $(seq 1 50); do
   st=$("$CFS" status "$ADDRS" 2>&1 || true)
   leaders=$(grep -c ' leader ' <<<"$st" || true)
+  answering=$(awk 'NR > 1 && ($2 == "leader" || $2 == "follower")' <<<"$st" | wc -l)
   stale_left=$(awk 'NR > 1 && $2 == "leader" {print $NF}' <<<"$st")
-  ((leaders == 1)) && [[ $stale_left == 0 ]] && break
+  ((leaders == 1 && answering == N)) && [[ $stale_left == 0 ]] && break
   sleep 0.2
 done
 echo "$st" | sed 's/^/  /'
-if ((leaders == 1)) && [[ $stale_left == 0 ]]; then
-  pass "cfs status: three members answer, one leader, no stale chunk copy left"
+if ((leaders == 1 && answering == N)) && [[ $stale_left == 0 ]]; then
+  pass "cfs status: $N members answer, one leader, no stale chunk copy left"
 else
   fail "cfs status: $leaders leader(s), stale copies left: ${stale_left:-?}"
 fi
@@ -229,7 +236,7 @@ fi
 start_node "$VICTIM"
 sleep 1
 REV=""
-for i in 3 2 1; do REV+="${REV:+,}127.0.0.1:$((BASE + i))"; done
+for ((i = N; i >= 1; i--)); do REV+="${REV:+,}127.0.0.1:$((BASE + i))"; done
 mkdir -p "$WORK/mnt2"
 "$CFS" mount "$REV" "$WORK/mnt2" --timeout 20 >>"$WORK/mount2.log" 2>&1 &
 MOUNT2_PID=$!
