@@ -131,10 +131,11 @@ else
   fail "majority side did not accept writes"
 fi
 head -c 3000000 /dev/urandom >"$WORK/during-data"
-if cp "$WORK/during-data" "$WORK/mnt/during/data" && cmp -s "$WORK/during-data" "$WORK/mnt/during/data"; then
+if cp "$WORK/during-data" "$WORK/mnt/during/data" 2>"$WORK/cp.err" && cmp -s "$WORK/during-data" "$WORK/mnt/during/data"; then
   pass "data written during the partition reads back"
 else
-  fail "data written during the partition"
+  fail "data written during the partition: $(cat "$WORK/cp.err")"
+  for n in 1 2 3; do sed 's/\x1b\[[0-9;]*m//g' "$WORK/n$n.log" | grep -v hugepages | tail -n 3 | sed "s/^/  n$n: /"; done
 fi
 
 # The cut-off node, asked directly from inside its namespace, refuses writes.

@@ -101,23 +101,38 @@ fn internal(what: String) -> ServiceError {
     ServiceError::new(ErrorCode::Internal, what)
 }
 
-/// A Raft-side failure as the client sees it: EIO (the operation may or may not have been
-/// applied when it timed out), or "not the leader" for the forwarding layer.
+/// A Raft-side failure of a mutation as the client sees it: "not the leader" (for the
+/// forwarding layer), Busy (not run: the client may try another member), or EIO (it timed out
+/// and may or may not have been applied).
 fn cluster_error(e: ClusterError) -> ServiceError {
     match e {
         ClusterError::NotLeader(leader) => ServiceError::new(
             ErrorCode::Service(NOT_LEADER),
             format!("not the leader; leader is {leader:?}"),
         ),
-        other => ServiceError::new(
+        ClusterError::Busy | ClusterError::Stopped => {
+            ServiceError::new(ErrorCode::Busy, e.to_string())
+        }
+        ClusterError::Timeout => ServiceError::new(
             ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
-            other.to_string(),
+            e.to_string(),
         ),
+    }
+}
+
+/// A failed read barrier: nothing was changed, so the client may always try elsewhere.
+fn read_error(e: ClusterError) -> ServiceError {
+    match e {
+        ClusterError::NotLeader(_) => cluster_error(e),
+        other => ServiceError::new(ErrorCode::Busy, other.to_string()),
     }
 }
 
 /// Service error code: this node does not lead the metadata group (the request was not run).
 pub const NOT_LEADER: u32 = 900;
+
+/// How long the leader waits for a member to apply a chunk change before recording it stale.
+pub const REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn errno(e: Errno) -> ServiceError {
     ServiceError::new(
@@ -320,8 +335,17 @@ impl FsService {
             }
             Backend::Raft(c) => match c.read(f) {
                 Ok(r) => r.map_err(errno),
-                Err(e) => Err(cluster_error(e)),
+                Err(e) => Err(read_error(e)),
             },
+        }
+    }
+
+    /// Runs a read on this node's namespace without a barrier: only for what the caller
+    /// already ordered after one (the write path, after its extent lookup) or may see stale.
+    fn view_local<T>(&self, f: impl FnOnce(&Namespace) -> T) -> T {
+        match &self.backend {
+            Backend::Local { meta, .. } => f(&meta.lock().unwrap_or_else(|p| p.into_inner()).ns),
+            Backend::Raft(c) => c.read_local(f),
         }
     }
 
@@ -469,7 +493,7 @@ impl FsService {
         let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let stale = self.view(|ns| Ok(ns.stale_nodes(chunk)))?;
+        let stale = self.view_local(|ns| ns.stale_nodes(chunk));
         let me = c.node_id();
         let members = c.members();
         let payload = bytes::Bytes::from(replication::encode(chunk, &op));
@@ -483,7 +507,14 @@ impl FsService {
             if let Some(client) = c.client(m).cloned() {
                 let p = payload.clone();
                 calls.spawn_on(
-                    async move { (m, client.call(replication::CHUNK_METHOD, &p).await) },
+                    async move {
+                        // A member that does not answer within this is recorded stale rather
+                        // than holding the write (and the client) up.
+                        let r = client
+                            .call_timeout(replication::CHUNK_METHOD, &p, REPLICA_TIMEOUT)
+                            .await;
+                        (m, r)
+                    },
                     &rt,
                 );
             }
@@ -1025,9 +1056,11 @@ impl FsService {
                 | Request::Access { .. }
                 | Request::Statfs
         );
-        if read_only {
-            // In-memory lookups answer at once: a hand-off to another thread would cost
-            // more than the work (measured: thread wake-ups dominated stat latency).
+        // In-memory lookups answer at once on a single node: a hand-off to another thread
+        // would cost more than the work (measured: thread wake-ups dominated stat latency).
+        // In a cluster a read waits for a ReadIndex round, which must not hold an async worker
+        // (the Raft messages that complete it run on those workers).
+        if read_only && self.cluster().is_none() {
             self.handle(&creds, req)
         } else {
             // Commits and data I/O block: keep them off the async workers.
@@ -1060,7 +1093,17 @@ impl FsService {
                         Err(cfs_fabric::RpcError::Remote { code, message }) => {
                             return Err(ServiceError::new(code, message))
                         }
-                        Err(e) => tracing::debug!("forwarding to leader {l} failed: {e}"),
+                        // Never sent: try again (the leader may change meanwhile).
+                        Err(e @ cfs_fabric::RpcError::Connect { .. }) => {
+                            tracing::debug!("forwarding to leader {l} failed: {e}")
+                        }
+                        // Sent and lost: it may have run, so it is not sent again.
+                        Err(e) => {
+                            return Err(ServiceError::new(
+                                ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+                                format!("forwarded request lost: {e}"),
+                            ))
+                        }
                     }
                 }
             } else if leader == Some(c.node_id()) {
@@ -1070,8 +1113,9 @@ impl FsService {
                 ));
             }
             if std::time::Instant::now() >= give_up {
+                // Nothing ran: the client may try another member.
                 return Err(ServiceError::new(
-                    ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+                    ErrorCode::Busy,
                     "no metadata leader reachable",
                 ));
             }
@@ -1133,7 +1177,15 @@ impl Service for FsService {
                 }
             }
             let reply = this.run_here(creds, req).await;
-            reply.map(|r| bytes::Bytes::from(r.encode()))
+            match reply {
+                Ok(r) => Ok(bytes::Bytes::from(r.encode())),
+                // Lost leadership before running it: not run, the client may retry elsewhere
+                // (a forwarder handles NOT_LEADER itself).
+                Err(e) if !forwarded && e.code == ErrorCode::Service(NOT_LEADER) => {
+                    Err(ServiceError::new(ErrorCode::Busy, e.message))
+                }
+                Err(e) => Err(e),
+            }
         })
     }
 }

@@ -125,8 +125,14 @@ impl RaftStore {
     /// Makes a persist job durable (one transaction, immediate durability): snapshot, entries
     /// (replacing a conflicting suffix), hard state, compaction.
     pub fn persist(&self, job: &PersistJob) -> Result<(), RaftStoreError> {
+        self.persist_all(std::slice::from_ref(job))
+    }
+
+    /// Makes several jobs durable, in order, in one transaction (one sync for all: group
+    /// commit of whatever queued up while the previous sync ran).
+    pub fn persist_all(&self, jobs: &[PersistJob]) -> Result<(), RaftStoreError> {
         let wtx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
+        for job in jobs {
             let mut meta = wtx.open_table(META).map_err(|e| self.err(e))?;
             let mut entries = wtx.open_table(ENTRIES).map_err(|e| self.err(e))?;
             let enc = |m: &dyn protobuf::Message| {

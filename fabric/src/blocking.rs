@@ -194,8 +194,9 @@ impl BlockingClient {
 }
 
 /// Blocking calls to any of several servers (the members of a cluster): a call goes to the
-/// server that answered last; if it cannot be reached at all (nothing was sent), the next one
-/// is tried, until every server has been tried for `total_timeout`. A request that was sent
+/// server that answered last; if it cannot be reached at all (nothing was sent), or answers
+/// Busy (it did not run the request), the next one is tried, until every server has been tried
+/// for `total_timeout`. A request that was sent
 /// and then lost or timed out is not retried elsewhere (it may have run): the caller sees the
 /// error, and the next call starts with the next server.
 pub struct FailoverClient {
@@ -226,7 +227,15 @@ impl FailoverClient {
         let mut tried = 0;
         loop {
             match f(&self.clients[i]) {
-                Err(e @ RpcError::Connect { .. }) => {
+                // Unreachable, or the server says it did not run the request and cannot now
+                // (e.g. a cluster member cut off from its leader): try the next server.
+                Err(
+                    e @ (RpcError::Connect { .. }
+                    | RpcError::Remote {
+                        code: crate::ErrorCode::Busy,
+                        ..
+                    }),
+                ) => {
                     tried += 1;
                     if tried >= n && start.elapsed() >= self.total_timeout {
                         return Err(e);

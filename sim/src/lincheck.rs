@@ -89,6 +89,9 @@ pub fn check(ops: &[Op]) -> Result<(), String> {
     Ok(())
 }
 
+/// Search states explored per key before giving up (bounds time and memory).
+pub const MAX_STATES: usize = 2_000_000;
+
 /// Largest sub-history checked (the memo holds sets of done operations as bitsets).
 pub const MAX_OPS_PER_KEY: usize = 2048;
 
@@ -99,7 +102,23 @@ fn check_register(ops: &[&Op]) -> Result<(), String> {
             ops.len()
         ));
     }
-    let mut ops: Vec<&Op> = ops.to_vec();
+    // A write with unknown outcome whose value nobody read can be taken never to have
+    // happened: including it could only add a state no read observes (this keeps histories
+    // with many failed writes tractable).
+    let read_values: HashSet<u64> = ops
+        .iter()
+        .filter_map(|o| match o.kind {
+            Kind::Read(Some(v)) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let mut ops: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|o| {
+            !(o.ret.is_none() && matches!(o.kind, Kind::Write(v) if !read_values.contains(&v)))
+        })
+        .collect();
     ops.sort_by_key(|o| o.call);
     let n = ops.len();
     let words = n.div_ceil(64).max(1);
@@ -109,6 +128,11 @@ fn check_register(ops: &[&Op]) -> Result<(), String> {
     while let Some((done, value)) = stack.pop() {
         if !seen.insert((done.clone(), value)) {
             continue;
+        }
+        if seen.len() > MAX_STATES {
+            return Err(format!(
+                "undecided: more than {MAX_STATES} states explored for {n} operations"
+            ));
         }
         let is_done = |i: usize| done[i / 64] >> (i % 64) & 1 == 1;
         // Finished when every operation with a known outcome is done.

@@ -72,6 +72,9 @@ pub struct Output {
     pub persist: Option<PersistJob>,
     /// Commands applied, in log order.
     pub applied: Vec<Applied>,
+    /// Read barriers confirmed: (context given to `read_index`, log index that reads under
+    /// it must wait for).
+    pub reads: Vec<(Vec<u8>, u64)>,
 }
 
 /// Why a proposal was not accepted.
@@ -235,6 +238,11 @@ impl Replica {
         }
         let mut rd = self.node.ready();
         out.messages = rd.take_messages();
+        out.reads = rd
+            .take_read_states()
+            .into_iter()
+            .map(|r| (r.request_ctx, r.index))
+            .collect();
         let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
         if let Some(s) = &snapshot {
             // The namespace restarts from the leader's snapshot; entries after it follow.
@@ -331,6 +339,12 @@ impl Replica {
             }
         });
         msgs
+    }
+
+    /// Starts a read barrier (ReadIndex): once a quorum confirms this node still leads, the
+    /// index every read under `ctx` must wait for comes back in [`Output::reads`].
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.node.read_index(ctx);
     }
 
     /// The transport tells the leader how sending a snapshot to `to` ended (it is streamed
