@@ -121,11 +121,13 @@ ip -n "$HUB" link set "h$L" down
 t0=$(date +%s.%N)
 ok=0
 for _ in $(seq 1 60); do
-  if mkdir "$WORK/mnt/during" 2>/dev/null; then ok=1; break; fi
+  if mkdir "$WORK/mnt/during" 2>>"$WORK/attempts"; then ok=1; break; fi
+  date +%s.%N >>"$WORK/attempts"
   sleep 0.5
 done
 t1=$(date +%s.%N)
 if ((ok)); then
+  [[ -s $WORK/attempts ]] && sed 's/^/  attempt: /' "$WORK/attempts" | tail -n 6
   pass "majority side took a write $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s after the leader (node $L) was cut off"
 else
   fail "majority side did not accept writes"

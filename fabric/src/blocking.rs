@@ -20,6 +20,19 @@ pub struct BlockingClient {
     next_id: AtomicU64,
 }
 
+/// Connects to the first address `addr` resolves to that answers within `timeout`.
+fn connect_within(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing");
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Whether the peer has not closed an idle pooled connection (a cheap non-blocking peek).
 fn still_open(s: &TcpStream) -> bool {
     if s.set_nonblocking(true).is_err() {
@@ -57,7 +70,12 @@ impl BlockingClient {
         let deadline = Instant::now() + self.cfg.connect_timeout;
         let mut backoff = self.cfg.initial_backoff;
         loop {
-            match TcpStream::connect(&self.addr) {
+            // A bounded connect: a plain connect() to a host cut off by a partition waits for
+            // the kernel's SYN retries (minutes), not for our deadline.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10));
+            match connect_within(&self.addr, left) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     return Ok(s);
