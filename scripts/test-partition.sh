@@ -84,6 +84,7 @@ node_id = $n
 peers = { 1 = "10.77.0.1:7411", 2 = "10.77.0.2:7411", 3 = "10.77.0.3:7411" }
 tick_ms = 50
 propose_timeout_ms = 3000
+replica_timeout_ms = 2000
 CONF
   "$BIN" format --config "$WORK/n$n.toml" >/dev/null 2>&1
   nsenter --net="/run/netns/$(ns "$n")" "$BIN" run --config "$WORK/n$n.toml" >>"$WORK/n$n.log" 2>&1 &
@@ -106,7 +107,7 @@ pass "three nodes in separate network namespaces formed a group (leader: node $L
 
 mount_in() { # mount_in NAMESPACE ADDRS DIR
   mkdir -p "$3"
-  nsenter --net="/run/netns/$1" "$CFS" mount "$2" "$3" --timeout 5 >>"$WORK/mount.log" 2>&1 &
+  nsenter --net="/run/netns/$1" "$CFS" mount "$2" "$3" --timeout "${4:-5}" >>"$WORK/mount.log" 2>&1 &
   MOUNT_PIDS+=($!)
   for _ in $(seq 1 100); do grep -q " $3 fuse" /proc/mounts && return 0; sleep 0.1; done
   cat "$WORK/mount.log"
@@ -151,7 +152,7 @@ fi
 # Heal: the node catches up and its stale chunk copies are repaired.
 ip -n "$HUB" link set "h$L" up
 caught=0
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   st=$(status)
   applied=$(awk 'NR > 1 && $2 != "unreachable:" {print $5}' <<<"$st" | sort -u | wc -l)
   stale=$(awk 'NR > 1 && $2 == "leader" {print $NF}' <<<"$st")

@@ -39,6 +39,8 @@ pub struct ClusterConfig {
     pub snapshot_every: u64,
     /// How long a proposal may wait for its commit before the caller gets EIO.
     pub propose_timeout_ms: u64,
+    /// How long the leader waits for a member to apply a chunk change.
+    pub replica_timeout_ms: u64,
 }
 
 /// Why a proposal got no result.
@@ -286,6 +288,11 @@ impl Cluster {
     /// Every member's id.
     pub fn members(&self) -> Vec<u64> {
         self.cfg.peers.keys().copied().collect()
+    }
+
+    /// How long the leader waits for a member to apply a chunk change.
+    pub fn replica_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.replica_timeout_ms)
     }
 
     /// One Raft tick.

@@ -54,6 +54,15 @@ pub struct ClusterSection {
     /// Milliseconds a metadata change may wait for its commit before the caller gets EIO.
     #[serde(default = "default_propose_timeout_ms")]
     pub propose_timeout_ms: u64,
+    /// Milliseconds the leader waits for a member to apply a chunk change before recording its
+    /// copy stale (too short and a loaded member looks gone; too long and a cut-off member holds
+    /// writes up that long).
+    #[serde(default = "default_replica_timeout_ms")]
+    pub replica_timeout_ms: u64,
+}
+
+fn default_replica_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_tick_ms() -> u64 {

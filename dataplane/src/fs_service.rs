@@ -131,9 +131,6 @@ fn read_error(e: ClusterError) -> ServiceError {
 /// Service error code: this node does not lead the metadata group (the request was not run).
 pub const NOT_LEADER: u32 = 900;
 
-/// How long the leader waits for a member to apply a chunk change before recording it stale.
-pub const REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
 fn errno(e: Errno) -> ServiceError {
     ServiceError::new(
         ErrorCode::Service(ERRNO_BASE + e.errno() as u32),
@@ -254,6 +251,8 @@ impl FsService {
                             tracing::debug!("cannot repair {chunk} on member {node} yet: {e}")
                         }
                     }
+                    // Repair yields to client traffic: a few chunks a second at most.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                 }
             }
         }
@@ -498,6 +497,7 @@ impl FsService {
         let members = c.members();
         let payload = bytes::Bytes::from(replication::encode(chunk, &op));
         let rt = tokio::runtime::Handle::current();
+        let timeout = c.replica_timeout();
         let mut calls = tokio::task::JoinSet::new();
         for m in members
             .iter()
@@ -511,7 +511,7 @@ impl FsService {
                         // A member that does not answer within this is recorded stale rather
                         // than holding the write (and the client) up.
                         let r = client
-                            .call_timeout(replication::CHUNK_METHOD, &p, REPLICA_TIMEOUT)
+                            .call_timeout(replication::CHUNK_METHOD, &p, timeout)
                             .await;
                         (m, r)
                     },

@@ -357,6 +357,7 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
                 heartbeat_ticks: c.heartbeat_ticks,
                 snapshot_every: c.snapshot_every,
                 propose_timeout_ms: c.propose_timeout_ms,
+                replica_timeout_ms: c.replica_timeout_ms,
             };
             let db = cfg.data_dir.join("raft.redb");
             let eng = Arc::clone(&engine);
