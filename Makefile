@@ -23,6 +23,7 @@ test: deps
 	./scripts/test-cluster.sh
 	NODES=5 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
+	./scripts/test-rebuild.sh
 
 test-hugepages: deps
 	$(CARGO) test -p cfs-hugepages
@@ -50,6 +51,7 @@ test-cluster: deps
 	./scripts/test-cluster.sh
 	NODES=5 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
+	./scripts/test-rebuild.sh
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto

@@ -154,7 +154,7 @@ ip -n "$HUB" link set "h$L" up
 caught=0
 for _ in $(seq 1 300); do
   st=$(status)
-  applied=$(awk 'NR > 1 && $2 != "unreachable:" {print $5}' <<<"$st" | sort -u | wc -l)
+  applied=$(awk 'NF == 0 {exit} NR > 1 && $2 != "unreachable:" {print $5}' <<<"$st" | sort -u | wc -l)
   stale=$(awk 'NR > 1 && $2 == "leader" {print $NF}' <<<"$st")
   members=$(awk 'NR > 1 && ($2 == "leader" || $2 == "follower")' <<<"$st" | wc -l)
   if ((members == 3 && applied == 1)) && [[ $stale == 0 ]]; then caught=1; break; fi

@@ -11,8 +11,11 @@
 use crate::raft_store::RaftStore;
 use cfs_fabric::{Client, ClientConfig};
 use cfs_meta::command::{Command, Outcome};
+use cfs_meta::placement::{Member, Placement};
 use cfs_meta::{ChunkId, Errno, Namespace};
-use cfs_meta_replica::{Message, MessageType, PersistJob, ProposeError, Replica, ReplicaConfig};
+use cfs_meta_replica::{
+    ConfState, MemberChange, Message, MessageType, PersistJob, ProposeError, Replica, ReplicaConfig,
+};
 use protobuf::Message as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -22,13 +25,24 @@ use std::time::{Duration, Instant};
 /// RPC method of a Raft message between nodes (outside the file-system method range).
 pub const RAFT_METHOD: u32 = 0x0100_0001;
 
-/// Static membership and timing of the group.
+/// Initial membership and timing of the group.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
     /// This node's id.
     pub node_id: u64,
-    /// Every member: id -> RPC address.
+    /// The members the cluster starts with: id -> RPC address (later changes are replicated
+    /// commands; this only seeds a new cluster and is the fallback address book).
     pub peers: BTreeMap<u64, String>,
+    /// Failure domain of members (missing: the member's id, one node per domain).
+    pub domains: BTreeMap<u64, String>,
+    /// Copies of each chunk (R, 1..=5; fewer while the cluster has fewer members).
+    pub replicas: usize,
+    /// Voters of the metadata Raft group (the lowest ids at creation; the other members are
+    /// learners, promoted when a voter is removed).
+    pub meta_replicas: usize,
+    /// A member the leader has not heard from for this long is removed for good: its chunk
+    /// copies are re-replicated and its vote is handed to a learner.
+    pub dead_after_ms: u64,
     /// Milliseconds per Raft tick.
     pub tick_ms: u64,
     /// Ticks without a leader before an election (randomised up to twice that).
@@ -77,8 +91,16 @@ enum Input {
     ReadBarrier {
         reply: SyncSender<Result<(), ClusterError>>,
     },
+    ProposeMember {
+        cmd: Box<Command>,
+        change: MemberChange,
+        reply: SyncSender<Result<Result<Outcome, Errno>, ClusterError>>,
+    },
     Stop,
 }
+
+/// Clients by member id, made on first use from the member's replicated address.
+type ClientMap = Arc<Mutex<HashMap<u64, (String, Client)>>>;
 
 /// Handle on the running group member (cheap to clone).
 #[derive(Clone)]
@@ -86,8 +108,13 @@ pub struct Cluster {
     inbox: SyncSender<Input>,
     replica: Arc<Mutex<Replica>>,
     cfg: Arc<ClusterConfig>,
-    clients: Arc<BTreeMap<u64, Client>>,
-    raft_clients: Arc<BTreeMap<u64, Client>>,
+    clients: ClientMap,
+    raft_clients: ClientMap,
+    client_cfgs: Arc<(ClientConfig, ClientConfig)>,
+    /// When each peer was last heard from (any Raft message).
+    last_seen: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// Since when this node leads (None: it does not).
+    leader_since: Arc<Mutex<Option<Instant>>>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -101,17 +128,37 @@ impl Cluster {
         rt: tokio::runtime::Handle,
         freed: Box<dyn Fn(Vec<ChunkId>) + Send>,
     ) -> Result<Cluster, anyhow::Error> {
-        let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+        let ids: Vec<u64> = cfg.peers.keys().copied().collect();
         anyhow::ensure!(
             cfg.peers.contains_key(&cfg.node_id),
             "node_id {} is not among the peers {:?}",
             cfg.node_id,
-            voters
+            ids
         );
-        let (store, log) = RaftStore::open(db, &voters)?;
+        let n_voters = cfg.meta_replicas.clamp(1, ids.len());
+        let (voters, learners) = (ids[..n_voters].to_vec(), ids[n_voters..].to_vec());
+        let initial = Placement::new(
+            cfg.peers
+                .iter()
+                .map(|(id, addr)| {
+                    let domain = cfg.domains.get(id).cloned().unwrap_or(id.to_string());
+                    (
+                        *id,
+                        Member {
+                            addr: addr.clone(),
+                            domain,
+                        },
+                    )
+                })
+                .collect(),
+            cfg.replicas,
+        );
+        let (store, log) = RaftStore::open(db, &voters, &learners)?;
         let rc = ReplicaConfig {
             id: cfg.node_id,
             voters,
+            learners,
+            initial,
             election_ticks: cfg.election_ticks,
             heartbeat_ticks: cfg.heartbeat_ticks,
             snapshot_every: cfg.snapshot_every,
@@ -132,21 +179,15 @@ impl Cluster {
             connect_timeout: Duration::from_secs(1),
             ..ClientConfig::default()
         };
-        let connect = |c: &ClientConfig| -> BTreeMap<u64, Client> {
-            cfg.peers
-                .iter()
-                .filter(|(id, _)| **id != cfg.node_id)
-                .map(|(id, addr)| (*id, Client::new(addr.clone(), c.clone())))
-                .collect()
-        };
-        let clients = connect(&data_cfg);
-        let raft_clients = connect(&raft_cfg);
         let cluster = Cluster {
             inbox: tx.clone(),
             replica: Arc::clone(&replica),
             cfg: Arc::new(cfg),
-            clients: Arc::new(clients),
-            raft_clients: Arc::new(raft_clients),
+            clients: ClientMap::default(),
+            raft_clients: ClientMap::default(),
+            client_cfgs: Arc::new((data_cfg, raft_cfg)),
+            last_seen: Arc::default(),
+            leader_since: Arc::default(),
             thread: Arc::new(Mutex::new(None)),
             stopped: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
@@ -208,6 +249,10 @@ impl Cluster {
 
     /// Delivers a Raft message from a peer (dropped if the driver is backed up).
     pub fn deliver(&self, msg: Message) {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(msg.from, Instant::now());
         match self.inbox.try_send(Input::Msg(Box::new(msg))) {
             Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
         }
@@ -231,6 +276,60 @@ impl Cluster {
             Err(RecvTimeoutError::Timeout) => Err(ClusterError::Timeout),
             Err(RecvTimeoutError::Disconnected) => Err(ClusterError::Stopped),
         }
+    }
+
+    /// Proposes a membership change (see [`Replica::propose_member`]) and waits for it.
+    pub fn propose_member(
+        &self,
+        cmd: Command,
+        change: MemberChange,
+    ) -> Result<Result<Outcome, Errno>, ClusterError> {
+        let (tx, rx) = sync_channel(1);
+        self.inbox
+            .try_send(Input::ProposeMember {
+                cmd: Box::new(cmd),
+                change,
+                reply: tx,
+            })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => ClusterError::Busy,
+                TrySendError::Disconnected(_) => ClusterError::Stopped,
+            })?;
+        let wait = Duration::from_millis(self.cfg.propose_timeout_ms + self.cfg.tick_ms);
+        match rx.recv_timeout(wait) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(ClusterError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ClusterError::Stopped),
+        }
+    }
+
+    /// The Raft configuration (voters, learners).
+    pub fn conf_state(&self) -> ConfState {
+        self.replica().conf_state()
+    }
+
+    /// How long the leader has not heard from `id` (counted from when it started leading);
+    /// `None` when this node does not lead.
+    pub fn silent_for(&self, id: u64) -> Option<Duration> {
+        let since = (*self.leader_since.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let seen = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
+        let from = seen.map_or(since, |s| s.max(since));
+        Some(from.elapsed())
+    }
+
+    /// How long a member may be silent before the leader removes it.
+    pub fn dead_after(&self) -> Duration {
+        Duration::from_millis(self.cfg.dead_after_ms)
+    }
+
+    /// Voters the metadata group should have.
+    pub fn meta_replicas(&self) -> usize {
+        self.cfg.meta_replicas
     }
 
     /// The replica (for reads of the applied namespace and status).
@@ -270,14 +369,40 @@ impl Cluster {
         f(self.replica().namespace())
     }
 
-    /// The RPC address of a member.
-    pub fn address(&self, id: u64) -> Option<&str> {
-        self.cfg.peers.get(&id).map(String::as_str)
+    /// The RPC address of a member (replicated membership first, then the configuration).
+    pub fn address(&self, id: u64) -> Option<String> {
+        self.read_local(|ns| ns.placement().members().get(&id).map(|m| m.addr.clone()))
+            .or_else(|| self.cfg.peers.get(&id).cloned())
     }
 
-    /// A client to a member (for forwarding requests to the leader).
-    pub fn client(&self, id: u64) -> Option<&Client> {
-        self.clients.get(&id)
+    fn client_in(&self, map: &ClientMap, cfg: &ClientConfig, id: u64) -> Option<Client> {
+        if id == self.cfg.node_id {
+            return None;
+        }
+        if let Some((_, c)) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Some(c.clone());
+        }
+        let addr = self.address(id)?;
+        let c = Client::new(addr.clone(), cfg.clone());
+        map.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (addr, c.clone()));
+        Some(c)
+    }
+
+    /// A client to a member (data, forwarded requests).
+    pub fn client(&self, id: u64) -> Option<Client> {
+        self.client_in(&self.clients, &self.client_cfgs.0, id)
+    }
+
+    /// A client for Raft messages to a member (own connections, short timeouts).
+    fn raft_client(&self, id: u64) -> Option<Client> {
+        self.client_in(&self.raft_clients, &self.client_cfgs.1, id)
+    }
+
+    /// Whether this node was removed from the cluster (it must not serve).
+    pub fn is_removed(&self) -> bool {
+        self.read_local(|ns| ns.placement().removed().contains(&self.cfg.node_id))
     }
 
     /// Whether [`Cluster::stop`] was called (background work ends).
@@ -285,9 +410,15 @@ impl Cluster {
         self.stopped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Every member's id.
+    /// Every member's id (replicated membership; the configuration for a store from before
+    /// membership was replicated).
     pub fn members(&self) -> Vec<u64> {
-        self.cfg.peers.keys().copied().collect()
+        let m: Vec<u64> = self.read_local(|ns| ns.placement().members().keys().copied().collect());
+        if m.is_empty() {
+            self.cfg.peers.keys().copied().collect()
+        } else {
+            m
+        }
     }
 
     /// How long the leader waits for a member to apply a chunk change.
@@ -405,6 +536,12 @@ impl Driver {
         };
         if (leader, term) != self.last_leader {
             self.last_leader = (leader, term);
+            *self
+                .cluster
+                .leader_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) =
+                (leader == Some(self.cluster.cfg.node_id)).then(Instant::now);
             match leader {
                 Some(l) if l == self.cluster.cfg.node_id => {
                     tracing::info!(term, "this node now leads the metadata group")
@@ -440,6 +577,28 @@ impl Driver {
                     }
                     Err(ProposeError::Dropped(_)) => {
                         let _ = reply.send(Err(ClusterError::NotLeader(None)));
+                    }
+                }
+            }
+            Input::ProposeMember { cmd, change, reply } => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                match self.cluster.replica().propose_member(
+                    tag.to_le_bytes().to_vec(),
+                    &cmd,
+                    change,
+                ) {
+                    Ok(()) => {
+                        let deadline = Instant::now()
+                            + Duration::from_millis(self.cluster.cfg.propose_timeout_ms);
+                        self.waiting.insert(tag, (reply, deadline));
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let _ = reply.send(Err(ClusterError::NotLeader(leader)));
+                    }
+                    Err(ProposeError::Dropped(why)) => {
+                        tracing::info!("membership change not proposed: {why}");
+                        let _ = reply.send(Err(ClusterError::Busy));
                     }
                 }
             }
@@ -549,9 +708,12 @@ impl Driver {
                     self.reads_confirmed.push((index, waiters));
                 }
             }
+            let me = self.cluster.cfg.node_id;
             for a in out.applied {
-                if !a.freed.is_empty() {
-                    (self.freed)(a.freed.clone());
+                let mut freed = a.freed.clone();
+                freed.extend(a.dropped.iter().filter(|(_, n)| *n == me).map(|(c, _)| *c));
+                if !freed.is_empty() {
+                    (self.freed)(freed);
                 }
                 let Ok(tag) = <[u8; 8]>::try_from(a.tag.as_slice()) else {
                     continue;
@@ -565,7 +727,7 @@ impl Driver {
 
     fn send(&self, msgs: Vec<Message>) {
         for m in msgs {
-            let Some(client) = self.cluster.raft_clients.get(&m.to).cloned() else {
+            let Some(client) = self.cluster.raft_client(m.to) else {
                 continue;
             };
             let bytes = match m.write_to_bytes() {

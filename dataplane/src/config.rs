@@ -59,10 +59,34 @@ pub struct ClusterSection {
     /// writes up that long).
     #[serde(default = "default_replica_timeout_ms")]
     pub replica_timeout_ms: u64,
+    /// Copies of each chunk (1 to 5; fewer while the cluster has fewer members).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Voters of the metadata Raft group (the lowest ids; other members are learners).
+    #[serde(default = "default_meta_replicas")]
+    pub meta_replicas: usize,
+    /// Failure domain of members, id -> name (missing: each node its own domain). Copies of a
+    /// chunk go to distinct domains first.
+    #[serde(default)]
+    pub domains: std::collections::BTreeMap<String, String>,
+    /// Milliseconds the leader waits without hearing from a member before removing it for
+    /// good (its chunks are re-replicated, its vote handed to a learner). Long by default: a
+    /// rebooting node must not cost a full re-replication.
+    #[serde(default = "default_dead_after_ms")]
+    pub dead_after_ms: u64,
 }
 
 fn default_replica_timeout_ms() -> u64 {
     10_000
+}
+fn default_replicas() -> usize {
+    3
+}
+fn default_meta_replicas() -> usize {
+    3
+}
+fn default_dead_after_ms() -> u64 {
+    600_000
 }
 
 fn default_tick_ms() -> u64 {
@@ -92,6 +116,18 @@ impl ClusterSection {
             if v.is_empty() {
                 return Err(invalid(format!("cluster.peers.{k}"), "address is empty"));
             }
+            out.insert(id, v.clone());
+        }
+        Ok(out)
+    }
+
+    /// Failure domains by numeric member id.
+    pub fn domain_map(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in &self.domains {
+            let id: u64 = k.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                invalid(format!("cluster.domains.{k}"), "ids are positive integers")
+            })?;
             out.insert(id, v.clone());
         }
         Ok(out)
@@ -371,6 +407,13 @@ impl Config {
             if !members.contains_key(&c.node_id) {
                 return Err(invalid("cluster.node_id", "must be one of cluster.peers"));
             }
+            if !(1..=5).contains(&c.replicas) {
+                return Err(invalid("cluster.replicas", "must be 1 to 5"));
+            }
+            if !(1..=7).contains(&c.meta_replicas) {
+                return Err(invalid("cluster.meta_replicas", "must be 1 to 7"));
+            }
+            c.domain_map()?;
             if c.tick_ms == 0 || c.heartbeat_ticks == 0 || c.heartbeat_ticks >= c.election_ticks {
                 return Err(invalid(
                     "cluster",

@@ -21,7 +21,9 @@ use crate::store::StoreError;
 use cfs_fabric::{ErrorCode, Service, ServiceError, ServiceFuture};
 use cfs_meta::command::{Command, Op, Outcome};
 use cfs_meta::namespace::{Namespace, MAX_FILE_SIZE};
+use cfs_meta::placement::Move;
 use cfs_meta::{ChunkId, Creds, Errno, FileType, InodeId, SetAttr, Timespec, CHUNK_BYTES};
+use cfs_meta_replica::MemberChange;
 use cfs_proto::{
     Reply, Request, ERRNO_BASE, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, SEEK_DATA,
     SEEK_HOLE,
@@ -221,14 +223,38 @@ impl FsService {
         svc
     }
 
+    /// The leader's background work, twice a second: remove members silent for longer than
+    /// `dead_after_ms` and hand their votes to learners, move chunk copies towards their
+    /// target placement (re-replication after a removal, rebalancing after a join), and copy
+    /// current data over stale copies. Each step is a committed command, so a new leader picks
+    /// up where the old one stopped.
     fn repair_loop(self) {
         let Backend::Raft(c) = &self.backend else {
             return;
         };
+        let mut cursor = ChunkId(0);
         while !c.is_stopped() {
             std::thread::sleep(std::time::Duration::from_millis(500));
             if !c.replica().is_leader() {
                 continue;
+            }
+            self.check_members(c);
+            let moves = c.read_local(|ns| ns.placement().plan(cursor, 16));
+            for mv in moves {
+                let (chunk, op) = match mv {
+                    Move::Add { chunk, nodes } => (chunk, Op::AddHolders { chunk, nodes }),
+                    Move::Drop { chunk, nodes } => (chunk, Op::DropHolders { chunk, nodes }),
+                };
+                cursor = chunk;
+                // Under the chunk's lock: no change to it is in flight while holders change.
+                let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = self.exec(&Creds::root(), op.clone()) {
+                    tracing::debug!("placement move {op:?} failed: {e}");
+                } else {
+                    tracing::info!("placement move: {op:?}");
+                }
             }
             let todo: Vec<(ChunkId, Vec<u64>)> = c
                 .read(|ns| {
@@ -258,6 +284,80 @@ impl FsService {
         }
     }
 
+    /// Removes one member the leader has not heard from for `dead_after_ms`, or, when the
+    /// metadata group has fewer voters than configured, promotes a live learner.
+    fn check_members(&self, c: &Cluster) {
+        let me = c.node_id();
+        let dead_after = c.dead_after();
+        for m in c.members().into_iter().filter(|m| *m != me) {
+            if c.silent_for(m).is_some_and(|d| d >= dead_after) {
+                tracing::warn!(
+                    "member {m} silent for over {} ms: removing it for good",
+                    dead_after.as_millis()
+                );
+                let cmd = Command {
+                    creds: Creds::root(),
+                    now: now(),
+                    op: Op::RemoveMember { id: m },
+                };
+                match c.propose_member(cmd, MemberChange::Remove) {
+                    Ok(Ok(_)) => tracing::warn!("member {m} removed; its chunks re-replicate"),
+                    Ok(Err(e)) => tracing::warn!("removing member {m} refused: {e:?}"),
+                    Err(e) => tracing::info!("removing member {m} not done yet: {e}"),
+                }
+                return;
+            }
+        }
+        let cs = c.conf_state();
+        if cs.voters.len() >= c.meta_replicas() {
+            return;
+        }
+        let alive = c.election_timeout() * 2;
+        let candidate = cs
+            .learners
+            .iter()
+            .copied()
+            .find(|l| c.silent_for(*l).is_some_and(|d| d < alive));
+        let Some(l) = candidate else {
+            return;
+        };
+        let Some(member) = c.read_local(|ns| ns.placement().members().get(&l).cloned()) else {
+            return;
+        };
+        let cmd = Command {
+            creds: Creds::root(),
+            now: now(),
+            op: Op::AddMember {
+                id: l,
+                addr: member.addr,
+                domain: member.domain,
+            },
+        };
+        match c.propose_member(cmd, MemberChange::AddVoter) {
+            Ok(Ok(_)) => tracing::warn!("learner {l} promoted to metadata voter"),
+            Ok(Err(e)) => tracing::warn!("promoting learner {l} refused: {e:?}"),
+            Err(e) => tracing::info!("promoting learner {l} not done yet: {e}"),
+        }
+    }
+
+    /// The nodes holding a current copy of `chunk` (every member for a chunk without
+    /// recorded holders), and its stale nodes.
+    fn current_holders(&self, c: &Cluster, chunk: ChunkId) -> (Vec<u64>, Vec<u64>) {
+        let (holders, stale) = c.read_local(|ns| {
+            (
+                ns.placement().holders(chunk).map(<[u64]>::to_vec),
+                ns.stale_nodes(chunk),
+            )
+        });
+        let holders = holders.unwrap_or_else(|| c.members());
+        let current = holders
+            .iter()
+            .copied()
+            .filter(|h| !stale.contains(h))
+            .collect();
+        (current, holders)
+    }
+
     /// Copies `chunk` to `node` from a current copy and records it current again.
     fn repair(&self, c: &Cluster, chunk: ChunkId, node: u64) -> Result<u64, String> {
         let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
@@ -281,10 +381,10 @@ impl FsService {
                 .map(|b| b.to_vec())
                 .map_err(|e| e.to_string())
         };
-        let source = c
-            .members()
+        // Only a current holder is a source: any other node reads as an empty chunk.
+        let (current, _) = self.current_holders(c, chunk);
+        let source = current
             .into_iter()
-            .filter(|m| !stale.contains(m))
             .find(|m| on(*m, ChunkOp::Len).is_ok())
             .ok_or("no current copy reachable")?;
         let len_bytes = on(source, ChunkOp::Len)?;
@@ -336,15 +436,6 @@ impl FsService {
                 Ok(r) => r.map_err(errno),
                 Err(e) => Err(read_error(e)),
             },
-        }
-    }
-
-    /// Runs a read on this node's namespace without a barrier: only for what the caller
-    /// already ordered after one (the write path, after its extent lookup) or may see stale.
-    fn view_local<T>(&self, f: impl FnOnce(&Namespace) -> T) -> T {
-        match &self.backend {
-            Backend::Local { meta, .. } => f(&meta.lock().unwrap_or_else(|p| p.into_inner()).ns),
-            Backend::Raft(c) => c.read_local(f),
         }
     }
 
@@ -448,17 +539,38 @@ impl FsService {
         match &self.backend {
             Backend::Local { .. } => serde_json::json!({"mode": "single", "store": store}),
             Backend::Raft(c) => {
+                let cs = c.conf_state();
                 let r = c.replica();
-                let stale: Vec<serde_json::Value> = r
-                    .namespace()
+                let ns = r.namespace();
+                let p = ns.placement();
+                let stale: Vec<serde_json::Value> = ns
                     .all_stale()
                     .map(|(ch, nodes)| serde_json::json!({"chunk": ch.0, "stale_on": nodes}))
                     .take(1000)
                     .collect();
-                let members: serde_json::Map<String, serde_json::Value> = c
+                let members: Vec<serde_json::Value> = p
                     .members()
-                    .into_iter()
-                    .map(|m| (m.to_string(), c.address(m).unwrap_or("").into()))
+                    .iter()
+                    .map(|(id, m)| {
+                        let role = if cs.voters.contains(id) {
+                            "voter"
+                        } else if cs.learners.contains(id) {
+                            "learner"
+                        } else {
+                            "none"
+                        };
+                        let silent_ms = (*id != c.node_id())
+                            .then(|| c.silent_for(*id).map(|d| d.as_millis() as u64))
+                            .flatten();
+                        serde_json::json!({"id": id, "addr": m.addr, "domain": m.domain,
+                            "raft": role, "silent_ms": silent_ms})
+                    })
+                    .collect();
+                let h = p.health();
+                let holders: Vec<serde_json::Value> = p
+                    .all_holders()
+                    .take(10_000)
+                    .map(|(ch, hs)| serde_json::json!([ch.0, hs]))
                     .collect();
                 serde_json::json!({
                     "mode": "cluster",
@@ -468,8 +580,14 @@ impl FsService {
                     "term": r.term(),
                     "applied": r.applied(),
                     "members": members,
+                    "removed": p.removed(),
+                    "replicas": p.replicas(),
+                    "effective_replicas": p.effective_replicas(),
+                    "chunks": {"total": h.chunks, "under_replicated": h.under_replicated,
+                        "lost": h.lost, "misplaced": h.misplaced, "stale_copies": h.stale_copies},
                     "stale_chunk_copies": stale.len(),
                     "stale": stale,
+                    "holders": holders,
                     "store": store,
                 })
             }
@@ -492,9 +610,13 @@ impl FsService {
         let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let stale = self.view_local(|ns| ns.stale_nodes(chunk));
         let me = c.node_id();
-        let members = c.members();
+        let (targets, members) = self.current_holders(c, chunk);
+        let stale: std::collections::BTreeSet<u64> = members
+            .iter()
+            .copied()
+            .filter(|m| !targets.contains(m))
+            .collect();
         let payload = bytes::Bytes::from(replication::encode(chunk, &op));
         let rt = tokio::runtime::Handle::current();
         let timeout = c.replica_timeout();
@@ -504,7 +626,7 @@ impl FsService {
             .copied()
             .filter(|m| *m != me && !stale.contains(m))
         {
-            if let Some(client) = c.client(m).cloned() {
+            if let Some(client) = c.client(m) {
                 let p = payload.clone();
                 calls.spawn_on(
                     async move {
@@ -539,7 +661,7 @@ impl FsService {
             return Err(ServiceError::new(
                 ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
                 format!(
-                    "{chunk}: only {} of {} members applied the change",
+                    "{chunk}: only {} of {} holders applied the change",
                     ok.len(),
                     members.len()
                 ),
@@ -562,23 +684,39 @@ impl FsService {
         Ok(())
     }
 
-    /// Reads a range of a chunk: this node's copy, or (cluster) a current member's when this
-    /// node's copy is stale.
-    fn chunk_read(
-        &self,
-        chunk: ChunkId,
-        stale: &std::collections::BTreeSet<u64>,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, ServiceError> {
+    /// Reads a range of a chunk: this node's copy when it is a current holder, else a current
+    /// holder's. A local copy that fails its checksums is recorded stale (repair rewrites it)
+    /// and the read goes to another holder.
+    fn chunk_read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Vec<u8>, ServiceError> {
         let op = ChunkOp::Read { offset, len };
         let c = match &self.backend {
-            Backend::Raft(c) if stale.contains(&c.node_id()) => c,
-            _ => return replication::apply(&self.engine, chunk, op).map_err(io_error),
+            Backend::Raft(c) => c,
+            Backend::Local { .. } => {
+                return replication::apply(&self.engine, chunk, op).map_err(io_error)
+            }
         };
+        let me = c.node_id();
+        let (current, _) = self.current_holders(c, chunk);
+        if current.contains(&me) {
+            match replication::apply(&self.engine, chunk, op.clone()) {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    tracing::error!("local copy of {chunk} unreadable ({e}): reading another");
+                    if let Err(e) = self.exec(
+                        &Creds::root(),
+                        Op::MarkStale {
+                            chunks: vec![chunk],
+                            nodes: vec![me],
+                        },
+                    ) {
+                        tracing::warn!("cannot record {chunk} stale here: {e}");
+                    }
+                }
+            }
+        }
         let payload = replication::encode(chunk, &op);
         let rt = tokio::runtime::Handle::current();
-        for m in c.members().into_iter().filter(|m| !stale.contains(m)) {
+        for m in current.into_iter().filter(|m| *m != me) {
             if let Some(client) = c.client(m) {
                 match rt.block_on(client.call(replication::CHUNK_METHOD, &payload)) {
                     Ok(b) if b.len() as u64 == len => return Ok(b.to_vec()),
@@ -695,14 +833,8 @@ impl FsService {
 
     fn read(&self, ino: InodeId, offset: u64, len: u32) -> Result<Reply, ServiceError> {
         let want = u64::from(len.min(MAX_IO));
-        let (attr, mapped) = self.view(|ns| {
-            let mapped: Vec<(u64, ChunkId, std::collections::BTreeSet<u64>)> = ns
-                .extents(ino, offset, want)?
-                .into_iter()
-                .map(|(i, c)| (i, c, ns.stale_nodes(c)))
-                .collect();
-            Ok((ns.getattr(ino)?, mapped))
-        })?;
+        let (attr, mapped) =
+            self.view(|ns| Ok((ns.getattr(ino)?, ns.extents(ino, offset, want)?)))?;
         let end = attr
             .size
             .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
@@ -711,10 +843,10 @@ impl FsService {
         }
         let mut out = vec![0u8; (end - offset) as usize];
         for (idx, off, n, at) in pieces(offset, end - offset) {
-            let Some((_, c, stale)) = mapped.iter().find(|(i, _, _)| *i == idx) else {
+            let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) else {
                 continue; // a hole: zeros
             };
-            let d = self.chunk_read(*c, stale, off, n)?;
+            let d = self.chunk_read(*c, off, n)?;
             out[at as usize..at as usize + d.len()].copy_from_slice(&d);
         }
         Ok(Reply::Data(out))
@@ -1163,6 +1295,13 @@ impl Service for FsService {
                 )
             })?;
             if let Some(c) = this.cluster().filter(|_| !matches!(req, Request::Status)) {
+                if c.is_removed() {
+                    // Its data and vote went elsewhere: the client must use another node.
+                    return Err(ServiceError::new(
+                        ErrorCode::Busy,
+                        "this node was removed from the cluster",
+                    ));
+                }
                 if !c.replica().is_leader() {
                     if forwarded {
                         return Err(ServiceError::new(

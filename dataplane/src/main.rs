@@ -1,7 +1,7 @@
 //! `cfs-dataplane`: format and run a ClaudeFS data plane node, plus crash-test and benchmark
 //! tools that drive the real engine.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use cfs_dataplane::config::Config;
 use cfs_dataplane::reactor::{self, Engine};
 use cfs_nvme::uring::UringDevice;
@@ -97,6 +97,15 @@ enum Cmd {
         /// Delete chunks that no file owns (left by a crash between freeing a file and its data).
         #[arg(long)]
         repair: bool,
+    },
+    /// Check a running cluster's chunk copies byte by byte: asks the leader (found among
+    /// `--servers`) where every chunk lives, reads every current copy from its node and
+    /// compares them. Exit status 1 if copies differ, a copy is unreadable, or a chunk has
+    /// fewer current copies than the cluster wants.
+    Verify {
+        /// Comma-separated RPC addresses of cluster nodes (any of them).
+        #[arg(long)]
+        servers: String,
     },
     /// Benchmark the chunk store and fio on the same file.
     Bench(bench::BenchArgs),
@@ -358,6 +367,10 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
                 snapshot_every: c.snapshot_every,
                 propose_timeout_ms: c.propose_timeout_ms,
                 replica_timeout_ms: c.replica_timeout_ms,
+                replicas: c.replicas,
+                meta_replicas: c.meta_replicas,
+                domains: c.domain_map()?,
+                dead_after_ms: c.dead_after_ms,
             };
             let db = cfg.data_dir.join("raft.redb");
             let eng = Arc::clone(&engine);
@@ -564,6 +577,143 @@ fn main() -> Result<()> {
             data_dir,
             repair,
         } => cmd_fsck(&load_config(config, data_dir)?, repair),
+        Cmd::Verify { servers } => cmd_verify(&servers),
         Cmd::Bench(args) => bench::run(args),
     }
+}
+
+/// See `Cmd::Verify`.
+fn cmd_verify(servers: &str) -> Result<()> {
+    use cfs_dataplane::replication::{self, ChunkOp, CHUNK_METHOD};
+    let cfg = cfs_fabric::ClientConfig {
+        request_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(2),
+        ..cfs_fabric::ClientConfig::default()
+    };
+    let req = cfs_proto::Request::Status;
+    let payload = req.encode(&cfs_meta::Creds::root());
+    let mut leader = None;
+    for addr in servers.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let client = cfs_fabric::BlockingClient::new(addr, cfg.clone());
+        let Ok(b) = client.call(req.method(), &payload) else {
+            continue;
+        };
+        if let Some(cfs_proto::Reply::Data(d)) = cfs_proto::Reply::decode(&b) {
+            let v: serde_json::Value = serde_json::from_slice(&d)?;
+            if v["role"] == "leader" {
+                leader = Some(v);
+                break;
+            }
+        }
+    }
+    let v = leader.context("no leader among the servers given")?;
+    let addrs: std::collections::BTreeMap<u64, String> = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| Some((m["id"].as_u64()?, m["addr"].as_str()?.to_string())))
+        .collect();
+    let stale: std::collections::BTreeMap<u64, Vec<u64>> = v["stale"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let nodes = s["stale_on"].as_array()?.iter().filter_map(|n| n.as_u64());
+            Some((s["chunk"].as_u64()?, nodes.collect()))
+        })
+        .collect();
+    let want = v["effective_replicas"].as_u64().unwrap_or(1) as usize;
+    let clients: std::collections::BTreeMap<u64, cfs_fabric::BlockingClient> = addrs
+        .iter()
+        .map(|(id, a)| (*id, cfs_fabric::BlockingClient::new(a, cfg.clone())))
+        .collect();
+    let call = |node: u64, chunk: u64, op: ChunkOp| -> Result<Vec<u8>> {
+        let c = clients
+            .get(&node)
+            .with_context(|| format!("no address for member {node}"))?;
+        let b = c
+            .call(
+                CHUNK_METHOD,
+                &replication::encode(cfs_meta::ChunkId(chunk), &op),
+            )
+            .with_context(|| format!("member {node}, chunk {chunk}"))?;
+        Ok(b.to_vec())
+    };
+    let (mut chunks, mut copies, mut bytes, mut problems) = (0u64, 0u64, 0u64, 0u64);
+    for entry in v["holders"].as_array().into_iter().flatten() {
+        let Some(chunk) = entry[0].as_u64() else {
+            continue;
+        };
+        let holders: Vec<u64> = entry[1]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_u64())
+            .filter(|n| !stale.get(&chunk).is_some_and(|s| s.contains(n)))
+            .collect();
+        chunks += 1;
+        if holders.len() < want {
+            println!(
+                "chunk {chunk}: {} current copies, {want} wanted",
+                holders.len()
+            );
+            problems += 1;
+        }
+        let mut lens = Vec::new();
+        for h in &holders {
+            let b = call(*h, chunk, ChunkOp::Len)?;
+            lens.push(u64::from_le_bytes(
+                b.try_into().map_err(|_| anyhow!("bad length"))?,
+            ));
+        }
+        if lens.windows(2).any(|w| w[0] != w[1]) {
+            println!("chunk {chunk}: lengths differ between {holders:?}: {lens:?}");
+            problems += 1;
+            continue;
+        }
+        let len = lens.first().copied().unwrap_or(0);
+        let piece = 4u64 << 20;
+        let mut off = 0;
+        while off < len {
+            let n = piece.min(len - off);
+            let first = call(
+                holders[0],
+                chunk,
+                ChunkOp::Read {
+                    offset: off,
+                    len: n,
+                },
+            )?;
+            for h in &holders[1..] {
+                let other = call(
+                    *h,
+                    chunk,
+                    ChunkOp::Read {
+                        offset: off,
+                        len: n,
+                    },
+                )?;
+                if other != first {
+                    let at = first.iter().zip(&other).position(|(a, b)| a != b);
+                    println!(
+                        "chunk {chunk}: copy on {h} differs from {} near byte {}",
+                        holders[0],
+                        off + at.unwrap_or(0) as u64
+                    );
+                    problems += 1;
+                }
+            }
+            off += n;
+        }
+        copies += holders.len() as u64;
+        bytes += len * holders.len() as u64;
+    }
+    println!(
+        "verified {chunks} chunks, {copies} copies, {} MiB compared: {problems} problems",
+        bytes >> 20
+    );
+    if problems > 0 {
+        bail!("{problems} problems found");
+    }
+    Ok(())
 }

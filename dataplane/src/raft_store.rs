@@ -61,20 +61,24 @@ impl RaftStore {
     }
 
     /// Opens (or creates) the database and loads the log: a new one starts as an empty group
-    /// of `voters`.
-    pub fn open(path: &Path, voters: &[u64]) -> Result<(RaftStore, LogStore), RaftStoreError> {
+    /// of `voters` and `learners`.
+    pub fn open(
+        path: &Path,
+        voters: &[u64],
+        learners: &[u64],
+    ) -> Result<(RaftStore, LogStore), RaftStoreError> {
         let p = path.display().to_string();
         let db = Database::create(path).map_err(|e| RaftStoreError::Db {
             path: p.clone(),
             source: e.into(),
         })?;
         let store = RaftStore { db, path: p };
-        let log = store.load(voters)?;
+        let log = store.load(voters, learners)?;
         Ok((store, log))
     }
 
-    fn load(&self, voters: &[u64]) -> Result<LogStore, RaftStoreError> {
-        let mut log = LogStore::new(voters);
+    fn load(&self, voters: &[u64], learners: &[u64]) -> Result<LogStore, RaftStoreError> {
+        let mut log = LogStore::new(voters, learners);
         let rtx = self.db.begin_read().map_err(|e| self.err(e))?;
         let meta = match rtx.open_table(META) {
             Ok(t) => t,

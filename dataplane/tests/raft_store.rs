@@ -12,6 +12,8 @@ fn cfg() -> ReplicaConfig {
     ReplicaConfig {
         id: 1,
         voters: vec![1],
+        learners: Vec::new(),
+        initial: cfs_meta::placement::Placement::default(),
         election_ticks: 10,
         heartbeat_ticks: 2,
         snapshot_every: 7,
@@ -52,7 +54,7 @@ fn the_raft_log_survives_a_crash_with_what_was_persisted() {
     let dir = std::env::temp_dir().join(format!("cfs-raft-store-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("raft.redb");
-    let (db, log) = RaftStore::open(&path, &[1]).unwrap();
+    let (db, log) = RaftStore::open(&path, &[1], &[]).unwrap();
     let mut r = Replica::open(cfg(), log).unwrap();
     let mut persisted = 0;
     // Elect itself.
@@ -84,7 +86,7 @@ fn the_raft_log_survives_a_crash_with_what_was_persisted() {
     );
     drop(r);
     drop(db);
-    let (db, log) = RaftStore::open(&path, &[1]).unwrap();
+    let (db, log) = RaftStore::open(&path, &[1], &[]).unwrap();
     let mut r = Replica::open(cfg(), log).unwrap();
     for _ in 0..30 {
         r.tick();

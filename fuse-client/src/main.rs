@@ -109,6 +109,7 @@ fn status(servers: &str, json: bool) -> Result<()> {
     let req = cfs_proto::Request::Status;
     let payload = req.encode(&cfs_meta::Creds::root());
     let mut reachable = 0;
+    let mut leader_view: Option<serde_json::Value> = None;
     if !json {
         println!(
             "{:<22} {:<10} {:>6} {:>7} {:>9} {:>8} {:>10} {:>10}",
@@ -145,6 +146,9 @@ fn status(servers: &str, json: bool) -> Result<()> {
         };
         let store = |k: &str| v["store"].get(k).and_then(|x| x.as_u64()).unwrap_or(0);
         let role = v.get("role").and_then(|r| r.as_str()).unwrap_or("single");
+        if role == "leader" {
+            leader_view = Some(v.clone());
+        }
         println!(
             "{addr:<22} {role:<10} {:>6} {:>7} {:>9} {:>8} {:>10} {:>10}",
             g("node"),
@@ -158,7 +162,56 @@ fn status(servers: &str, json: bool) -> Result<()> {
     if reachable == 0 {
         bail!("no server answered");
     }
+    if let Some(v) = leader_view {
+        print_cluster(&v);
+    }
     Ok(())
+}
+
+/// The cluster as the leader sees it: members, replication, chunk health, rebuild progress.
+fn print_cluster(v: &serde_json::Value) {
+    println!();
+    println!(
+        "{:<6} {:<22} {:<10} {:<8} {:>10}",
+        "member", "address", "domain", "raft", "silent ms"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<6} {:<22} {:<10} {:<8} {:>10}",
+            m["id"],
+            m["addr"].as_str().unwrap_or("-"),
+            m["domain"].as_str().unwrap_or("-"),
+            m["raft"].as_str().unwrap_or("-"),
+            m["silent_ms"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |x| x.to_string()),
+        );
+    }
+    if let Some(r) = v["removed"].as_array().filter(|r| !r.is_empty()) {
+        let ids: Vec<String> = r.iter().map(|x| x.to_string()).collect();
+        println!("removed members: {}", ids.join(", "));
+    }
+    let c = &v["chunks"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    println!(
+        "chunks: {} with {} copies wanted ({} configured); under-replicated {}, stale copies {}, moves pending {}, lost {}",
+        n("total"),
+        v["effective_replicas"],
+        v["replicas"],
+        n("under_replicated"),
+        n("stale_copies"),
+        n("misplaced"),
+        n("lost"),
+    );
+    if n("under_replicated") + n("misplaced") + n("stale_copies") == 0 {
+        println!("rebuild: idle, every chunk has its copies");
+    } else {
+        println!(
+            "rebuild: in progress ({} chunks short of copies, {} to move)",
+            n("under_replicated"),
+            n("misplaced")
+        );
+    }
 }
 
 fn main() -> Result<()> {

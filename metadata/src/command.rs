@@ -26,6 +26,10 @@
 //!  17 Punched    ino | u64 offset | u64 len | u8 extend
 //!  18 MarkStale  u32 n x u64 chunk | u32 m x u64 node
 //!  19 Repaired   u64 chunk | u64 node
+//!  20 AddMember  u64 id | bytes addr | bytes domain
+//!  21 RemoveMember u64 id
+//!  22 AddHolders u64 chunk | u32 m x u64 node
+//!  23 DropHolders u64 chunk | u32 m x u64 node
 //! outcome:  u8 0 unit | u8 1 attr | u8 2 u32 n x (u64 index | u64 chunk)
 //! ```
 
@@ -136,6 +140,26 @@ pub enum Op {
     Repaired {
         chunk: ChunkId,
         node: u64,
+    },
+    /// A node joins the cluster (carried by a Raft configuration change).
+    AddMember {
+        id: u64,
+        addr: String,
+        domain: String,
+    },
+    /// A node leaves the cluster for good (carried by a Raft configuration change).
+    RemoveMember {
+        id: u64,
+    },
+    /// Placement move, step one: target nodes become (stale) holders of `chunk`.
+    AddHolders {
+        chunk: ChunkId,
+        nodes: Vec<u64>,
+    },
+    /// Placement move, step two: holders outside the target are dropped.
+    DropHolders {
+        chunk: ChunkId,
+        nodes: Vec<u64>,
     },
 }
 
@@ -260,6 +284,28 @@ impl Namespace {
             }
             Op::Repaired { chunk, node } => {
                 self.repaired(*chunk, *node);
+                Outcome::Unit
+            }
+            Op::AddMember { id, addr, domain } => {
+                self.add_member(
+                    *id,
+                    crate::placement::Member {
+                        addr: addr.clone(),
+                        domain: domain.clone(),
+                    },
+                )?;
+                Outcome::Unit
+            }
+            Op::RemoveMember { id } => {
+                self.remove_member(*id)?;
+                Outcome::Unit
+            }
+            Op::AddHolders { chunk, nodes } => {
+                self.add_holders(*chunk, nodes)?;
+                Outcome::Unit
+            }
+            Op::DropHolders { chunk, nodes } => {
+                self.drop_holders(*chunk, nodes);
                 Outcome::Unit
             }
         })
@@ -438,6 +484,28 @@ impl Command {
                 w.u64(chunk.0);
                 w.u64(*node);
             }
+            Op::AddMember { id, addr, domain } => {
+                w.u8(20);
+                w.u64(*id);
+                w.bytes(addr.as_bytes());
+                w.bytes(domain.as_bytes());
+            }
+            Op::RemoveMember { id } => {
+                w.u8(21);
+                w.u64(*id);
+            }
+            Op::AddHolders { chunk, nodes } | Op::DropHolders { chunk, nodes } => {
+                w.u8(if matches!(self.op, Op::AddHolders { .. }) {
+                    22
+                } else {
+                    23
+                });
+                w.u64(chunk.0);
+                w.u32(nodes.len() as u32);
+                for n in nodes {
+                    w.u64(*n);
+                }
+            }
         }
         w.0
     }
@@ -561,6 +629,25 @@ impl Command {
                 chunk: ChunkId(r.u64()?),
                 node: r.u64()?,
             },
+            20 => Op::AddMember {
+                id: r.u64()?,
+                addr: String::from_utf8(r.bytes()?).ok()?,
+                domain: String::from_utf8(r.bytes()?).ok()?,
+            },
+            21 => Op::RemoveMember { id: r.u64()? },
+            tag @ (22 | 23) => {
+                let chunk = ChunkId(r.u64()?);
+                let m = r.u32()? as usize;
+                let mut nodes = Vec::with_capacity(m.min(b.len() / 8));
+                for _ in 0..m {
+                    nodes.push(r.u64()?);
+                }
+                if tag == 22 {
+                    Op::AddHolders { chunk, nodes }
+                } else {
+                    Op::DropHolders { chunk, nodes }
+                }
+            }
             _ => return None,
         };
         r.end()?;

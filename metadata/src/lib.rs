@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod command;
 pub mod namespace;
+pub mod placement;
 pub mod types;
 
 pub use namespace::{Namespace, RenameFlags, SetAttr, TimeSet, XattrMode, CHUNK_BYTES};

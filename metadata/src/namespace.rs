@@ -6,6 +6,7 @@
 //! Every change also marks what it touched (`take_dirty`), so a persistence layer can write
 //! exactly those keys durably before the reply goes out.
 
+use crate::placement::{Member, Placement};
 use crate::types::{mode, Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -160,12 +161,14 @@ pub struct Namespace {
     dirty_dentries: BTreeSet<(InodeId, Vec<u8>)>,
     dirty_extents: BTreeSet<(InodeId, u64)>,
     next_chunk: u64,
-    /// Replicated clusters: nodes whose copy of a chunk missed a change (they must not serve
-    /// it until repaired). Empty on a single node.
-    stale: BTreeMap<ChunkId, BTreeSet<u64>>,
+    /// Replicated clusters: members, and which nodes hold (current or stale) copies of each
+    /// chunk. Empty on a single node.
+    placement: Placement,
     /// Chunks no extent points at any more (truncated, punched, or of a freed inode): their
     /// data is to be deleted once the change is durable.
     freed: Vec<ChunkId>,
+    /// Copies dropped from a node by a placement move (chunk, node): that node deletes them.
+    dropped: Vec<(ChunkId, u64)>,
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -217,8 +220,9 @@ impl Namespace {
             dirty_dentries: BTreeSet::new(),
             dirty_extents: BTreeSet::new(),
             next_chunk: 1,
-            stale: BTreeMap::new(),
+            placement: Placement::default(),
             freed: Vec::new(),
+            dropped: Vec::new(),
         }
     }
 
@@ -270,11 +274,12 @@ impl Namespace {
     /// releases are replicated commands, so handles are part of the state):
     /// `u8 version (2) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
-    /// u32 n_entries | n x (bytes key | bytes entry) | u32 n_stale | n x (u64 chunk | u32 m |
-    /// m x u64 node)` (bytes = u32 length + bytes; version 1 has no stale list).
+    /// u32 n_entries | n x (bytes key | bytes entry) | placement` (bytes = u32 length + bytes;
+    /// placement as in [`Placement::encode`]; version 2 had only the placement's stale list,
+    /// version 1 nothing).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(2);
+        w.u8(3);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -293,14 +298,7 @@ impl Namespace {
             w.bytes(&crate::codec::encode_dentry_key(*parent, name));
             w.bytes(&crate::codec::encode_dentry(d));
         }
-        w.u32(self.stale.len() as u32);
-        for (c, nodes) in &self.stale {
-            w.u64(c.0);
-            w.u32(nodes.len() as u32);
-            for n in nodes {
-                w.u64(*n);
-            }
-        }
+        self.placement.encode(&mut w);
         w.0
     }
 
@@ -310,7 +308,7 @@ impl Namespace {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
         let version = r.u8().ok_or_else(bad)?;
-        if version != 1 && version != 2 {
+        if !(1..=3).contains(&version) {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -343,22 +341,19 @@ impl Namespace {
                 crate::codec::decode_dentry(&v).ok_or_else(bad)?,
             ));
         }
-        let mut stale = BTreeMap::new();
-        if version >= 2 {
-            let n = r.u32().ok_or_else(bad)? as usize;
-            for _ in 0..n {
-                let c = ChunkId(r.u64().ok_or_else(bad)?);
-                let m = r.u32().ok_or_else(bad)? as usize;
-                let mut nodes = BTreeSet::new();
-                for _ in 0..m {
-                    nodes.insert(r.u64().ok_or_else(bad)?);
-                }
-                stale.insert(c, nodes);
+        let placement = match version {
+            3 => Placement::decode(&mut r).ok_or_else(bad)?,
+            2 => {
+                let mut p = Placement::default();
+                p.set_stale(Placement::decode_stale(&mut r).ok_or_else(bad)?);
+                p
             }
-        }
+            _ => Placement::default(),
+        };
         r.end().ok_or_else(bad)?;
         let mut ns = Namespace::rebuild(inodes, dentries, true)?;
-        ns.stale = stale;
+        ns.placement = placement;
+        ns.check_placement()?;
         ns.restore_counters(next_ino, next_gen, next_chunk);
         // A restored snapshot is a starting point, not a change to persist.
         ns.take_dirty();
@@ -561,7 +556,7 @@ impl Namespace {
                 if let Some(i) = self.inodes.remove(&ino) {
                     for (idx, c) in i.extents {
                         self.dirty_extents.insert((ino, idx));
-                        self.stale.remove(&c);
+                        self.placement.forget(c);
                         self.freed.push(c);
                     }
                 }
@@ -1367,6 +1362,7 @@ impl Namespace {
                 None => {
                     let c = ChunkId(self.next_chunk);
                     self.next_chunk += 1;
+                    self.placement.new_chunk(c);
                     self.inodes
                         .get_mut(&ino)
                         .ok_or(Errno::NoEnt)?
@@ -1393,7 +1389,7 @@ impl Namespace {
         for idx in gone {
             if let Some(c) = i.extents.remove(&idx) {
                 self.dirty_extents.insert((ino, idx));
-                self.stale.remove(&c);
+                self.placement.forget(c);
                 self.freed.push(c);
             }
         }
@@ -1500,31 +1496,81 @@ impl Namespace {
     pub fn mark_stale(&mut self, chunks: &[ChunkId], nodes: &[u64]) {
         let live = self.referenced_chunks();
         for c in chunks.iter().filter(|c| live.contains(c)) {
-            self.stale
-                .entry(*c)
-                .or_default()
-                .extend(nodes.iter().copied());
+            self.placement.mark_stale(*c, nodes);
         }
     }
 
     /// `node` holds the current data of `chunk` again.
     pub fn repaired(&mut self, chunk: ChunkId, node: u64) {
-        if let Some(s) = self.stale.get_mut(&chunk) {
-            s.remove(&node);
-            if s.is_empty() {
-                self.stale.remove(&chunk);
-            }
-        }
+        self.placement.repaired(chunk, node);
     }
 
     /// Nodes whose copy of `chunk` is out of date.
     pub fn stale_nodes(&self, chunk: ChunkId) -> BTreeSet<u64> {
-        self.stale.get(&chunk).cloned().unwrap_or_default()
+        self.placement.stale_nodes(chunk)
     }
 
     /// Every (chunk, stale nodes) pair (status and repair).
     pub fn all_stale(&self) -> impl Iterator<Item = (ChunkId, &BTreeSet<u64>)> + '_ {
-        self.stale.iter().map(|(c, n)| (*c, n))
+        self.placement.all_stale()
+    }
+
+    /// Cluster membership and chunk placement.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// A new cluster's namespace starts with its members and replication factor.
+    pub fn set_placement(&mut self, p: Placement) {
+        self.placement = p;
+    }
+
+    /// Adds target nodes of `chunk` as stale holders (a placement move, step one).
+    pub fn add_holders(&mut self, chunk: ChunkId, nodes: &[u64]) -> Result<(), Errno> {
+        if !self.referenced_chunks().contains(&chunk) {
+            return Err(Errno::NoEnt);
+        }
+        self.placement.add_holders(chunk, nodes);
+        Ok(())
+    }
+
+    /// Drops holders of `chunk` outside its target once the target is current (step two);
+    /// the dropped nodes' copies are no longer referenced.
+    pub fn drop_holders(&mut self, chunk: ChunkId, nodes: &[u64]) {
+        for n in self.placement.drop_holders(chunk, nodes) {
+            self.dropped.push((chunk, n));
+        }
+    }
+
+    /// Copies dropped by placement moves since the last call: (chunk, node whose copy goes).
+    pub fn take_dropped(&mut self) -> Vec<(ChunkId, u64)> {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Adds (or re-addresses) a cluster member.
+    pub fn add_member(&mut self, id: u64, member: Member) -> Result<(), Errno> {
+        self.placement.add_member(id, member)
+    }
+
+    /// Removes a cluster member for good (its copies no longer count).
+    pub fn remove_member(&mut self, id: u64) -> Result<(), Errno> {
+        self.placement.remove_member(id)
+    }
+
+    fn check_placement(&self) -> Result<(), String> {
+        self.placement.check()?;
+        let live = self.referenced_chunks();
+        if let Some((c, _)) = self
+            .placement
+            .all_holders()
+            .find(|(c, _)| !live.contains(c))
+        {
+            return Err(format!("{c} has holders but no file maps it"));
+        }
+        if let Some((c, _)) = self.placement.all_stale().find(|(c, _)| !live.contains(c)) {
+            return Err(format!("{c} is marked stale but no file maps it"));
+        }
+        Ok(())
     }
 
     /// Every extent: (inode, chunk index, chunk).
@@ -1638,6 +1684,6 @@ impl Namespace {
                 }
             }
         }
-        Ok(())
+        self.check_placement()
     }
 }

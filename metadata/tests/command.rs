@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cfs_meta::command::{Command, Op, Outcome};
+use cfs_meta::placement::{Member, Placement};
 use cfs_meta::{
     ChunkId, Creds, FileType, InodeId, Namespace, RenameFlags, SetAttr, TimeSet, Timespec,
     XattrMode,
@@ -122,6 +123,24 @@ fn op() -> impl Strategy<Value = Op> {
             chunk: ChunkId(c),
             node
         }),
+        (1u64..7, 0u8..3).prop_map(|(id, d)| Op::AddMember {
+            id,
+            addr: format!("10.0.0.{id}:7411"),
+            domain: format!("rack{d}"),
+        }),
+        (1u64..7).prop_map(|id| Op::RemoveMember { id }),
+        (1u64..20, proptest::collection::vec(1u64..7, 0..3)).prop_map(|(c, nodes)| {
+            Op::AddHolders {
+                chunk: ChunkId(c),
+                nodes,
+            }
+        }),
+        (1u64..20, proptest::collection::vec(1u64..7, 0..3)).prop_map(|(c, nodes)| {
+            Op::DropHolders {
+                chunk: ChunkId(c),
+                nodes,
+            }
+        }),
     ]
 }
 
@@ -172,6 +191,12 @@ proptest! {
     fn replicas_applying_one_log_agree(log in proptest::collection::vec(command(), 1..80)) {
         let t0 = Timespec::new(0, 0);
         let (mut a, mut b) = (Namespace::new(0, 0, 0o777, t0), Namespace::new(0, 0, 0o777, t0));
+        // A three-node cluster keeping two copies: placement is part of the replicated state.
+        let members = (1..=3u64)
+            .map(|i| (i, Member { addr: format!("10.0.0.{i}:7411"), domain: format!("rack{i}") }))
+            .collect();
+        a.set_placement(Placement::new(members, 2));
+        b.set_placement(a.placement().clone());
         for c in &log {
             // One replica gets the command through its encoding, as a follower would.
             let decoded = Command::decode(&c.encode()).unwrap();
@@ -183,6 +208,7 @@ proptest! {
             a.check_invariants().map_err(TestCaseError::fail)?;
         }
         prop_assert_eq!(format!("{:?}", a.all_extents().collect::<Vec<_>>()), format!("{:?}", b.all_extents().collect::<Vec<_>>()));
+        prop_assert_eq!(a.placement(), b.placement());
         for i in 1..40u64 {
             prop_assert_eq!(a.getattr(InodeId(i)), b.getattr(InodeId(i)));
         }

@@ -200,6 +200,8 @@ impl Sim {
         ReplicaConfig {
             id: i as u64 + 1,
             voters: ids(self.cfg.nodes),
+            learners: Vec::new(),
+            initial: cfs_meta::placement::Placement::default(),
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_every: self.cfg.snapshot_every,
@@ -615,7 +617,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         nodes: (0..cfg.nodes)
             .map(|_| Node {
                 replica: None,
-                disk: LogStore::new(&ids(cfg.nodes)),
+                disk: LogStore::new(&ids(cfg.nodes), &[]),
                 epoch: 0,
                 flush_at: 0,
             })

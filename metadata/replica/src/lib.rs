@@ -5,9 +5,9 @@
 pub mod replica;
 pub mod storage;
 
-pub use raft::eraftpb::{Message, MessageType};
+pub use raft::eraftpb::{ConfState, Message, MessageType};
 pub use replica::{
-    initial_namespace, Applied, Output, PersistJob, ProposeError, Replica, ReplicaConfig,
-    ReplicaError, StepError,
+    initial_namespace, Applied, MemberChange, Output, PersistJob, ProposeError, Replica,
+    ReplicaConfig, ReplicaError, StepError,
 };
 pub use storage::LogStore;

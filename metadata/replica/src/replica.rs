@@ -9,9 +9,14 @@
 //! crash that loses an unflushed job never loses anything another node was told.
 
 use crate::storage::LogStore;
-use cfs_meta::command::{Command, Outcome};
+use cfs_meta::command::{Command, Op, Outcome};
+use cfs_meta::placement::Placement;
 use cfs_meta::{ChunkId, Errno, Namespace, Timespec};
-use raft::eraftpb::{Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
+};
 use raft::{RawNode, StateRole};
 
 /// Static settings of a replica.
@@ -19,8 +24,14 @@ use raft::{RawNode, StateRole};
 pub struct ReplicaConfig {
     /// This replica's Raft id (non-zero).
     pub id: u64,
-    /// Every voter of the group (including this one).
+    /// The group's voters when it was created (a new store starts with them; later changes
+    /// come through the log).
     pub voters: Vec<u64>,
+    /// The group's learners (non-voting members) when it was created.
+    pub learners: Vec<u64>,
+    /// Membership and replication factor the namespace starts with (empty: a namespace
+    /// without cluster placement). Identical on every replica of a group.
+    pub initial: Placement,
     /// Ticks without a leader before an election (randomised in [n, 2n)).
     pub election_ticks: usize,
     /// Ticks between leader heartbeats.
@@ -61,6 +72,8 @@ pub struct Applied {
     pub result: Result<Outcome, Errno>,
     /// Chunks the command unreferenced (their data may be deleted).
     pub freed: Vec<ChunkId>,
+    /// Copies the command moved away from a node: (chunk, node that deletes its copy).
+    pub dropped: Vec<(ChunkId, u64)>,
 }
 
 /// What one [`Replica::ready`] call produced.
@@ -126,11 +139,24 @@ pub struct Replica {
     held: Vec<(u64, Vec<Message>)>,
 }
 
-/// The namespace every group starts from (identical on every replica).
-pub fn initial_namespace() -> Namespace {
+/// The namespace every group starts from (identical on every replica): the root directory
+/// and the initial membership.
+pub fn initial_namespace(placement: &Placement) -> Namespace {
     let mut ns = Namespace::new(0, 0, 0o755, Timespec::new(0, 0));
+    ns.set_placement(placement.clone());
     ns.take_dirty();
     ns
+}
+
+/// A Raft membership change, carried with the namespace command that records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add (or promote) a voter.
+    AddVoter,
+    /// Add a non-voting member (it replicates the log but does not vote).
+    AddLearner,
+    /// Remove a member.
+    Remove,
 }
 
 impl Replica {
@@ -140,7 +166,7 @@ impl Replica {
         let snap = store.latest_snapshot();
         let applied = snap.get_metadata().index;
         let ns = if snap.get_data().is_empty() {
-            initial_namespace()
+            initial_namespace(&cfg.initial)
         } else {
             Namespace::from_snapshot(snap.get_data()).map_err(ReplicaError::Snapshot)?
         };
@@ -230,6 +256,53 @@ impl Replica {
             .map_err(|e| ProposeError::Dropped(e.to_string()))
     }
 
+    /// Proposes a membership change: `cmd` (AddMember or RemoveMember of `node`) is applied to
+    /// the namespace at the same log index as the Raft configuration change. One change at a
+    /// time: another pending one makes this fail with `Dropped`.
+    pub fn propose_member(
+        &mut self,
+        tag: Vec<u8>,
+        cmd: &Command,
+        change: MemberChange,
+    ) -> Result<(), ProposeError> {
+        if self.node.raft.state != StateRole::Leader {
+            let leader = self.node.raft.leader_id;
+            return Err(ProposeError::NotLeader {
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+        let node_id = match (&cmd.op, change) {
+            (Op::AddMember { id, .. }, MemberChange::AddVoter | MemberChange::AddLearner)
+            | (Op::RemoveMember { id }, MemberChange::Remove) => *id,
+            _ => {
+                return Err(ProposeError::Dropped(
+                    "a membership change needs AddMember or RemoveMember".into(),
+                ))
+            }
+        };
+        if self.node.raft.has_pending_conf() {
+            return Err(ProposeError::Dropped(
+                "another membership change is in progress".into(),
+            ));
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(match change {
+            MemberChange::AddVoter => ConfChangeType::AddNode,
+            MemberChange::AddLearner => ConfChangeType::AddLearnerNode,
+            MemberChange::Remove => ConfChangeType::RemoveNode,
+        });
+        cc.node_id = node_id;
+        cc.set_context(cmd.encode().into());
+        self.node
+            .propose_conf_change(tag, cc)
+            .map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
+    /// The Raft configuration: voters and learners.
+    pub fn conf_state(&self) -> ConfState {
+        self.node.raft.prs().conf().to_conf_state()
+    }
+
     /// Collects what raft-rs has ready: messages to send, a persist job, applied results.
     pub fn ready(&mut self) -> Output {
         let mut out = Output::default();
@@ -293,14 +366,17 @@ impl Replica {
             }
             assert_eq!(e.index, self.applied + 1, "committed entries out of order");
             self.applied = e.index;
-            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-                // A new leader's empty entry (membership changes come with a later step).
-                continue;
-            }
-            let result = match Command::decode(&e.data) {
-                Some(cmd) => self.ns.apply(&cmd),
-                // Every replica sees the same bytes and the same failure: no divergence.
-                None => Err(Errno::Inval),
+            let result = match e.get_entry_type() {
+                EntryType::EntryConfChange => self.apply_member(&e.data),
+                // Joint consensus is never proposed.
+                EntryType::EntryConfChangeV2 => Err(Errno::Inval),
+                // A new leader's empty entry.
+                EntryType::EntryNormal if e.data.is_empty() => continue,
+                EntryType::EntryNormal => match Command::decode(&e.data) {
+                    Some(cmd) => self.ns.apply(&cmd),
+                    // Every replica sees the same bytes and the same failure: no divergence.
+                    None => Err(Errno::Inval),
+                },
             };
             self.ns.take_dirty();
             out.push(Applied {
@@ -309,9 +385,33 @@ impl Replica {
                 tag: e.context.to_vec(),
                 result,
                 freed: self.ns.take_freed(),
+                dropped: self.ns.take_dropped(),
             });
         }
         out
+    }
+
+    /// Applies a committed membership change: the Raft configuration and the namespace's
+    /// member list change together, or (when either refuses it) neither does.
+    fn apply_member(&mut self, data: &[u8]) -> Result<Outcome, Errno> {
+        let cc = ConfChange::parse_from_bytes(data).map_err(|_| Errno::Inval)?;
+        let cmd = Command::decode(cc.get_context()).ok_or(Errno::Inval)?;
+        let ok = match (&cmd.op, cc.get_change_type()) {
+            (
+                Op::AddMember { id, .. },
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode,
+            ) => *id == cc.node_id && self.ns.placement().may_add(*id),
+            (Op::RemoveMember { id }, ConfChangeType::RemoveNode) => {
+                *id == cc.node_id && self.ns.placement().members().len() > 1
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(Errno::Inval);
+        }
+        let cs = self.node.apply_conf_change(&cc).map_err(|_| Errno::Inval)?;
+        self.node.mut_store().set_conf_state(cs);
+        self.ns.apply(&cmd)
     }
 
     /// Tells raft-rs how far the namespace has applied; it accepts no more than what is

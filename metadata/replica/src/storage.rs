@@ -19,10 +19,11 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// A new group's log: empty, with `voters` as the configuration.
-    pub fn new(voters: &[u64]) -> LogStore {
+    /// A new group's log: empty, with `voters` and `learners` as the configuration.
+    pub fn new(voters: &[u64], learners: &[u64]) -> LogStore {
         let mut s = LogStore::default();
         s.conf_state.voters = voters.to_vec();
+        s.conf_state.learners = learners.to_vec();
         s.snapshot
             .mut_metadata()
             .set_conf_state(s.conf_state.clone());
@@ -94,6 +95,12 @@ impl LogStore {
         for w in self.entries.windows(2) {
             assert_eq!(w[0].index + 1, w[1].index, "log entries not contiguous");
         }
+    }
+
+    /// Records the configuration after an applied membership change (compaction snapshots
+    /// carry it; after a restart the log replays the changes after the snapshot).
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
     }
 
     /// Records a persisted hard state.

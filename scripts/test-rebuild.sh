@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# scripts/test-rebuild.sh - losing a node for good (root only):
+#   four cfs-dataplane processes on loopback keep R=3 copies of every chunk and a metadata
+#   group of three voters plus one learner. Files are written through a FUSE mount, every
+#   chunk's copies are compared byte by byte (cfs-dataplane verify), then a voter is killed
+#   with SIGKILL and its data directory deleted. The leader must remove it after dead_after_ms,
+#   promote the learner to voter, and re-replicate every chunk until each has three current
+#   copies again on the three survivors - compared byte by byte once more - while writes go on;
+#   every acknowledged file must read back.
+# Starts everything under a temporary directory; stops its processes by PID and cleans up.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PASSED=0
+FAILED=0
+pass() { PASSED=$((PASSED + 1)); echo "ok   - $1"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL - $1"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "SKIP: the rebuild test mounts FUSE and needs root"
+  echo "0 passed, 0 failed"
+  exit 0
+fi
+command -v fusermount3 >/dev/null || { echo "missing fusermount3: run 'make deps'" >&2; exit 1; }
+
+(cd "$ROOT" && cargo build --release -q -p cfs-dataplane -p cfs-fuse-client)
+BIN=$ROOT/target/release/cfs-dataplane
+CFS=$ROOT/target/release/cfs
+WORK=$(mktemp -d /tmp/cfs-rebuild.XXXXXX)
+BASE=$((20000 + RANDOM % 20000))
+declare -A PIDS=()
+MOUNT_PID=""
+
+cleanup() {
+  set +e
+  [[ -n $MOUNT_PID ]] && { kill -TERM "$MOUNT_PID" 2>/dev/null; wait "$MOUNT_PID" 2>/dev/null; }
+  if grep -q " $WORK/mnt fuse" /proc/mounts; then fusermount3 -u "$WORK/mnt" 2>/dev/null || umount -l "$WORK/mnt"; fi
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+[[ -n ${KEEP_WORK:-} ]] && trap - EXIT
+
+N=4
+ADDRS=""
+PEERS=""
+for ((i = 1; i <= N; i++)); do
+  ADDRS+="${ADDRS:+,}127.0.0.1:$((BASE + i))"
+  PEERS+="${PEERS:+, }$i = \"127.0.0.1:$((BASE + i))\""
+done
+for ((i = 1; i <= N; i++)); do
+  mkdir -p "$WORK/n$i"
+  cat >"$WORK/n$i.toml" <<CONF
+data_dir = "$WORK/n$i"
+[[devices]]
+path = "data0.img"
+size = "512M"
+[hugepages]
+pool_mib = 16
+[reactors]
+cores = [$(((i - 1) % 2))]
+[server]
+listen = "127.0.0.1:$((BASE + i))"
+[cluster]
+node_id = $i
+peers = { $PEERS }
+tick_ms = 50
+replicas = 3
+meta_replicas = 3
+dead_after_ms = 4000
+replica_timeout_ms = 2000
+CONF
+  "$BIN" format --config "$WORK/n$i.toml" >/dev/null 2>&1
+done
+
+start_node() { # start_node I
+  "$BIN" run --config "$WORK/n$1.toml" >>"$WORK/n$1.log" 2>&1 &
+  PIDS[$1]=$!
+  for _ in $(seq 1 100); do
+    grep -q "serving on" "$WORK/n$1.log" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  cat "$WORK/n$1.log"
+  return 1
+}
+# The leader's view as JSON (empty if none answers).
+leader_json() {
+  "$CFS" status "$ADDRS" --json 2>/dev/null | awk '{ $1 = ""; print }' |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    try:
+        v = json.loads(line)
+    except ValueError:
+        continue  # an unreachable node
+    if v.get("role") == "leader":
+        print(json.dumps(v)); break' || true
+}
+field() { python3 -c "import json, sys; v = json.load(sys.stdin); print($1)"; }
+
+for ((i = 1; i <= N; i++)); do start_node "$i"; done
+ok=""
+for _ in $(seq 1 100); do
+  j=$(leader_json)
+  [[ -n $j ]] && { ok=1; break; }
+  sleep 0.1
+done
+[[ -n $ok ]] || { fail "no leader elected"; exit 1; }
+roles=$(field '" ".join(m["raft"] for m in v["members"])' <<<"$j")
+if [[ $roles == "voter voter voter learner" ]]; then
+  pass "4 nodes: 3 metadata voters and 1 learner, R=3"
+else
+  fail "unexpected roles: $roles"
+fi
+
+mkdir -p "$WORK/mnt"
+"$CFS" mount "$ADDRS" "$WORK/mnt" --timeout 20 >>"$WORK/mount.log" 2>&1 &
+MOUNT_PID=$!
+for _ in $(seq 1 100); do grep -q " $WORK/mnt fuse" /proc/mounts && break; sleep 0.1; done
+grep -q " $WORK/mnt fuse" /proc/mounts || { cat "$WORK/mount.log"; fail "mount"; exit 1; }
+
+# write_files PREFIX COUNT SEED: files of 256 KiB .. 3 MiB (one chunk each), fsync'd; a file
+# whose every call succeeded is recorded with its digest.
+write_files() {
+  python3 - "$WORK/mnt" "$WORK/acked" "$1" "$2" "$3" <<'PY'
+import hashlib, os, random, sys
+d, acked, prefix, count, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(seed)
+ok = 0
+with open(acked, "a") as out:
+    for i in range(count):
+        data = rng.randbytes(rng.randrange(256 << 10, 3 << 20))
+        name = f"{prefix}{i}"
+        try:
+            fd = os.open(f"{d}/{name}", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError as e:
+            print(f"  {name}: {e} (not acknowledged)")
+            continue
+        ok += 1
+        out.write(f"{name} {hashlib.sha256(data).hexdigest()}\n")
+print(f"  {ok} of {count} files written and acknowledged")
+PY
+}
+check_files() {
+  python3 - "$WORK/mnt" "$WORK/acked" <<'PY'
+import hashlib, sys
+d, acked = sys.argv[1], sys.argv[2]
+n = bad = 0
+for line in open(acked):
+    name, digest = line.split()
+    n += 1
+    try:
+        got = hashlib.sha256(open(f"{d}/{name}", "rb").read()).hexdigest()
+    except OSError as e:
+        got = str(e)
+    if got != digest:
+        bad += 1
+        if bad <= 5:
+            print(f"  {name}: {got}")
+print(f"  {n} acknowledged files checked, {bad} wrong")
+sys.exit(1 if bad or n == 0 else 0)
+PY
+}
+
+write_files a 24 1
+if out=$("$BIN" verify --servers "$ADDRS" 2>&1); then
+  pass "before the loss: $(tail -1 <<<"$out")"
+else
+  fail "verify before the loss: $out"
+fi
+j=$(leader_json)
+L=$(field 'v["node"]' <<<"$j")
+
+# The victim: a voter that does not lead (its vote must move to the learner).
+VICTIM=""
+for ((i = 1; i <= 3; i++)); do [[ $i != "$L" ]] && { VICTIM=$i; break; }; done
+held=$(field "sum(1 for c, h in v['holders'] if $VICTIM in h)" <<<"$j")
+kill -9 "${PIDS[$VICTIM]}"
+wait "${PIDS[$VICTIM]}" 2>/dev/null || true
+unset "PIDS[$VICTIM]"
+rm -rf "$WORK/n$VICTIM"
+pass "node $VICTIM (a voter holding $held chunk copies) killed with SIGKILL and its disk wiped"
+
+# Writes go on while the node is dead and while its chunks are re-replicated.
+write_files b 8 2
+SURV=""
+for ((i = 1; i <= N; i++)); do [[ $i != "$VICTIM" ]] && SURV+="${SURV:+,}127.0.0.1:$((BASE + i))"; done
+
+done_at=""
+t0=$(date +%s)
+for _ in $(seq 1 120); do
+  j=$(leader_json)
+  if [[ -n $j ]]; then
+    state=$(field '"%s %s %s %s %s" % (v["removed"], sorted(m["raft"] for m in v["members"]), v["chunks"]["under_replicated"], v["chunks"]["misplaced"], v["chunks"]["stale_copies"])' <<<"$j")
+    if [[ $state == "[$VICTIM] ['voter', 'voter', 'voter'] 0 0 0" ]]; then
+      done_at=$(($(date +%s) - t0))
+      break
+    fi
+  fi
+  sleep 0.5
+done
+"$CFS" status "$SURV" | sed 's/^/  /'
+if [[ -n $done_at ]]; then
+  pass "node $VICTIM removed, the learner promoted, every chunk back to 3 copies within ${done_at} s of the writes"
+else
+  fail "rebuild did not finish: ${state:-no leader}"
+fi
+
+if out=$("$BIN" verify --servers "$SURV" 2>&1); then
+  pass "after the rebuild: $(tail -1 <<<"$out") (3 copies of every chunk on 3 nodes)"
+else
+  fail "verify after the rebuild: $out"
+fi
+if check_files; then pass "every acknowledged file reads back through the mount"; else fail "acknowledged data lost"; fi
+
+# Copies that moved off a node are deleted there: the survivors hold exactly their chunks.
+j=$(leader_json)
+total=$(field 'sum(len(h) for c, h in v["holders"])' <<<"$j")
+stored=0
+for ((i = 1; i <= N; i++)); do
+  [[ $i == "$VICTIM" ]] && continue
+  n=$("$CFS" status "127.0.0.1:$((BASE + i))" --json | awk '{ $1 = ""; print }' | field 'v["store"]["chunks"]')
+  stored=$((stored + n))
+done
+if ((stored == total)); then
+  pass "the survivors store $stored chunk copies, exactly the $total the placement records"
+else
+  fail "survivors store $stored chunk copies but the placement records $total"
+fi
+
+echo "$PASSED passed, $FAILED failed"
+((FAILED == 0))
