@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# scripts/test-rebuild.sh - losing a node for good (root only):
-#   four cfs-dataplane processes on loopback keep R=3 copies of every chunk and a metadata
-#   group of three voters plus one learner. Files are written through a FUSE mount, every
-#   chunk's copies are compared byte by byte (cfs-dataplane verify), then a voter is killed
-#   with SIGKILL and its data directory deleted. The leader must remove it after dead_after_ms,
-#   promote the learner to voter, and re-replicate every chunk until each has three current
-#   copies again on the three survivors - compared byte by byte once more - while writes go on;
-#   every acknowledged file must read back.
+# scripts/test-rebuild.sh - joining with a token, rebalancing, and losing a node for good
+# (root only):
+#   node 1 creates a cluster (`cfs-dataplane init`, R=3, three metadata voters) and prints a
+#   join token; nodes 2 and 3 join with it and become voters. Clients without the token, or
+#   with another cluster's, are refused with a clear message. Files are written through a FUSE
+#   mount given the token; node 4 joins and chunk copies are rebalanced onto it (it stays a
+#   learner). Every chunk's copies are compared byte by byte (cfs-dataplane verify). Then a
+#   voter is killed with SIGKILL and its data directory deleted: the leader must remove it after
+#   dead_after_ms, promote the learner, and re-replicate every chunk until each has three
+#   current copies on the three survivors - compared byte by byte once more - while writes go
+#   on; every acknowledged file must read back.
 # Starts everything under a temporary directory; stops its processes by PID and cleans up.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,11 +46,7 @@ trap cleanup EXIT
 
 N=4
 ADDRS=""
-PEERS=""
-for ((i = 1; i <= N; i++)); do
-  ADDRS+="${ADDRS:+,}127.0.0.1:$((BASE + i))"
-  PEERS+="${PEERS:+, }$i = \"127.0.0.1:$((BASE + i))\""
-done
+for ((i = 1; i <= N; i++)); do ADDRS+="${ADDRS:+,}127.0.0.1:$((BASE + i))"; done
 for ((i = 1; i <= N; i++)); do
   mkdir -p "$WORK/n$i"
   cat >"$WORK/n$i.toml" <<CONF
@@ -62,11 +61,7 @@ cores = [$(((i - 1) % 2))]
 [server]
 listen = "127.0.0.1:$((BASE + i))"
 [cluster]
-node_id = $i
-peers = { $PEERS }
 tick_ms = 50
-replicas = 3
-meta_replicas = 3
 dead_after_ms = 4000
 replica_timeout_ms = 2000
 CONF
@@ -85,7 +80,7 @@ start_node() { # start_node I
 }
 # The leader's view as JSON (empty if none answers).
 leader_json() {
-  "$CFS" status "$ADDRS" --json 2>/dev/null | awk '{ $1 = ""; print }' |
+  "$CFS" status "${TOKEN%@*}@$ADDRS" --json 2>/dev/null | awk '{ $1 = ""; print }' |
     python3 -c 'import json, sys
 for line in sys.stdin:
     try:
@@ -97,26 +92,42 @@ for line in sys.stdin:
 }
 field() { python3 -c "import json, sys; v = json.load(sys.stdin); print($1)"; }
 
-for ((i = 1; i <= N; i++)); do start_node "$i"; done
-ok=""
+TOKEN=$("$BIN" init --config "$WORK/n1.toml" --replicas 3 --meta-replicas 3 2>"$WORK/init.err") || { cat "$WORK/init.err"; fail "init"; exit 1; }
+start_node 1
+for i in 2 3; do
+  "$BIN" join "$TOKEN" --config "$WORK/n$i.toml" >/dev/null 2>>"$WORK/join.err" || { cat "$WORK/join.err"; fail "join of node $i"; exit 1; }
+  start_node "$i"
+done
+roles=""
 for _ in $(seq 1 100); do
   j=$(leader_json)
-  [[ -n $j ]] && { ok=1; break; }
-  sleep 0.1
+  [[ -n $j ]] && roles=$(field '" ".join(m["raft"] for m in v["members"])' <<<"$j")
+  [[ $roles == "voter voter voter" ]] && break
+  sleep 0.2
 done
-[[ -n $ok ]] || { fail "no leader elected"; exit 1; }
-roles=$(field '" ".join(m["raft"] for m in v["members"])' <<<"$j")
-if [[ $roles == "voter voter voter learner" ]]; then
-  pass "4 nodes: 3 metadata voters and 1 learner, R=3"
+if [[ $roles == "voter voter voter" ]]; then
+  pass "node 1 made a cluster (init), nodes 2 and 3 joined with its token and became metadata voters"
 else
-  fail "unexpected roles: $roles"
+  fail "after init and two joins the members are: ${roles:-no leader}"
+fi
+
+# The token is required, and another cluster's is refused, with a clear message.
+no_token=$("$CFS" status "$ADDRS" 2>&1 || true)
+wrong=$("$CFS" status "cfs1:$(printf '%064d' 7)@127.0.0.1:$((BASE + 1))" 2>&1 || true)
+bad_join=$("$BIN" join "cfs1:$(printf '%064d' 7)@127.0.0.1:$((BASE + 1))" --config "$WORK/n4.toml" 2>&1 || true)
+if grep -q "requires a cluster token" <<<"$no_token" && grep -q "refused this cluster token" <<<"$wrong" &&
+  grep -q "refused this cluster token" <<<"$bad_join" && [[ ! -e $WORK/n4/cluster.toml ]]; then
+  pass "without the token: $(grep -o 'the server requires[^(]*' <<<"$no_token" | head -1); with another cluster's: refused"
+else
+  fail "token checks: '$no_token' / '$wrong' / '$bad_join'"
 fi
 
 mkdir -p "$WORK/mnt"
-"$CFS" mount "$ADDRS" "$WORK/mnt" --timeout 20 >>"$WORK/mount.log" 2>&1 &
+"$CFS" mount "$TOKEN" "$WORK/mnt" --timeout 20 >>"$WORK/mount.log" 2>&1 &
 MOUNT_PID=$!
 for _ in $(seq 1 100); do grep -q " $WORK/mnt fuse" /proc/mounts && break; sleep 0.1; done
 grep -q " $WORK/mnt fuse" /proc/mounts || { cat "$WORK/mount.log"; fail "mount"; exit 1; }
+if grep " $WORK/mnt fuse" /proc/mounts | grep -q "cfs1:"; then fail "the token's secret shows in /proc/mounts"; fi
 
 # write_files PREFIX COUNT SEED: files of 256 KiB .. 3 MiB (one chunk each), fsync'd; a file
 # whose every call succeeded is recorded with its digest.
@@ -165,7 +176,29 @@ PY
 }
 
 write_files a 24 1
-if out=$("$BIN" verify --servers "$ADDRS" 2>&1); then
+
+# Node 4 joins: it becomes a learner and a share of the chunk copies moves onto it.
+"$BIN" join "$TOKEN" --config "$WORK/n4.toml" >/dev/null 2>>"$WORK/join.err" || { cat "$WORK/join.err"; fail "join of node 4"; exit 1; }
+start_node 4
+t0=$(date +%s)
+moved=""
+for _ in $(seq 1 240); do
+  j=$(leader_json)
+  if [[ -n $j ]]; then
+    state=$(field '"%s %s %s %s %s" % (" ".join(m["raft"] for m in v["members"]), v["chunks"]["under_replicated"], v["chunks"]["misplaced"], v["chunks"]["stale_copies"], sum(1 for c, h in v["holders"] if 4 in h))' <<<"$j")
+    if [[ $state =~ ^"voter voter voter learner 0 0 0 "([0-9]+)$ ]] && ((BASH_REMATCH[1] > 0)); then
+      moved=${BASH_REMATCH[1]}
+      break
+    fi
+  fi
+  sleep 0.5
+done
+if [[ -n $moved ]]; then
+  pass "node 4 joined as a learner; $moved of 24 chunks rebalanced onto it within $(($(date +%s) - t0)) s"
+else
+  fail "rebalance onto node 4 did not finish: ${state:-no leader}"
+fi
+if out=$("$BIN" verify --servers "$TOKEN" 2>&1); then
   pass "before the loss: $(tail -1 <<<"$out")"
 else
   fail "verify before the loss: $out"
@@ -201,14 +234,14 @@ for _ in $(seq 1 120); do
   fi
   sleep 0.5
 done
-"$CFS" status "$SURV" | sed 's/^/  /'
+"$CFS" status "${TOKEN%@*}@$SURV" | sed 's/^/  /'
 if [[ -n $done_at ]]; then
   pass "node $VICTIM removed, the learner promoted, every chunk back to 3 copies within ${done_at} s of the writes"
 else
   fail "rebuild did not finish: ${state:-no leader}"
 fi
 
-if out=$("$BIN" verify --servers "$SURV" 2>&1); then
+if out=$("$BIN" verify --servers "${TOKEN%@*}@$SURV" 2>&1); then
   pass "after the rebuild: $(tail -1 <<<"$out") (3 copies of every chunk on 3 nodes)"
 else
   fail "verify after the rebuild: $out"
@@ -221,7 +254,7 @@ total=$(field 'sum(len(h) for c, h in v["holders"])' <<<"$j")
 stored=0
 for ((i = 1; i <= N; i++)); do
   [[ $i == "$VICTIM" ]] && continue
-  n=$("$CFS" status "127.0.0.1:$((BASE + i))" --json | awk '{ $1 = ""; print }' | field 'v["store"]["chunks"]')
+  n=$("$CFS" status "${TOKEN%@*}@127.0.0.1:$((BASE + i))" --json | grep "^127.0.0.1:$((BASE + i)) " | awk '{ $1 = ""; print }' | field 'v["store"]["chunks"]')
   stored=$((stored + n))
 done
 if ((stored == total)); then

@@ -43,6 +43,8 @@ pub struct ClusterConfig {
     /// A member the leader has not heard from for this long is removed for good: its chunk
     /// copies are re-replicated and its vote is handed to a learner.
     pub dead_after_ms: u64,
+    /// Cluster secret every connection between nodes proves (see `cfs_fabric::auth`).
+    pub secret: Option<cfs_fabric::Secret>,
     /// Milliseconds per Raft tick.
     pub tick_ms: u64,
     /// Ticks without a leader before an election (randomised up to twice that).
@@ -129,12 +131,9 @@ impl Cluster {
         freed: Box<dyn Fn(Vec<ChunkId>) + Send>,
     ) -> Result<Cluster, anyhow::Error> {
         let ids: Vec<u64> = cfg.peers.keys().copied().collect();
-        anyhow::ensure!(
-            cfg.peers.contains_key(&cfg.node_id),
-            "node_id {} is not among the peers {:?}",
-            cfg.node_id,
-            ids
-        );
+        // A node that joined later is not among the founding peers: it starts from the same
+        // founding state as everyone and learns its membership from the log.
+        anyhow::ensure!(!ids.is_empty(), "no founding members");
         let n_voters = cfg.meta_replicas.clamp(1, ids.len());
         let (voters, learners) = (ids[..n_voters].to_vec(), ids[n_voters..].to_vec());
         let initial = Placement::new(
@@ -172,11 +171,13 @@ impl Cluster {
         let raft_cfg = ClientConfig {
             request_timeout: Duration::from_millis(cfg.tick_ms * cfg.election_ticks as u64),
             connect_timeout: Duration::from_millis(cfg.tick_ms * 2),
+            secret: cfg.secret,
             ..ClientConfig::default()
         };
         let data_cfg = ClientConfig {
             request_timeout: Duration::from_millis(cfg.propose_timeout_ms + 5_000),
             connect_timeout: Duration::from_secs(1),
+            secret: cfg.secret,
             ..ClientConfig::default()
         };
         let cluster = Cluster {
@@ -320,6 +321,11 @@ impl Cluster {
             .copied();
         let from = seen.map_or(since, |s| s.max(since));
         Some(from.elapsed())
+    }
+
+    /// The configuration this node started with (founding members, policy, timing).
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
     }
 
     /// How long a member may be silent before the leader removes it.

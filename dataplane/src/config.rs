@@ -31,14 +31,25 @@ pub struct Config {
     pub cluster: Option<ClusterSection>,
 }
 
-/// `[cluster]`: this node's id and every member's RPC address.
+/// `[cluster]`: a static cluster (this node's id and every founding member's RPC address),
+/// or, for a node made by `cfs-dataplane init`/`join` (identity in `data_dir/cluster.toml`),
+/// only the timing and policy settings below.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
-    /// This node's id (a key of `peers`).
-    pub node_id: u64,
-    /// Every member, this node included: id -> "host:port" (its `server.listen`).
+    /// This node's id (a key of `peers`); not set for an init/join node.
+    #[serde(default)]
+    pub node_id: Option<u64>,
+    /// Every founding member, this node included: id -> "host:port" (its `server.listen`).
+    #[serde(default)]
     pub peers: std::collections::BTreeMap<String, String>,
+    /// Cluster secret (64 hex digits) a static cluster's nodes and clients must prove they
+    /// know; init/join nodes take it from their identity file.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// This node's failure domain when it joins (default: its own id).
+    #[serde(default)]
+    pub domain: Option<String>,
     /// Milliseconds per Raft tick.
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
@@ -404,8 +415,19 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(c) = &self.cluster {
             let members = c.members()?;
-            if !members.contains_key(&c.node_id) {
-                return Err(invalid("cluster.node_id", "must be one of cluster.peers"));
+            match c.node_id {
+                Some(id) if !members.contains_key(&id) => {
+                    return Err(invalid("cluster.node_id", "must be one of cluster.peers"))
+                }
+                None if !members.is_empty() => {
+                    return Err(invalid("cluster.node_id", "needed with cluster.peers"))
+                }
+                _ => {}
+            }
+            if let Some(h) = &c.secret {
+                if cfs_fabric::auth::from_hex(h).is_none() {
+                    return Err(invalid("cluster.secret", "must be 64 hex digits"));
+                }
             }
             if !(1..=5).contains(&c.replicas) {
                 return Err(invalid("cluster.replicas", "must be 1 to 5"));

@@ -1256,6 +1256,114 @@ impl FsService {
     }
 }
 
+impl FsService {
+    /// A join request: run on the leader (forwarded there if need be).
+    async fn join_call(&self, method: u32, payload: &[u8]) -> Result<bytes::Bytes, ServiceError> {
+        let Some(c) = self.cluster() else {
+            return Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                "this server is not a cluster node (no cluster to join)",
+            ));
+        };
+        let Some((addr, domain)) = crate::identity::decode_join(payload) else {
+            return Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                "malformed join request",
+            ));
+        };
+        if !c.replica().is_leader() {
+            if method & FORWARDED != 0 {
+                return Err(ServiceError::new(
+                    ErrorCode::Service(NOT_LEADER),
+                    "not the leader",
+                ));
+            }
+            match self.forward(c, crate::identity::JOIN_METHOD, payload).await {
+                Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
+                other => return other,
+            }
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.join(addr, domain))
+            .await
+            .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
+            .map(bytes::Bytes::from)
+    }
+
+    /// Adds a node at `addr` as a new member (a metadata learner; the placement starts moving
+    /// chunk copies onto it) and answers the founding configuration it must start from.
+    fn join(&self, addr: String, domain: String) -> Result<Vec<u8>, ServiceError> {
+        let Backend::Raft(c) = &self.backend else {
+            return Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                "not a cluster node",
+            ));
+        };
+        let refuse = |why: String| ServiceError::new(ErrorCode::BadRequest, why);
+        let cs = c.conf_state();
+        let (existing, mut used) = c.read_local(|ns| {
+            let p = ns.placement();
+            let existing = p
+                .members()
+                .iter()
+                .find(|(_, m)| m.addr == addr)
+                .map(|(id, _)| *id);
+            let used: Vec<u64> = p
+                .members()
+                .keys()
+                .chain(p.removed().iter())
+                .copied()
+                .collect();
+            (existing, used)
+        });
+        if let Some(id) = existing {
+            return Err(refuse(format!(
+                "member {id} already has address {addr}; a node rejoins with a new address or after `cfs-dataplane remove`"
+            )));
+        }
+        used.extend(cs.voters.iter().chain(cs.learners.iter()));
+        let id = used.iter().copied().max().unwrap_or(0) + 1;
+        let domain = if domain.is_empty() {
+            id.to_string()
+        } else {
+            domain
+        };
+        let cmd = Command {
+            creds: Creds::root(),
+            now: now(),
+            op: Op::AddMember {
+                id,
+                addr: addr.clone(),
+                domain,
+            },
+        };
+        match c.propose_member(cmd, MemberChange::AddLearner) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(refuse(format!("the cluster refused the member: {e:?}"))),
+            Err(ClusterError::Busy) => {
+                return Err(ServiceError::new(
+                    ErrorCode::Busy,
+                    "another membership change is in progress; try again",
+                ))
+            }
+            Err(e) => return Err(cluster_error(e)),
+        }
+        tracing::warn!("node {id} at {addr} joined the cluster");
+        let cfg = c.config();
+        let strs = |m: &std::collections::BTreeMap<u64, String>| {
+            m.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        };
+        let reply = crate::identity::JoinReply {
+            node_id: id,
+            replicas: cfg.replicas,
+            meta_replicas: cfg.meta_replicas,
+            peers: strs(&cfg.peers),
+            domains: strs(&cfg.domains),
+        };
+        serde_json::to_vec(&reply).map_err(|e| internal(e.to_string()))
+    }
+}
+
 impl Service for FsService {
     fn call(&self, method: u32, payload: bytes::Bytes) -> ServiceFuture {
         let this = self.clone();
@@ -1285,6 +1393,9 @@ impl Service for FsService {
                     .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
                     .map(bytes::Bytes::from)
                     .map_err(io_error);
+            }
+            if method & !FORWARDED == crate::identity::JOIN_METHOD {
+                return this.join_call(method, &payload).await;
             }
             let forwarded = method & FORWARDED != 0;
             let method = method & !FORWARDED;

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod exec;
 pub mod fs_service;
+pub mod identity;
 pub mod io;
 pub mod meta_store;
 pub mod raft_store;

@@ -98,12 +98,46 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Create a new cluster with this node as its first member (id 1) and print the join
+    /// token other nodes and clients use. The node must be formatted; start it with `run`.
+    Init {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address other nodes and clients reach this node at (default: server.listen).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Copies of each chunk (1 to 5).
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Voters of the metadata Raft group.
+        #[arg(long, default_value_t = 3)]
+        meta_replicas: usize,
+    },
+    /// Join the cluster a token names: the cluster gives this node an id and starts moving
+    /// chunk copies onto it once it runs. The node must be formatted; start it with `run`.
+    Join {
+        /// The join token printed by `init`.
+        token: String,
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address other nodes and clients reach this node at (default: server.listen).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
     /// Check a running cluster's chunk copies byte by byte: asks the leader (found among
     /// `--servers`) where every chunk lives, reads every current copy from its node and
     /// compares them. Exit status 1 if copies differ, a copy is unreadable, or a chunk has
     /// fewer current copies than the cluster wants.
     Verify {
-        /// Comma-separated RPC addresses of cluster nodes (any of them).
+        /// Comma-separated RPC addresses of cluster nodes (any of them), or the join token.
         #[arg(long)]
         servers: String,
     },
@@ -351,27 +385,16 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
         .thread_name("cfs-rpc")
         .build()
         .context("cannot start the RPC runtime")?;
-    let service = match &cfg.cluster {
+    let cluster_cfg = effective_cluster(cfg)?;
+    let secret = cluster_cfg.as_ref().and_then(|c| c.secret);
+    let service = match cluster_cfg {
         None => {
             let db = cfg.data_dir.join("meta.redb");
             cfs_dataplane::fs_service::FsService::open(&db, Arc::clone(&engine))
                 .with_context(|| format!("cannot open the metadata database {}", db.display()))?
         }
-        Some(c) => {
-            let cc = cfs_dataplane::cluster::ClusterConfig {
-                node_id: c.node_id,
-                peers: c.members()?,
-                tick_ms: c.tick_ms,
-                election_ticks: c.election_ticks,
-                heartbeat_ticks: c.heartbeat_ticks,
-                snapshot_every: c.snapshot_every,
-                propose_timeout_ms: c.propose_timeout_ms,
-                replica_timeout_ms: c.replica_timeout_ms,
-                replicas: c.replicas,
-                meta_replicas: c.meta_replicas,
-                domains: c.domain_map()?,
-                dead_after_ms: c.dead_after_ms,
-            };
+        Some(cc) => {
+            let (node_id, members) = (cc.node_id, cc.peers.len());
             let db = cfg.data_dir.join("raft.redb");
             let eng = Arc::clone(&engine);
             let freed = Box::new(move |chunks: Vec<cfs_meta::ChunkId>| {
@@ -389,8 +412,8 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
                         format!("cannot start the metadata replica ({})", db.display())
                     })?;
             tracing::info!(
-                node = c.node_id,
-                members = c.peers.len(),
+                node = node_id,
+                founding_members = members,
                 "metadata Raft group member"
             );
             cfs_dataplane::fs_service::FsService::open_cluster(
@@ -406,7 +429,10 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             &cfg.server.listen,
             Arc::new(service),
             cfs_fabric::RegionTable::new(),
-            cfs_fabric::ServerConfig::default(),
+            cfs_fabric::ServerConfig {
+                secret,
+                ..cfs_fabric::ServerConfig::default()
+            },
         ))
         .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
     tracing::info!(
@@ -578,8 +604,212 @@ fn main() -> Result<()> {
             repair,
         } => cmd_fsck(&load_config(config, data_dir)?, repair),
         Cmd::Verify { servers } => cmd_verify(&servers),
+        Cmd::Init {
+            config,
+            data_dir,
+            advertise,
+            replicas,
+            meta_replicas,
+        } => cmd_init(
+            &load_config(config, data_dir)?,
+            advertise,
+            replicas,
+            meta_replicas,
+        ),
+        Cmd::Join {
+            token,
+            config,
+            data_dir,
+            advertise,
+        } => cmd_join(&load_config(config, data_dir)?, &token, advertise),
         Cmd::Bench(args) => bench::run(args),
     }
+}
+
+/// The cluster this node serves, from its identity (init/join) or a static `[cluster]`
+/// section; `None` for a single node.
+fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::ClusterConfig>> {
+    use cfs_dataplane::identity::Identity;
+    let identity = Identity::load(&cfg.data_dir)?;
+    let section = match (&cfg.cluster, &identity) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(_)) if c.node_id.is_some() => bail!(
+            "this node has a cluster identity ({}) and the config has a static [cluster] node_id: keep one",
+            Identity::path(&cfg.data_dir).display()
+        ),
+        (Some(c), None) if c.node_id.is_none() => bail!(
+            "[cluster] has no node_id and this node has no cluster identity: run `cfs-dataplane init` or `cfs-dataplane join TOKEN` first"
+        ),
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => toml::from_str("").context("default [cluster] settings")?,
+    };
+    let (node_id, peers, domains, replicas, meta_replicas, secret) = match &identity {
+        Some(id) => (
+            id.node_id,
+            id.peers_by_id()?,
+            id.domains_by_id()?,
+            id.replicas,
+            id.meta_replicas,
+            id.secret_bytes(),
+        ),
+        None => (
+            section.node_id.context("[cluster] node_id")?,
+            section.members()?,
+            section.domain_map()?,
+            section.replicas,
+            section.meta_replicas,
+            section
+                .secret
+                .as_deref()
+                .and_then(cfs_fabric::auth::from_hex),
+        ),
+    };
+    Ok(Some(cfs_dataplane::cluster::ClusterConfig {
+        node_id,
+        peers,
+        domains,
+        replicas,
+        meta_replicas,
+        secret,
+        tick_ms: section.tick_ms,
+        election_ticks: section.election_ticks,
+        heartbeat_ticks: section.heartbeat_ticks,
+        snapshot_every: section.snapshot_every,
+        propose_timeout_ms: section.propose_timeout_ms,
+        replica_timeout_ms: section.replica_timeout_ms,
+        dead_after_ms: section.dead_after_ms,
+    }))
+}
+
+fn check_joinable(cfg: &Config) -> Result<()> {
+    if cfg.cluster.as_ref().is_some_and(|c| c.node_id.is_some()) {
+        bail!("the config has a static [cluster] node_id; init/join is for nodes without one");
+    }
+    if let Some(id) = cfs_dataplane::identity::Identity::load(&cfg.data_dir)? {
+        bail!(
+            "this node already belongs to a cluster as node {} ({})",
+            id.node_id,
+            cfs_dataplane::identity::Identity::path(&cfg.data_dir).display()
+        );
+    }
+    for db in ["raft.redb", "meta.redb"] {
+        if cfg.data_dir.join(db).exists() {
+            bail!(
+                "{} exists: this node already holds a file system; format it anew to make it a cluster member",
+                cfg.data_dir.join(db).display()
+            );
+        }
+    }
+    if !cfg.data_dir.is_dir() {
+        bail!(
+            "{} does not exist: run `cfs-dataplane format` first",
+            cfg.data_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// See `Cmd::Init`.
+fn cmd_init(
+    cfg: &Config,
+    advertise: Option<String>,
+    replicas: usize,
+    meta_replicas: usize,
+) -> Result<()> {
+    check_joinable(cfg)?;
+    if !(1..=5).contains(&replicas) || !(1..=7).contains(&meta_replicas) {
+        bail!("--replicas must be 1 to 5 and --meta-replicas 1 to 7");
+    }
+    let addr = advertise.unwrap_or_else(|| cfg.server.listen.clone());
+    if addr.starts_with("0.0.0.0") || addr.starts_with("[::]") {
+        bail!("{addr} is not an address others can reach: pass --advertise HOST:PORT");
+    }
+    let secret = cfs_fabric::auth::random32().context("reading /dev/urandom")?;
+    let domain = cfg.cluster.as_ref().and_then(|c| c.domain.clone());
+    let id = cfs_dataplane::identity::Identity {
+        node_id: 1,
+        secret: cfs_fabric::auth::to_hex(&secret),
+        replicas,
+        meta_replicas,
+        peers: [("1".to_string(), addr.clone())].into(),
+        domains: domain.map(|d| ("1".to_string(), d)).into_iter().collect(),
+    };
+    id.save_new(&cfg.data_dir)?;
+    let token = cfs_fabric::JoinToken {
+        secret,
+        addrs: vec![addr],
+    };
+    eprintln!(
+        "new cluster: this node is member 1 (R={replicas}, {meta_replicas} metadata voters); start it with `cfs-dataplane run`"
+    );
+    eprintln!("join other nodes with `cfs-dataplane join TOKEN`, mount with `cfs mount TOKEN DIR`; keep the token secret");
+    println!("{token}");
+    Ok(())
+}
+
+/// See `Cmd::Join`.
+fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> {
+    check_joinable(cfg)?;
+    let t = cfs_fabric::JoinToken::parse(token)
+        .context("not a join token (expected cfs1:<64 hex digits>@host:port[,...])")?;
+    let addr = advertise.unwrap_or_else(|| cfg.server.listen.clone());
+    if addr.starts_with("0.0.0.0") || addr.starts_with("[::]") {
+        bail!("{addr} is not an address others can reach: pass --advertise HOST:PORT");
+    }
+    let domain = cfg
+        .cluster
+        .as_ref()
+        .and_then(|c| c.domain.clone())
+        .unwrap_or_default();
+    let ccfg = cfs_fabric::ClientConfig {
+        request_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(3),
+        secret: Some(t.secret),
+        ..cfs_fabric::ClientConfig::default()
+    };
+    let payload = cfs_dataplane::identity::encode_join(&addr, &domain);
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let reply = 'asked: loop {
+        let mut last = None;
+        for server in &t.addrs {
+            let c = cfs_fabric::BlockingClient::new(server, ccfg.clone());
+            match c.call(cfs_dataplane::identity::JOIN_METHOD, &payload) {
+                Ok(b) => break 'asked b,
+                Err(e @ cfs_fabric::RpcError::Refused { .. }) => {
+                    bail!("{e}")
+                }
+                Err(cfs_fabric::RpcError::Remote {
+                    code: cfs_fabric::ErrorCode::BadRequest,
+                    message,
+                }) => bail!("{server} refused the join: {message}"),
+                Err(e) => last = Some(e),
+            }
+        }
+        if Instant::now() >= give_up {
+            bail!(
+                "no member of the cluster took the join request: {}",
+                last.map(|e| e.to_string()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let r: cfs_dataplane::identity::JoinReply =
+        serde_json::from_slice(&reply).context("malformed join reply")?;
+    let id = cfs_dataplane::identity::Identity {
+        node_id: r.node_id,
+        secret: cfs_fabric::auth::to_hex(&t.secret),
+        replicas: r.replicas,
+        meta_replicas: r.meta_replicas,
+        peers: r.peers,
+        domains: r.domains,
+    };
+    id.save_new(&cfg.data_dir)?;
+    eprintln!(
+        "joined as member {}; start it with `cfs-dataplane run` (chunk copies move onto it once it runs)",
+        r.node_id
+    );
+    println!("{}", r.node_id);
+    Ok(())
 }
 
 /// See `Cmd::Verify`.
@@ -590,10 +820,12 @@ fn cmd_verify(servers: &str) -> Result<()> {
         connect_timeout: Duration::from_secs(2),
         ..cfs_fabric::ClientConfig::default()
     };
+    let (servers, secret) = cfs_fabric::auth::servers_arg(servers).map_err(|e| anyhow!(e))?;
+    let cfg = cfs_fabric::ClientConfig { secret, ..cfg };
     let req = cfs_proto::Request::Status;
     let payload = req.encode(&cfs_meta::Creds::root());
     let mut leader = None;
-    for addr in servers.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+    for addr in &servers {
         let client = cfs_fabric::BlockingClient::new(addr, cfg.clone());
         let Ok(b) = client.call(req.method(), &payload) else {
             continue;

@@ -76,8 +76,12 @@ impl BlockingClient {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(10));
             match connect_within(&self.addr, left) {
-                Ok(s) => {
+                Ok(mut s) => {
                     let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(self.cfg.connect_timeout));
+                    let _ = s.set_write_timeout(Some(self.cfg.connect_timeout));
+                    crate::auth::client_blocking(&mut s, self.cfg.secret.as_ref())
+                        .map_err(|e| crate::handshake_error(&self.addr, e))?;
                     return Ok(s);
                 }
                 Err(e) if Instant::now() + backoff < deadline => {

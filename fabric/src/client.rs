@@ -29,6 +29,8 @@ pub struct ClientConfig {
     pub max_backoff: Duration,
     /// Frames queued for the socket before callers wait.
     pub send_queue: usize,
+    /// Cluster secret for the connection handshake (see [`crate::auth`]).
+    pub secret: Option<crate::Secret>,
 }
 
 impl Default for ClientConfig {
@@ -40,6 +42,7 @@ impl Default for ClientConfig {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(1),
             send_queue: 256,
+            secret: None,
         }
     }
 }
@@ -124,6 +127,10 @@ impl Client {
             }
         };
         let _ = sock.set_nodelay(true);
+        let mut sock = sock;
+        crate::auth::client(&mut sock, cfg.secret.as_ref(), cfg.connect_timeout)
+            .await
+            .map_err(|e| crate::handshake_error(&self.inner.addr, e))?;
         let conn = Arc::new(start_conn(sock, self.inner.addr.clone(), cfg));
         *slot = Some(Arc::clone(&conn));
         Ok(conn)

@@ -9,12 +9,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod blocking;
 pub mod client;
 pub mod frame;
 pub mod region;
 pub mod server;
 
+pub use auth::{AuthError, JoinToken, Secret};
 pub use blocking::{BlockingClient, FailoverClient};
 pub use client::{Client, ClientConfig};
 pub use frame::FrameError;
@@ -88,6 +90,15 @@ pub enum RpcError {
         /// The last error.
         reason: String,
     },
+    /// The server refused the connection's handshake (no token, or the wrong one). Retrying
+    /// with the same token cannot help.
+    #[error("{addr}: {reason}")]
+    Refused {
+        /// Server address.
+        addr: String,
+        /// Why (an [`AuthError`]).
+        reason: AuthError,
+    },
     /// The connection dropped before the reply came; the request may or may not have run.
     #[error("connection to {addr} lost: {reason}")]
     ConnectionLost {
@@ -149,6 +160,20 @@ impl ServiceError {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// Maps a failed client handshake: a refusal is final, anything else is a failed connect.
+pub(crate) fn handshake_error(addr: &str, e: AuthError) -> RpcError {
+    match e {
+        AuthError::TokenRequired | AuthError::Refused => RpcError::Refused {
+            addr: addr.to_string(),
+            reason: e,
+        },
+        other => RpcError::Connect {
+            addr: addr.to_string(),
+            reason: other.to_string(),
+        },
     }
 }
 

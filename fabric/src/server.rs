@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Replies queued per connection before requests stop being read.
     pub reply_queue: usize,
+    /// Cluster secret clients must prove they know (see [`crate::auth`]); `None` accepts any.
+    pub secret: Option<crate::Secret>,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +45,7 @@ impl Default for ServerConfig {
             max_in_flight: 256,
             max_connections: 1024,
             reply_queue: 256,
+            secret: None,
         }
     }
 }
@@ -122,6 +125,18 @@ async fn accept_loop(
                 let (svc, reg, c, st) = (Arc::clone(&service), Arc::clone(&regions), cfg.clone(), stop.clone());
                 handles.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
                 handles.push(tokio::spawn(async move {
+                    let mut sock = sock;
+                    let greeted = crate::auth::server(
+                        &mut sock,
+                        c.secret.as_ref(),
+                        std::time::Duration::from_secs(10),
+                    )
+                    .await;
+                    if let Err(e) = greeted {
+                        tracing::warn!(%peer, "connection refused: {e}");
+                        drop(permit);
+                        return;
+                    }
                     if let Err(e) = serve_conn(sock, svc, reg, c, st).await {
                         tracing::debug!(%peer, "connection closed: {e}");
                     }

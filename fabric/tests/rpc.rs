@@ -201,6 +201,9 @@ async fn oversized_and_garbage_input_is_refused_and_the_server_lives_on() {
     assert_eq!(&echoed.expect("reconnected")[..], b"ok");
     // Random garbage: the server closes that connection.
     let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    cfs_fabric::auth::client(&mut raw, None, Duration::from_secs(5))
+        .await
+        .unwrap();
     raw.write_all(&[0x13u8; 200]).await.unwrap();
     let mut sink = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink))
@@ -210,6 +213,9 @@ async fn oversized_and_garbage_input_is_refused_and_the_server_lives_on() {
     assert_eq!(n, 0, "no reply to garbage, just a close");
     // A frame whose payload was damaged in transit gets a checksum error; the connection stays.
     let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    cfs_fabric::auth::client(&mut raw, None, Duration::from_secs(5))
+        .await
+        .unwrap();
     let mut bad = frame::encode_to_bytes(Kind::Request, ECHO, 77, b"hello").to_vec();
     let last = bad.len() - 1;
     bad[last] ^= 0xff;
@@ -355,4 +361,66 @@ fn blocking_client_calls_times_out_and_survives_restarts() {
         c.call(ECHO, b"x").unwrap_err(),
         RpcError::Connect { .. } | RpcError::ConnectionLost { .. }
     ));
+}
+
+/// A server with a cluster secret serves clients that prove it and refuses, with a clear
+/// error, clients without a token or with another cluster's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_token_is_required_and_checked() {
+    let secret = [42u8; 32];
+    let (s, _) = server(
+        "127.0.0.1:0",
+        ServerConfig {
+            secret: Some(secret),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let addr = s.local_addr().to_string();
+    let with = |secret| ClientConfig { secret, ..quick() };
+    let good = Client::new(addr.clone(), with(Some(secret)));
+    assert_eq!(&good.call(ECHO, b"in").await.unwrap()[..], b"in");
+    match Client::new(addr.clone(), with(None)).call(ECHO, b"x").await {
+        Err(
+            e @ RpcError::Refused {
+                reason: cfs_fabric::AuthError::TokenRequired,
+                ..
+            },
+        ) => {
+            assert!(e.to_string().contains("requires a cluster token"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match Client::new(addr.clone(), with(Some([1u8; 32])))
+        .call(ECHO, b"x")
+        .await
+    {
+        Err(RpcError::Refused {
+            reason: cfs_fabric::AuthError::Refused,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // A raw connection that sends frames without the handshake gets nothing served.
+    let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(&frame::encode_to_bytes(Kind::Request, ECHO, 1, &[0u8; 64]))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+    assert!(
+        sink.len() <= 42,
+        "only the greeting and a refusal: {} bytes",
+        sink.len()
+    );
+    assert!(sink.len() < 42 || sink[41] == 1, "the verdict is a refusal");
+    // The blocking client too, and the good client still works.
+    let blocking = |secret| cfs_fabric::BlockingClient::new(&addr, with(secret));
+    assert_eq!(&blocking(Some(secret)).call(ECHO, b"b").unwrap()[..], b"b");
+    assert!(matches!(
+        blocking(Some([9u8; 32])).call(ECHO, b"b"),
+        Err(RpcError::Refused { .. })
+    ));
+    assert_eq!(&good.call(ECHO, b"again").await.unwrap()[..], b"again");
+    s.stop().await;
 }

@@ -23,8 +23,9 @@ struct Cli {
 enum Cmd {
     /// Mount a ClaudeFS server (runs until unmounted, SIGINT or SIGTERM).
     Mount {
-        /// Server address (host:port of a cfs-dataplane), or several members of a cluster
-        /// separated by commas (the mount moves to another when one cannot be reached).
+        /// Server address (host:port of a cfs-dataplane), several members of a cluster
+        /// separated by commas (the mount moves to another when one cannot be reached), or the
+        /// cluster's join token (addresses and the secret a cluster made by `init` requires).
         server: String,
         /// Where to mount.
         mountpoint: PathBuf,
@@ -54,7 +55,7 @@ enum Cmd {
     /// Show each server's view of the cluster: role, term, applied index, stale chunk copies
     /// (the repair backlog) and store usage.
     Status {
-        /// One or more servers, separated by commas.
+        /// One or more servers, separated by commas, or the cluster's join token.
         servers: String,
         /// Print each server's answer as JSON.
         #[arg(long)]
@@ -100,14 +101,53 @@ fn set_readahead(mountpoint: &std::path::Path, kb: u32) {
     }
 }
 
+/// One server's status answer (JSON).
+fn status_of(addr: &str, cfg: &cfs_fabric::ClientConfig) -> Result<serde_json::Value> {
+    let req = cfs_proto::Request::Status;
+    let client = cfs_fabric::BlockingClient::new(addr, cfg.clone());
+    let b = client.call(req.method(), &req.encode(&cfs_meta::Creds::root()))?;
+    match cfs_proto::Reply::decode(&b) {
+        Some(cfs_proto::Reply::Data(d)) => Ok(serde_json::from_slice(&d)?),
+        _ => bail!("unexpected reply"),
+    }
+}
+
+/// The member addresses a status answer names (none for a single server).
+fn member_addrs(v: &serde_json::Value) -> Vec<String> {
+    v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["addr"].as_str().map(String::from))
+        .collect()
+}
+
+/// The given servers plus every member the first one answering names: a mount given one
+/// address or a token keeps working when that node dies.
+fn discover(addrs: &[String], cfg: &cfs_fabric::ClientConfig) -> Vec<String> {
+    let mut out = addrs.to_vec();
+    for a in addrs {
+        if let Ok(v) = status_of(a, cfg) {
+            for m in member_addrs(&v) {
+                if !out.contains(&m) {
+                    out.push(m);
+                }
+            }
+            break;
+        }
+    }
+    out
+}
+
 fn status(servers: &str, json: bool) -> Result<()> {
     let cfg = cfs_fabric::ClientConfig {
         request_timeout: Duration::from_secs(3),
         connect_timeout: Duration::from_secs(1),
         ..cfs_fabric::ClientConfig::default()
     };
-    let req = cfs_proto::Request::Status;
-    let payload = req.encode(&cfs_meta::Creds::root());
+    let (servers, secret) =
+        cfs_fabric::auth::servers_arg(servers).map_err(|e| anyhow::anyhow!(e))?;
+    let cfg = cfs_fabric::ClientConfig { secret, ..cfg };
     let mut reachable = 0;
     let mut leader_view: Option<serde_json::Value> = None;
     if !json {
@@ -116,18 +156,24 @@ fn status(servers: &str, json: bool) -> Result<()> {
             "server", "role", "node", "term", "applied", "chunks", "used MiB", "stale"
         );
     }
-    for addr in servers.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let client = cfs_fabric::BlockingClient::new(addr, cfg.clone());
-        let answer = client
-            .call(req.method(), &payload)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| match cfs_proto::Reply::decode(&b) {
-                Some(cfs_proto::Reply::Data(d)) => {
-                    Ok(serde_json::from_slice::<serde_json::Value>(&d)?)
+    // Members the answers name are asked too: one address (or the token's) shows the cluster.
+    let mut servers = servers;
+    let mut i = 0;
+    while i < servers.len() && i < 64 {
+        let addr = servers[i].clone();
+        i += 1;
+        let v = match status_of(&addr, &cfg) {
+            Ok(v) => {
+                for a in member_addrs(&v) {
+                    if !servers.contains(&a) {
+                        servers.push(a);
+                    }
                 }
-                _ => bail!("unexpected reply"),
-            });
-        let v = match answer {
+                Ok(v)
+            }
+            Err(e) => Err(e),
+        };
+        let v = match v {
             Ok(v) => v,
             Err(e) => {
                 println!("{addr:<22} unreachable: {e}");
@@ -237,15 +283,10 @@ fn main() -> Result<()> {
             if !(0.0..=3600.0).contains(&cache_ttl) {
                 bail!("--cache-ttl must be between 0 and 3600 seconds");
             }
-            let addrs: Vec<String> = server
-                .split(',')
-                .map(str::trim)
-                .filter(|a| !a.is_empty())
-                .map(String::from)
-                .collect();
-            if addrs.is_empty() {
-                bail!("no server address given");
-            }
+            let (addrs, secret) =
+                cfs_fabric::auth::servers_arg(&server).map_err(|e| anyhow::anyhow!(e))?;
+            // The token's secret never goes into the mount table: name the addresses only.
+            let server = addrs.join(",");
             let total = Duration::from_secs(timeout.max(1));
             let cfg = cfs_fabric::ClientConfig {
                 request_timeout: total,
@@ -255,8 +296,15 @@ fn main() -> Result<()> {
                 } else {
                     total
                 },
+                secret,
                 ..cfs_fabric::ClientConfig::default()
             };
+            let quick = cfs_fabric::ClientConfig {
+                request_timeout: Duration::from_secs(3),
+                connect_timeout: Duration::from_secs(1),
+                ..cfg.clone()
+            };
+            let addrs = discover(&addrs, &quick);
             let client = cfs_fabric::FailoverClient::new(&addrs, cfg, total);
             client
                 .ping()

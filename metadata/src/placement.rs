@@ -213,18 +213,23 @@ impl Placement {
         }
     }
 
-    /// Adds (or re-addresses) a member. A removed id cannot come back.
+    /// Adds a member (adding an existing member again with the same address and domain is a
+    /// no-op: a learner's promotion carries it). A removed id cannot come back, and an id in
+    /// use cannot change address.
     pub fn add_member(&mut self, id: u64, member: Member) -> Result<(), Errno> {
         if id == 0 || self.removed.contains(&id) {
             return Err(Errno::Inval);
+        }
+        if self.members.get(&id).is_some_and(|m| *m != member) {
+            return Err(Errno::Exist);
         }
         self.members.insert(id, member);
         Ok(())
     }
 
-    /// Whether `id` may be added (not removed before, not 0).
-    pub fn may_add(&self, id: u64) -> bool {
-        id != 0 && !self.removed.contains(&id)
+    /// Whether `member` may be added as `id` (see [`Placement::add_member`]).
+    pub fn may_add(&self, id: u64, member: &Member) -> bool {
+        id != 0 && !self.removed.contains(&id) && self.members.get(&id).is_none_or(|m| m == member)
     }
 
     /// Removes a member for good: it holds nothing any more (its copies count as lost; the

@@ -398,9 +398,15 @@ impl Replica {
         let cmd = Command::decode(cc.get_context()).ok_or(Errno::Inval)?;
         let ok = match (&cmd.op, cc.get_change_type()) {
             (
-                Op::AddMember { id, .. },
+                Op::AddMember { id, addr, domain },
                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode,
-            ) => *id == cc.node_id && self.ns.placement().may_add(*id),
+            ) => {
+                let m = cfs_meta::placement::Member {
+                    addr: addr.clone(),
+                    domain: domain.clone(),
+                };
+                *id == cc.node_id && self.ns.placement().may_add(*id, &m)
+            }
             (Op::RemoveMember { id }, ConfChangeType::RemoveNode) => {
                 *id == cc.node_id && self.ns.placement().members().len() > 1
             }
