@@ -132,6 +132,16 @@ enum Cmd {
         #[arg(long)]
         advertise: Option<String>,
     },
+    /// Print a join token naming every current member (the one `init` printed names only the
+    /// first node): asks this running node for the membership.
+    Token {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Check a running cluster's chunk copies byte by byte: asks the leader (found among
     /// `--servers`) where every chunk lives, reads every current copy from its node and
     /// compares them. Exit status 1 if copies differ, a copy is unreadable, or a chunk has
@@ -604,6 +614,7 @@ fn main() -> Result<()> {
             repair,
         } => cmd_fsck(&load_config(config, data_dir)?, repair),
         Cmd::Verify { servers } => cmd_verify(&servers),
+        Cmd::Token { config, data_dir } => cmd_token(&load_config(config, data_dir)?),
         Cmd::Init {
             config,
             data_dir,
@@ -809,6 +820,41 @@ fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> 
         r.node_id
     );
     println!("{}", r.node_id);
+    Ok(())
+}
+
+/// See `Cmd::Token`.
+fn cmd_token(cfg: &Config) -> Result<()> {
+    let id = cfs_dataplane::identity::Identity::load(&cfg.data_dir)?
+        .context("this node has no cluster identity (made by `init` or `join`)")?;
+    let secret = id
+        .secret_bytes()
+        .context("bad secret in the identity file")?;
+    let listen = cfg.server.listen.replace("0.0.0.0", "127.0.0.1");
+    let ccfg = cfs_fabric::ClientConfig {
+        request_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        secret: Some(secret),
+        ..cfs_fabric::ClientConfig::default()
+    };
+    let req = cfs_proto::Request::Status;
+    let b = cfs_fabric::BlockingClient::new(&listen, ccfg)
+        .call(req.method(), &req.encode(&cfs_meta::Creds::root()))
+        .with_context(|| format!("asking the node at {listen} (is it running?)"))?;
+    let Some(cfs_proto::Reply::Data(d)) = cfs_proto::Reply::decode(&b) else {
+        bail!("unexpected status reply");
+    };
+    let v: serde_json::Value = serde_json::from_slice(&d)?;
+    let addrs: Vec<String> = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["addr"].as_str().map(String::from))
+        .collect();
+    if addrs.is_empty() {
+        bail!("the node reports no members");
+    }
+    println!("{}", cfs_fabric::JoinToken { secret, addrs });
     Ok(())
 }
 

@@ -125,7 +125,12 @@ impl CfsFs {
 
     fn call(&self, creds: &Creds, r: Req) -> Result<Reply, Errno> {
         let payload = r.encode(creds);
-        let res = self.client.call(r.method(), &payload);
+        let mut res = self.client.call(r.method(), &payload);
+        if r.is_read_only() && matches!(res, Err(RpcError::ConnectionLost { .. })) {
+            // A connection the server dropped (it died or restarted): a read may simply be
+            // sent again, to the next member.
+            res = self.client.call(r.method(), &payload);
+        }
         match res {
             Ok(b) => Reply::decode(&b).ok_or_else(|| {
                 tracing::error!("malformed reply from the server");

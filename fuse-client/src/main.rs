@@ -288,9 +288,17 @@ fn main() -> Result<()> {
             // The token's secret never goes into the mount table: name the addresses only.
             let server = addrs.join(",");
             let total = Duration::from_secs(timeout.max(1));
+            let quick = cfs_fabric::ClientConfig {
+                request_timeout: Duration::from_secs(3),
+                connect_timeout: Duration::from_secs(1),
+                secret,
+                ..cfs_fabric::ClientConfig::default()
+            };
+            let addrs = discover(&addrs, &quick);
             let cfg = cfs_fabric::ClientConfig {
                 request_timeout: total,
-                // With several members, a dead one costs at most a second before the next.
+                // With several members (given or discovered), a dead one costs at most a
+                // second before the next is tried.
                 connect_timeout: if addrs.len() > 1 {
                     total.min(Duration::from_secs(1))
                 } else {
@@ -299,12 +307,6 @@ fn main() -> Result<()> {
                 secret,
                 ..cfs_fabric::ClientConfig::default()
             };
-            let quick = cfs_fabric::ClientConfig {
-                request_timeout: Duration::from_secs(3),
-                connect_timeout: Duration::from_secs(1),
-                ..cfg.clone()
-            };
-            let addrs = discover(&addrs, &quick);
             let client = cfs_fabric::FailoverClient::new(&addrs, cfg, total);
             client
                 .ping()

@@ -169,6 +169,26 @@ pub enum Reply {
 pub const ERRNO_BASE: u32 = 1000;
 
 impl Request {
+    /// Whether the request only reads: running it twice is harmless, so a client may resend
+    /// it after a lost connection.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Lookup { .. }
+                | Request::GetAttr { .. }
+                | Request::Readlink { .. }
+                | Request::ReadDir { .. }
+                | Request::ReadDirPlus { .. }
+                | Request::GetXattr { .. }
+                | Request::ListXattr { .. }
+                | Request::Access { .. }
+                | Request::Statfs
+                | Request::Read { .. }
+                | Request::Lseek { .. }
+                | Request::Status
+        )
+    }
+
     /// The RPC method id.
     pub fn method(&self) -> u32 {
         match self {
