@@ -23,6 +23,7 @@ test: deps
 	./scripts/test-cluster.sh
 	NODES=5 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
+	NODES=5 ./scripts/test-partition.sh
 	./scripts/test-rebuild.sh
 
 test-hugepages: deps
@@ -51,6 +52,7 @@ test-cluster: deps
 	./scripts/test-cluster.sh
 	NODES=5 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
+	NODES=5 ./scripts/test-partition.sh
 	./scripts/test-rebuild.sh
 
 test-proto: deps

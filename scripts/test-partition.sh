@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# scripts/test-partition.sh - a three-node cluster in network namespaces (root only):
+# scripts/test-partition.sh - a three-node (NODES=5: five-node) cluster in network namespaces
+# (root only):
 #   each cfs-dataplane runs in its own network namespace, all joined by veth pairs to a bridge in
-#   a hub namespace; a client namespace mounts all three. The leader's link is then taken down:
-#   the two-node majority elects a leader and keeps accepting writes; a client inside the cut-off
-#   node's namespace gets EIO (the minority refuses writes). On heal the node catches up, its
-#   stale chunk copies are repaired, and everything written during the partition reads back.
+#   a hub namespace; a client namespace mounts them all. The leader's link is then taken down
+#   (with five nodes, one more node's too: a minority of two): the majority elects a leader and
+#   keeps accepting writes; a client inside the cut-off leader's namespace gets EIO (the minority
+#   refuses writes). On heal the cut-off nodes catch up, their stale chunk copies are repaired,
+#   and everything written during the partition reads back.
 # Uses only addresses inside the namespaces it creates (10.77.0.0/24); deletes them on exit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +28,8 @@ done
 BIN=$ROOT/target/release/cfs-dataplane
 CFS=$ROOT/target/release/cfs
 WORK=$(mktemp -d /tmp/cfs-partition.XXXXXX)
+N=${NODES:-3}
+[[ $N == 3 || $N == 5 ]] || { echo "NODES must be 3 or 5" >&2; exit 1; }
 TAG=cfsp$$
 HUB=$TAG-hub
 CL=$TAG-cl
@@ -42,7 +46,7 @@ cleanup() {
   done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
-  for n in 1 2 3; do ip netns del "$(ns "$n")" 2>/dev/null; done
+  for ((n = 1; n <= N; n++)); do ip netns del "$(ns "$n")" 2>/dev/null; done
   ip netns del "$CL" 2>/dev/null
   ip netns del "$HUB" 2>/dev/null
   rm -rf "$WORK"
@@ -62,11 +66,16 @@ attach() { # attach NAMESPACE ADDRESS HUB_SIDE_NAME
   ip -n "$HUB" link set "$3" master br0
   ip -n "$HUB" link set "$3" up
 }
-for n in 1 2 3; do attach "$(ns "$n")" "10.77.0.$n" "h$n"; done
+for ((n = 1; n <= N; n++)); do attach "$(ns "$n")" "10.77.0.$n" "h$n"; done
 attach "$CL" 10.77.0.100 hcl
 
-ADDRS="10.77.0.1:7411,10.77.0.2:7411,10.77.0.3:7411"
-for n in 1 2 3; do
+ADDRS=""
+PEERS=""
+for ((n = 1; n <= N; n++)); do
+  ADDRS+="${ADDRS:+,}10.77.0.$n:7411"
+  PEERS+="${PEERS:+, }$n = \"10.77.0.$n:7411\""
+done
+for ((n = 1; n <= N; n++)); do
   mkdir -p "$WORK/n$n"
   cat >"$WORK/n$n.toml" <<CONF
 data_dir = "$WORK/n$n"
@@ -81,7 +90,11 @@ cores = [$(((n - 1) % 2))]
 listen = "0.0.0.0:7411"
 [cluster]
 node_id = $n
-peers = { 1 = "10.77.0.1:7411", 2 = "10.77.0.2:7411", 3 = "10.77.0.3:7411" }
+peers = { $PEERS }
+# Every node votes and holds every chunk: a majority of the nodes is then a majority of the
+# voters and of every chunk's holders, whichever nodes are cut off.
+meta_replicas = $N
+replicas = $N
 tick_ms = 50
 propose_timeout_ms = 3000
 replica_timeout_ms = 2000
@@ -90,7 +103,7 @@ CONF
   nsenter --net="/run/netns/$(ns "$n")" "$BIN" run --config "$WORK/n$n.toml" >>"$WORK/n$n.log" 2>&1 &
   PIDS[$n]=$!
 done
-for n in 1 2 3; do
+for ((n = 1; n <= N; n++)); do
   for _ in $(seq 1 100); do grep -q "serving on" "$WORK/n$n.log" 2>/dev/null && break; sleep 0.1; done
 done
 
@@ -103,7 +116,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [[ -n $L ]] || { fail "no leader elected"; exit 1; }
-pass "three nodes in separate network namespaces formed a group (leader: node $L)"
+pass "$N nodes in separate network namespaces formed a group (leader: node $L)"
 
 mount_in() { # mount_in NAMESPACE ADDRS DIR
   mkdir -p "$3"
@@ -117,8 +130,12 @@ mount_in "$CL" "$ADDRS" "$WORK/mnt"
 head -c 2000000 /dev/urandom >"$WORK/before"
 cp "$WORK/before" "$WORK/mnt/before"
 
-# Cut the leader off.
-ip -n "$HUB" link set "h$L" down
+# Cut the leader off (with five nodes, one more node too: a minority of two).
+CUT=$L
+if ((N == 5)); then
+  for ((n = 1; n <= N; n++)); do [[ $n != "$L" ]] && { CUT="$L $n"; break; }; done
+fi
+for n in $CUT; do ip -n "$HUB" link set "h$n" down; done
 t0=$(date +%s.%N)
 ok=0
 for _ in $(seq 1 60); do
@@ -129,7 +146,7 @@ done
 t1=$(date +%s.%N)
 if ((ok)); then
   [[ -s $WORK/attempts ]] && sed 's/^/  attempt: /' "$WORK/attempts" | tail -n 6
-  pass "majority side took a write $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s after the leader (node $L) was cut off"
+  pass "majority side took a write $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s after node(s) $CUT (the leader first) were cut off"
 else
   fail "majority side did not accept writes"
 fi
@@ -138,7 +155,7 @@ if cp "$WORK/during-data" "$WORK/mnt/during/data" 2>"$WORK/cp.err" && cmp -s "$W
   pass "data written during the partition reads back"
 else
   fail "data written during the partition: $(cat "$WORK/cp.err")"
-  for n in 1 2 3; do sed 's/\x1b\[[0-9;]*m//g' "$WORK/n$n.log" | grep -v hugepages | tail -n 3 | sed "s/^/  n$n: /"; done
+  for ((n = 1; n <= N; n++)); do sed 's/\x1b\[[0-9;]*m//g' "$WORK/n$n.log" | grep -v hugepages | tail -n 3 | sed "s/^/  n$n: /"; done
 fi
 
 # The cut-off node, asked directly from inside its namespace, refuses writes.
@@ -149,22 +166,22 @@ else
   pass "the cut-off node refuses writes ($(tr -d '\n' <"$WORK/minority.err" | sed 's/.*: //'))"
 fi
 
-# Heal: the node catches up and its stale chunk copies are repaired.
-ip -n "$HUB" link set "h$L" up
+# Heal: the cut-off nodes catch up and their stale chunk copies are repaired.
+for n in $CUT; do ip -n "$HUB" link set "h$n" up; done
 caught=0
 for _ in $(seq 1 300); do
   st=$(status)
   applied=$(awk 'NF == 0 {exit} NR > 1 && $2 != "unreachable:" {print $5}' <<<"$st" | sort -u | wc -l)
   stale=$(awk 'NR > 1 && $2 == "leader" {print $NF}' <<<"$st")
   members=$(awk 'NR > 1 && ($2 == "leader" || $2 == "follower")' <<<"$st" | wc -l)
-  if ((members == 3 && applied == 1)) && [[ $stale == 0 ]]; then caught=1; break; fi
+  if ((members == N && applied == 1)) && [[ $stale == 0 ]]; then caught=1; break; fi
   sleep 0.2
 done
 echo "$st" | sed 's/^/  /'
 if ((caught)); then
-  pass "after the heal node $L caught up (same applied index everywhere) and no stale copy is left"
+  pass "after the heal node(s) $CUT caught up (same applied index everywhere) and no stale copy is left"
 else
-  fail "node $L did not catch up after the heal"
+  fail "node(s) $CUT did not catch up after the heal"
 fi
 if cmp -s "$WORK/before" "$WORK/mnt/before" && cmp -s "$WORK/during-data" "$WORK/mnt/during/data"; then
   pass "everything written before and during the partition reads back after the heal"
