@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# scripts/test-cluster.sh - a ClaudeFS cluster on this machine (root only; NODES=5 for five):
+# scripts/test-cluster.sh - a ClaudeFS cluster on this machine (root only; NODES=5 for five,
+# READ_MODE=lease for lease-based instead of ReadIndex reads):
 #   NODES (default 3) cfs-dataplane processes on loopback form the metadata Raft group; one cfs
 #   mount names them all. Under a create+write+fsync load the leader is killed with SIGKILL: the load must
 #   go on after an election, every file whose write and fsync were acknowledged must read back
@@ -68,6 +69,7 @@ listen = "127.0.0.1:$((BASE + i))"
 node_id = $i
 peers = { $PEERS }
 tick_ms = 50
+read_mode = "${READ_MODE:-index}"
 CONF
   "$BIN" format --config "$WORK/n$i.toml" >/dev/null 2>&1
 done

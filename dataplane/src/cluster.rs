@@ -45,6 +45,8 @@ pub struct ClusterConfig {
     pub dead_after_ms: u64,
     /// Cluster secret every connection between nodes proves (see `cfs_fabric::auth`).
     pub secret: Option<cfs_fabric::Secret>,
+    /// Linearizable reads from the leader's lease instead of a ReadIndex round per batch.
+    pub lease_reads: bool,
     /// Milliseconds per Raft tick.
     pub tick_ms: u64,
     /// Ticks without a leader before an election (randomised up to twice that).
@@ -163,7 +165,7 @@ impl Cluster {
             snapshot_every: cfg.snapshot_every,
             seed: cfg.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_nanos(),
         };
-        let replica = Arc::new(Mutex::new(Replica::open(rc, log)?));
+        let replica = Arc::new(Mutex::new(Replica::open_with(rc, log, cfg.lease_reads)?));
         let (tx, rx) = sync_channel(4096);
         // Raft messages travel on their own connections with short timeouts, so heartbeats
         // never queue behind chunk data or forwarded requests (measured: sharing one connection

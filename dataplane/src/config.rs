@@ -85,6 +85,15 @@ pub struct ClusterSection {
     /// rebooting node must not cost a full re-replication.
     #[serde(default = "default_dead_after_ms")]
     pub dead_after_ms: u64,
+    /// How the leader makes reads linearizable: "index" (a quorum round per batch of reads,
+    /// no clock assumption) or "lease" (no round while its lease holds; assumes clocks on the
+    /// nodes advance at similar rates).
+    #[serde(default = "default_read_mode")]
+    pub read_mode: String,
+}
+
+fn default_read_mode() -> String {
+    "index".into()
 }
 
 fn default_replica_timeout_ms() -> u64 {
@@ -428,6 +437,12 @@ impl Config {
                 if cfs_fabric::auth::from_hex(h).is_none() {
                     return Err(invalid("cluster.secret", "must be 64 hex digits"));
                 }
+            }
+            if c.read_mode != "index" && c.read_mode != "lease" {
+                return Err(invalid(
+                    "cluster.read_mode",
+                    "must be \"index\" or \"lease\"",
+                ));
             }
             if !(1..=5).contains(&c.replicas) {
                 return Err(invalid("cluster.replicas", "must be 1 to 5"));

@@ -163,6 +163,19 @@ impl Replica {
     /// Starts (or restarts after a crash) from what `store` holds: the namespace from its
     /// snapshot, then raft-rs re-delivers the committed entries after it.
     pub fn open(cfg: ReplicaConfig, store: LogStore) -> Result<Replica, ReplicaError> {
+        Replica::open_with(cfg, store, false)
+    }
+
+    /// [`Replica::open`], choosing how read barriers are confirmed: `lease_reads` answers
+    /// them from the leader's lease (no quorum round; correct while the nodes' clocks advance
+    /// at similar rates, since the lease is shorter than the shortest election timeout and
+    /// check_quorum makes a leader that lost its quorum step down) instead of a ReadIndex
+    /// quorum round.
+    pub fn open_with(
+        cfg: ReplicaConfig,
+        store: LogStore,
+        lease_reads: bool,
+    ) -> Result<Replica, ReplicaError> {
         let snap = store.latest_snapshot();
         let applied = snap.get_metadata().index;
         let ns = if snap.get_data().is_empty() {
@@ -179,6 +192,11 @@ impl Replica {
             pre_vote: true,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            read_only_option: if lease_reads {
+                raft::ReadOnlyOption::LeaseBased
+            } else {
+                raft::ReadOnlyOption::Safe
+            },
             ..raft::Config::default()
         };
         rc.validate()?;
