@@ -3,37 +3,64 @@
 //! simulated disks (persist jobs complete after a delay, in order; a crash loses every job not
 //! yet complete). One seed drives everything, so a failing run replays exactly.
 //!
+//! The group starts as a cluster: every replica's namespace carries the same initial
+//! [`Placement`] (the founding nodes as members, in two failure domains, replication factor
+//! R), and clients map chunks of files, so chunks have holders. The leader runs a placement
+//! repair driver every few ticks, as the server does: it proposes the moves of
+//! [`Placement::plan`] (`AddHolders`, then `DropHolders` once the target is current) and
+//! `Repaired` for stale copies on nodes it can reach (the data copy itself is simulated: a
+//! proposed `Repaired` means the copy happened). Write failures are simulated by proposing
+//! `MarkStale` for a current holder of a chunk.
+//!
+//! Membership mode ([`SimConfig::spare_nodes`], [`SimConfig::member_change_per_mille`]): spare
+//! node slots start outside the group; now and then the leader adds one as a learner (it
+//! starts from the same founding log as everyone and catches up from the log or a snapshot),
+//! promotes a learner to voter, or removes a member (a learner, or a voter other than itself
+//! while more than three voters remain). A removed node is stopped for good the moment its
+//! removal first applies anywhere: it receives no more messages and is no longer simulated.
+//! Joined nodes crash, restart and get partitioned like the founding ones. A restarted node
+//! reloads its log the way the server does (`RaftStore::load`: snapshot, entries, hard state).
+//!
 //! Checked after every event: at most one leader per term; every replica applies the same
 //! command with the same result at each index (a committed entry is never lost or changed);
-//! the namespace invariants of every replica. At the end (faults stop, partitions heal, crashed
-//! nodes restart): the group elects a leader and commits a new command, every replica has
-//! applied the same log to the same namespace (byte-identical snapshots), and every command a
-//! client was told succeeded is in that log with the result the client got.
+//! the namespace invariants of every running replica (placement included); every running
+//! replica's namespace members are exactly the voters and learners of its Raft configuration.
+//! At the end (faults stop, partitions heal, crashed nodes restart): the group elects a leader
+//! and commits a new command; the repair driver brings every chunk back to R copies (each
+//! chunk held by exactly its target nodes, all current: nothing under-replicated, misplaced or
+//! stale); every member of the final configuration has applied the same log to the same
+//! namespace (byte-identical snapshots); and every command a client was told succeeded is in
+//! that log with the result the client got. While members catch up, clients keep writing
+//! unless [`SimConfig::quiet_end`] is set (on in membership mode; see there why).
 
 use cfs_meta::command::{Command, Op, Outcome};
+use cfs_meta::placement::{Member, Move, Placement};
 use cfs_meta::{ChunkId, Creds, Errno, InodeId, RenameFlags, SetAttr, Timespec};
 use cfs_meta_replica::{
-    Applied, LogStore, Message, MessageType, PersistJob, Replica, ReplicaConfig,
+    Applied, LogStore, MemberChange, Message, MessageType, PersistJob, Replica, ReplicaConfig,
 };
 use cfs_nvme::rng::SimRng;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 pub mod lincheck;
 
 /// Time units per Raft tick.
 const TICK: u64 = 10;
 
+/// Most placement moves, and most repairs, the leader proposes per repair round.
+const REPAIR_BATCH: usize = 6;
+
 /// Knobs of one run (probabilities in parts per thousand per tick unless noted).
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// Replicas (3 or 5).
+    /// Founding replicas (3 or 5).
     pub nodes: usize,
     /// The seed.
     pub seed: u64,
     /// Ticks with faults, then up to `settle_ticks` without.
     pub ticks: u64,
-    /// Ticks allowed for recovery at the end.
+    /// Ticks allowed for recovery at the end (for each phase: commit, repair, catch up).
     pub settle_ticks: u64,
     /// Chance a message is dropped (per thousand messages).
     pub drop_per_mille: u64,
@@ -51,10 +78,28 @@ pub struct SimConfig {
     pub propose_per_mille: u64,
     /// Applied entries between snapshots (small, so lagging replicas catch up by snapshot).
     pub snapshot_every: u64,
+    /// Replication factor R of chunk placement (the initial placement uses min(R, nodes)).
+    pub replicas: usize,
+    /// Extra node slots that start outside the group (membership mode).
+    pub spare_nodes: usize,
+    /// Chance per tick that the leader proposes a membership change (add a spare as a
+    /// learner, promote a learner, remove a member).
+    pub member_change_per_mille: u64,
+    /// Chance per tick of a simulated write failure: the leader marks a current holder of a
+    /// chunk stale (the repair driver must fix it).
+    pub stale_per_mille: u64,
+    /// Ticks between rounds of the leader's placement repair driver.
+    pub repair_every: u64,
+    /// No client writes while members catch up at the end. A learner that joined after the
+    /// leader's latest log compaction must then get a snapshot made for it (the latest one's
+    /// configuration does not list it and raft-rs would refuse it; fixed bug, seen with
+    /// `membership` seeds such as 1702); with clients writing, the leader compacts again
+    /// anyway, which would hide that. On in membership mode.
+    pub quiet_end: bool,
 }
 
 impl SimConfig {
-    /// Defaults for CI: 3 nodes, every fault on.
+    /// Defaults for CI: 3 nodes, every fault on, placement repair on, fixed membership.
     pub fn standard(seed: u64) -> SimConfig {
         SimConfig {
             nodes: 3,
@@ -69,6 +114,22 @@ impl SimConfig {
             partition_per_mille: 4,
             propose_per_mille: 600,
             snapshot_every: 40,
+            replicas: 3,
+            spare_nodes: 0,
+            member_change_per_mille: 0,
+            stale_per_mille: 15,
+            repair_every: 4,
+            quiet_end: false,
+        }
+    }
+
+    /// [`SimConfig::standard`] with membership changes: 3 founding nodes and 2 spares.
+    pub fn membership(seed: u64) -> SimConfig {
+        SimConfig {
+            spare_nodes: 2,
+            member_change_per_mille: 15,
+            quiet_end: true,
+            ..SimConfig::standard(seed)
         }
     }
 }
@@ -113,6 +174,24 @@ pub struct Report {
     pub snapshots_installed: u64,
     /// Final log index.
     pub last_index: u64,
+    /// Learners added (membership changes applied).
+    pub learners_added: u64,
+    /// Learners promoted to voters.
+    pub promotions: u64,
+    /// Members removed.
+    pub removals: u64,
+    /// Placement moves applied (`AddHolders` and `DropHolders`).
+    pub holder_moves: u64,
+    /// `Repaired` commands applied.
+    pub repairs: u64,
+    /// Simulated write failures applied (`MarkStale`).
+    pub stale_marks: u64,
+    /// Copies a placement move dropped from a node ([`Applied::dropped`]).
+    pub copies_dropped: u64,
+    /// Chunks with holders at the end.
+    pub chunks: u64,
+    /// Members (voters and learners) at the end.
+    pub final_members: u64,
 }
 
 #[derive(Debug)]
@@ -130,7 +209,7 @@ enum Event {
     },
     Restart(usize),
     Heal,
-    /// Faults and client proposals, once per tick.
+    /// Faults, membership changes, repairs and client proposals, once per tick.
     World,
 }
 
@@ -141,6 +220,29 @@ struct Node {
     epoch: u64,
     /// Time the last scheduled flush completes (flushes complete in order).
     flush_at: u64,
+    /// A spare slot is not simulated until the leader first proposes to add it.
+    started: bool,
+    /// Removed from the group: never simulated again.
+    removed: bool,
+}
+
+/// A membership change the simulation proposed (node index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemberOp {
+    AddLearner(usize),
+    Promote(usize),
+    Remove(usize),
+}
+
+/// What a proposal was for (counted, and acted on, when it first applies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Client,
+    Member(MemberOp),
+    AddHolders,
+    DropHolders,
+    Repaired,
+    MarkStale,
 }
 
 /// One committed command as first applied by any replica.
@@ -163,10 +265,18 @@ struct Sim {
     /// Side of each node while partitioned (messages cross only within a side).
     side: Option<Vec<bool>>,
     faults: bool,
+    /// Clients propose random commands (off for the final catch-up).
+    clients: bool,
+    /// World ticks so far (the repair driver runs every `repair_every`).
+    world_ticks: u64,
+    /// Where the next repair round's plan starts.
+    repair_after: ChunkId,
     leaders: BTreeMap<u64, u64>,
     committed: BTreeMap<u64, CommittedEntry>,
     /// Proposals in flight: tag -> node that took it.
     pending: HashMap<Vec<u8>, usize>,
+    /// What every proposal was for.
+    purposes: HashMap<Vec<u8>, Purpose>,
     /// Acknowledged: tag -> (index, result).
     acked: BTreeMap<Vec<u8>, (u64, Result<Outcome, Errno>)>,
     next_tag: u64,
@@ -177,6 +287,33 @@ struct Sim {
 
 fn ids(n: usize) -> Vec<u64> {
     (1..=n as u64).collect()
+}
+
+/// The member record of node `id` (two failure domains, so domains matter for placement).
+fn member(id: u64) -> Member {
+    Member {
+        addr: format!("10.0.0.{id}:7411"),
+        domain: format!("d{}", id % 2),
+    }
+}
+
+/// The placement every replica starts with: the founding nodes, R copies.
+fn initial_placement(cfg: &SimConfig) -> Placement {
+    let members = ids(cfg.nodes).into_iter().map(|i| (i, member(i))).collect();
+    Placement::new(members, cfg.replicas.min(cfg.nodes))
+}
+
+/// The log a restarting node reads back, as the server's `RaftStore::load` rebuilds it: a
+/// new group's log, then the stored snapshot (with its configuration), the entries after it,
+/// and the hard state. (Reusing the in-memory durable copy as is would not do: after
+/// `LogStore::install_compaction` it still reports the founding configuration, while the
+/// compacted snapshot and namespace include later membership changes.)
+fn reload(founding: &[u64], disk: &LogStore) -> LogStore {
+    let mut log = LogStore::new(founding, &[]);
+    log.apply_snapshot(disk.latest_snapshot().clone());
+    log.append(disk.entries_after_snapshot());
+    log.set_hard_state(disk.hard_state().clone());
+    log
 }
 
 impl Sim {
@@ -201,7 +338,7 @@ impl Sim {
             id: i as u64 + 1,
             voters: ids(self.cfg.nodes),
             learners: Vec::new(),
-            initial: cfs_meta::placement::Placement::default(),
+            initial: initial_placement(&self.cfg),
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_every: self.cfg.snapshot_every,
@@ -211,6 +348,23 @@ impl Sim {
 
     fn connected(&self, a: usize, b: usize) -> bool {
         self.side.as_ref().is_none_or(|s| s[a] == s[b])
+    }
+
+    fn running(&self, i: usize) -> bool {
+        self.nodes[i].replica.is_some()
+    }
+
+    /// The node that currently leads (the one with the highest term if a deposed leader has
+    /// not heard of the new one yet).
+    fn leader(&self) -> Option<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i]
+                    .replica
+                    .as_ref()
+                    .is_some_and(Replica::is_leader)
+            })
+            .max_by_key(|&i| self.nodes[i].replica.as_ref().map_or(0, Replica::term))
     }
 
     /// Tells the sender of a snapshot whether it arrived (snapshots travel on their own
@@ -226,6 +380,12 @@ impl Sim {
     fn send(&mut self, from: usize, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to as usize - 1;
+            if to >= self.nodes.len() || self.nodes[to].removed {
+                // Nobody listens there any more.
+                self.report.dropped += 1;
+                self.snapshot_outcome(from, &m, false);
+                continue;
+            }
             if self.faults && self.rng.chance(self.cfg.drop_per_mille, 1000) {
                 self.report.dropped += 1;
                 self.snapshot_outcome(from, &m, false);
@@ -270,12 +430,13 @@ impl Sim {
                     .map(|e| (e.index, e.term, e.context.to_vec()))
                     .collect();
                 eprintln!(
-                    "t={} node {} job {} entries {:?} hs {:?} msgs {:?}",
+                    "t={} node {} job {} entries {:?} hs {:?} snap {:?} msgs {:?}",
                     self.now,
                     i + 1,
                     job.number,
                     es,
                     job.hard_state.as_ref().map(|h| (h.term, h.commit)),
+                    job.snapshot.as_ref().map(|s| s.get_metadata().index),
                     out.messages
                         .iter()
                         .map(|m| (m.get_msg_type(), m.to, m.index, m.entries.len()))
@@ -304,13 +465,14 @@ impl Sim {
         for a in applied {
             if self.trace {
                 eprintln!(
-                    "t={} node {} applied {} term {} tag {:?} {:?}",
+                    "t={} node {} applied {} term {} tag {:?} {:?} dropped {:?}",
                     self.now,
                     i + 1,
                     a.index,
                     a.term,
                     a.tag,
-                    a.result
+                    a.result,
+                    a.dropped
                 );
             }
             let entry = CommittedEntry {
@@ -331,6 +493,7 @@ impl Sim {
                 Some(_) => {}
                 None => {
                     self.committed.insert(a.index, entry);
+                    self.first_applied(&a);
                 }
             }
             if self.pending.get(&a.tag) == Some(&i) {
@@ -338,12 +501,72 @@ impl Sim {
                 self.acked.insert(a.tag, (a.index, a.result));
             }
         }
-        if let Some(r) = &self.nodes[i].replica {
-            if let Err(e) = r.namespace().check_invariants() {
-                return Err(self.fail(format!("node {} namespace: {e}", i + 1)));
-            }
+        self.check_node(i)
+    }
+
+    /// The namespace invariants of a running node, and its membership against its Raft
+    /// configuration.
+    fn check_node(&self, i: usize) -> Result<(), Failure> {
+        let Some(r) = &self.nodes[i].replica else {
+            return Ok(());
+        };
+        if let Err(e) = r.namespace().check_invariants() {
+            return Err(self.fail(format!("node {} namespace: {e}", i + 1)));
+        }
+        let cs = r.conf_state();
+        let conf: BTreeSet<u64> = cs.voters.iter().chain(&cs.learners).copied().collect();
+        let members: BTreeSet<u64> = r
+            .namespace()
+            .placement()
+            .members()
+            .keys()
+            .copied()
+            .collect();
+        if conf != members {
+            return Err(self.fail(format!(
+                "node {} (applied {}): namespace members {members:?} but Raft voters {:?} learners {:?}",
+                i + 1,
+                r.applied(),
+                cs.voters,
+                cs.learners
+            )));
         }
         Ok(())
+    }
+
+    /// A command committed (first applied anywhere): count it, and stop a removed node.
+    fn first_applied(&mut self, a: &Applied) {
+        self.report.copies_dropped += a.dropped.len() as u64;
+        let Some(&purpose) = self.purposes.get(&a.tag) else {
+            return;
+        };
+        if a.result.is_err() {
+            return;
+        }
+        match purpose {
+            Purpose::Client => {}
+            Purpose::Member(MemberOp::AddLearner(_)) => self.report.learners_added += 1,
+            Purpose::Member(MemberOp::Promote(_)) => self.report.promotions += 1,
+            Purpose::Member(MemberOp::Remove(n)) => {
+                self.report.removals += 1;
+                self.remove_node(n);
+            }
+            Purpose::AddHolders | Purpose::DropHolders => self.report.holder_moves += 1,
+            Purpose::Repaired => self.report.repairs += 1,
+            Purpose::MarkStale => self.report.stale_marks += 1,
+        }
+    }
+
+    /// The node's removal committed: it is shut down for good.
+    fn remove_node(&mut self, i: usize) {
+        if self.trace {
+            eprintln!("t={} node {} removed: stopped", self.now, i + 1);
+        }
+        let n = &mut self.nodes[i];
+        n.removed = true;
+        n.replica = None;
+        n.epoch += 1;
+        self.pending.retain(|_, p| *p != i);
     }
 
     fn check_leaders(&mut self) -> Result<(), Failure> {
@@ -373,9 +596,17 @@ impl Sim {
     fn random_command(&mut self) -> Command {
         let names: [&[u8]; 5] = [b"a", b"b", b"c", b"d", b"e"];
         let rng = &mut self.rng;
-        let ino = |rng: &mut SimRng| InodeId(1 + rng.below(24));
+        // Half the time one of the first inodes (the root and what was made first), so most
+        // commands find their target and the tree and its files grow.
+        let ino = |rng: &mut SimRng| {
+            if rng.chance(1, 2) {
+                InodeId(1 + rng.below(6))
+            } else {
+                InodeId(1 + rng.below(24))
+            }
+        };
         let name = |rng: &mut SimRng| names[rng.below(5) as usize].to_vec();
-        let op = match rng.below(12) {
+        let op = match rng.below(15) {
             0 => Op::Mkdir {
                 parent: ino(rng),
                 name: name(rng),
@@ -427,6 +658,12 @@ impl Sim {
                 offset: rng.below(300 << 20),
                 len: 1 + rng.below(100 << 20),
             },
+            // Chunks with holders for placement: files are among the first inodes made.
+            12..=14 => Op::MapChunks {
+                ino: InodeId(2 + rng.below(8)),
+                offset: rng.below(1 << 30),
+                len: 1 + rng.below(200 << 20),
+            },
             10 => Op::Release { ino: ino(rng) },
             _ => Op::Wrote {
                 ino: ino(rng),
@@ -451,34 +688,224 @@ impl Sim {
         }
     }
 
+    /// A command from the cluster itself (repairs, membership), stamped with the clock.
+    fn system_command(&self, op: Op) -> Command {
+        Command {
+            creds: Creds::root(),
+            now: Timespec::new((self.now / TICK) as i64, 0),
+            op,
+        }
+    }
+
+    fn new_tag(&mut self) -> Vec<u8> {
+        self.next_tag += 1;
+        self.next_tag.to_le_bytes().to_vec()
+    }
+
     /// A client sends a command to the node it finds leading; true if it was taken.
     fn propose(&mut self, cmd: Command) -> bool {
-        let leader = (0..self.nodes.len()).find(|&i| {
-            self.nodes[i]
-                .replica
-                .as_ref()
-                .is_some_and(Replica::is_leader)
-        });
-        let Some(i) = leader else { return false };
-        self.next_tag += 1;
-        let tag = self.next_tag.to_le_bytes().to_vec();
+        self.propose_for(cmd, Purpose::Client)
+    }
+
+    fn propose_for(&mut self, cmd: Command, purpose: Purpose) -> bool {
+        let Some(i) = self.leader() else { return false };
+        let tag = self.new_tag();
         let Some(r) = self.nodes[i].replica.as_mut() else {
             return false;
         };
         if self.trace {
             eprintln!(
-                "t={} propose tag {:?} to node {} term {}",
+                "t={} propose tag {:?} to node {} term {}: {:?}",
                 self.now,
                 tag,
                 i + 1,
-                r.term()
+                r.term(),
+                cmd.op
             );
         }
         if r.propose(tag.clone(), &cmd).is_ok() {
+            self.purposes.insert(tag.clone(), purpose);
             self.pending.insert(tag, i);
             true
         } else {
             false
+        }
+    }
+
+    /// The leader proposes one membership change: add a spare as a learner, promote a
+    /// learner, or remove a learner or (while more than three remain) a voter other than
+    /// itself.
+    fn change_membership(&mut self) -> Result<(), Failure> {
+        let Some(l) = self.leader() else {
+            return Ok(());
+        };
+        let Some(r) = self.nodes[l].replica.as_ref() else {
+            return Ok(());
+        };
+        let cs = r.conf_state();
+        let gone = r.namespace().placement().removed().clone();
+        let leader_id = l as u64 + 1;
+        let spares: Vec<usize> = (self.cfg.nodes..self.nodes.len())
+            .filter(|&i| {
+                let id = i as u64 + 1;
+                !self.nodes[i].removed
+                    && !gone.contains(&id)
+                    && !cs.voters.contains(&id)
+                    && !cs.learners.contains(&id)
+            })
+            .collect();
+        let learners: Vec<u64> = cs.learners.clone();
+        let mut removable = learners.clone();
+        if cs.voters.len() > 3 {
+            removable.extend(cs.voters.iter().filter(|&&v| v != leader_id));
+        }
+        // Joins and promotions twice as likely as removals (a removed id never comes back).
+        let mut kinds = Vec::new();
+        if !spares.is_empty() {
+            kinds.extend([0, 0]);
+        }
+        if !learners.is_empty() {
+            kinds.extend([1, 1]);
+        }
+        if !removable.is_empty() {
+            kinds.push(2);
+        }
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        let kind = kinds[self.rng.below(kinds.len() as u64) as usize];
+        let (op, change, mop) = match kind {
+            0 => {
+                let i = spares[self.rng.below(spares.len() as u64) as usize];
+                let id = i as u64 + 1;
+                // The new node starts (empty, from the founding log) and asks to join.
+                if !self.nodes[i].started {
+                    self.nodes[i].started = true;
+                    self.restart(i)?;
+                }
+                let m = member(id);
+                let op = Op::AddMember {
+                    id,
+                    addr: m.addr,
+                    domain: m.domain,
+                };
+                (op, MemberChange::AddLearner, MemberOp::AddLearner(i))
+            }
+            1 => {
+                let id = learners[self.rng.below(learners.len() as u64) as usize];
+                let m = member(id);
+                let op = Op::AddMember {
+                    id,
+                    addr: m.addr,
+                    domain: m.domain,
+                };
+                let i = id as usize - 1;
+                (op, MemberChange::AddVoter, MemberOp::Promote(i))
+            }
+            _ => {
+                let id = removable[self.rng.below(removable.len() as u64) as usize];
+                let i = id as usize - 1;
+                (
+                    Op::RemoveMember { id },
+                    MemberChange::Remove,
+                    MemberOp::Remove(i),
+                )
+            }
+        };
+        let cmd = self.system_command(op);
+        let tag = self.new_tag();
+        let Some(r) = self.nodes[l].replica.as_mut() else {
+            return Ok(());
+        };
+        let res = r.propose_member(tag.clone(), &cmd, change);
+        if self.trace {
+            eprintln!(
+                "t={} propose member change tag {:?} to node {}: {:?} {:?} -> {:?}",
+                self.now,
+                tag,
+                l + 1,
+                change,
+                cmd.op,
+                res
+            );
+        }
+        if res.is_ok() {
+            self.purposes.insert(tag.clone(), Purpose::Member(mop));
+            self.pending.insert(tag, l);
+        }
+        Ok(())
+    }
+
+    /// A simulated write failure: a current holder of some chunk missed a write (only
+    /// while the chunk has another current copy, so data is never lost by it alone).
+    fn write_failure(&mut self) {
+        let Some(l) = self.leader() else { return };
+        let Some(r) = self.nodes[l].replica.as_ref() else {
+            return;
+        };
+        let p = r.namespace().placement();
+        let candidates: Vec<(ChunkId, Vec<u64>)> = p
+            .all_holders()
+            .filter_map(|(c, h)| {
+                let stale = p.stale_nodes(c);
+                let current: Vec<u64> = h.iter().copied().filter(|n| !stale.contains(n)).collect();
+                (current.len() >= 2).then_some((c, current))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let (c, current) = &candidates[self.rng.below(candidates.len() as u64) as usize];
+        let n = current[self.rng.below(current.len() as u64) as usize];
+        let cmd = self.system_command(Op::MarkStale {
+            chunks: vec![*c],
+            nodes: vec![n],
+        });
+        self.propose_for(cmd, Purpose::MarkStale);
+    }
+
+    /// One round of the leader's placement repair driver: the next moves of the plan, and
+    /// `Repaired` for stale copies on nodes it reaches (the copy is simulated).
+    fn repair(&mut self) {
+        let Some(l) = self.leader() else { return };
+        let Some(r) = self.nodes[l].replica.as_ref() else {
+            return;
+        };
+        let p = r.namespace().placement();
+        let moves = p.plan(self.repair_after, REPAIR_BATCH);
+        let stale: Vec<(ChunkId, u64)> = p
+            .all_stale()
+            .flat_map(|(c, nodes)| nodes.iter().map(move |&n| (c, n)))
+            .collect();
+        let mut cmds: Vec<(Op, Purpose)> = Vec::new();
+        for m in moves {
+            match m {
+                Move::Add { chunk, nodes } => {
+                    self.repair_after = chunk;
+                    cmds.push((Op::AddHolders { chunk, nodes }, Purpose::AddHolders));
+                }
+                Move::Drop { chunk, nodes } => {
+                    self.repair_after = chunk;
+                    cmds.push((Op::DropHolders { chunk, nodes }, Purpose::DropHolders));
+                }
+            }
+        }
+        // A stale copy is repaired only on a node the leader reaches (it copies the data).
+        let reachable = stale
+            .into_iter()
+            .filter(|&(_, node)| {
+                let n = node as usize - 1;
+                n < self.nodes.len() && self.running(n) && self.connected(l, n)
+            })
+            .take(REPAIR_BATCH);
+        for (chunk, node) in reachable {
+            cmds.push((Op::Repaired { chunk, node }, Purpose::Repaired));
+        }
+        for (op, purpose) in cmds {
+            let cmd = self.system_command(op);
+            if !self.propose_for(cmd, purpose) {
+                return;
+            }
         }
     }
 
@@ -499,15 +926,26 @@ impl Sim {
     }
 
     fn restart(&mut self, i: usize) -> Result<(), Failure> {
-        if self.nodes[i].replica.is_some() {
+        let n = &self.nodes[i];
+        if n.replica.is_some() || !n.started || n.removed {
             return Ok(());
         }
         let cfg = self.replica_config(i);
-        let r = Replica::open(cfg, self.nodes[i].disk.clone())
+        let store = reload(&ids(self.cfg.nodes), &n.disk);
+        let r = Replica::open(cfg, store)
             .map_err(|e| self.fail(format!("node {} cannot restart: {e}", i + 1)))?;
+        if self.trace {
+            eprintln!(
+                "t={} start node {} at applied {} conf {:?}",
+                self.now,
+                i + 1,
+                r.applied(),
+                r.conf_state()
+            );
+        }
         self.nodes[i].replica = Some(r);
         self.schedule(self.now + TICK, Event::Tick(i));
-        Ok(())
+        self.check_node(i)
     }
 
     fn handle(&mut self, e: Event) -> Result<(), Failure> {
@@ -525,15 +963,42 @@ impl Sim {
                 self.world_tick()?;
             }
             Event::Deliver { to, from, msg } => {
-                if !self.connected(from, to) || self.nodes[to].replica.is_none() {
+                if !self.connected(from, to)
+                    || self.nodes[to].replica.is_none()
+                    || self.nodes[from].removed
+                {
                     self.report.dropped += 1;
                     self.snapshot_outcome(from, &msg, false);
                     return Ok(());
                 }
                 let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+                if is_snapshot && self.trace {
+                    let meta = msg.get_snapshot().get_metadata();
+                    eprintln!(
+                        "t={} snapshot at {} for node {} from {}: conf {:?}",
+                        self.now,
+                        meta.index,
+                        to + 1,
+                        from + 1,
+                        meta.get_conf_state()
+                    );
+                }
                 let copy = is_snapshot.then(|| msg.clone());
+                let (t, kind) = (self.now, msg.get_msg_type());
                 let stepped = match self.nodes[to].replica.as_mut() {
-                    Some(r) => r.step(msg).is_ok(),
+                    Some(r) => {
+                        let res = r.step(msg);
+                        if self.trace {
+                            if let Err(e) = &res {
+                                eprintln!(
+                                    "t={t} node {} refused {kind:?} from {}: {e}",
+                                    to + 1,
+                                    from + 1
+                                );
+                            }
+                        }
+                        res.is_ok()
+                    }
                     None => false,
                 };
                 if let Some(m) = copy {
@@ -549,6 +1014,17 @@ impl Sim {
                 self.nodes[node].disk.apply_job(&job);
                 if let Some(r) = self.nodes[node].replica.as_mut() {
                     let msgs = r.persisted(job.number);
+                    if self.trace && !msgs.is_empty() {
+                        eprintln!(
+                            "t={} node {} persisted {} msgs {:?}",
+                            self.now,
+                            node + 1,
+                            job.number,
+                            msgs.iter()
+                                .map(|m| (m.get_msg_type(), m.to, m.index, m.reject))
+                                .collect::<Vec<_>>()
+                        );
+                    }
                     self.send(node, msgs);
                     self.drain(node)?;
                 }
@@ -560,6 +1036,7 @@ impl Sim {
     }
 
     fn world_tick(&mut self) -> Result<(), Failure> {
+        self.world_ticks += 1;
         if self.faults {
             for i in 0..self.nodes.len() {
                 if self.rng.chance(self.cfg.crash_per_mille, 1000) {
@@ -575,10 +1052,22 @@ impl Sim {
                 let at = self.now + TICK * (10 + self.rng.below(60));
                 self.schedule(at, Event::Heal);
             }
+            if self.rng.chance(self.cfg.member_change_per_mille, 1000) {
+                self.change_membership()?;
+            }
+            if self.rng.chance(self.cfg.stale_per_mille, 1000) {
+                self.write_failure();
+            }
         }
-        if self.rng.chance(self.cfg.propose_per_mille, 1000) {
+        if self.clients && self.rng.chance(self.cfg.propose_per_mille, 1000) {
             let cmd = self.random_command();
             self.propose(cmd);
+        }
+        if self
+            .world_ticks
+            .is_multiple_of(self.cfg.repair_every.max(1))
+        {
+            self.repair();
         }
         Ok(())
     }
@@ -601,11 +1090,24 @@ impl Sim {
         }
         Ok(false)
     }
+
+    /// Whether the leader's placement is clean (every chunk on exactly its target nodes,
+    /// all current) and nothing it holds is left to apply (no membership change pending).
+    fn placement_settled(&self) -> bool {
+        let Some(l) = self.leader() else { return false };
+        let Some(r) = self.nodes[l].replica.as_ref() else {
+            return false;
+        };
+        let h = r.namespace().placement().health();
+        let last = raft::Storage::last_index(r.store()).unwrap_or(0);
+        h.under_replicated == 0 && h.misplaced == 0 && h.stale_copies == 0 && r.applied() >= last
+    }
 }
 
 /// Runs one simulation; `Err` describes the first broken invariant and how to replay it.
 pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     assert!(cfg.nodes >= 1, "a group needs a replica");
+    let founding = ids(cfg.nodes);
     let mut sim = Sim {
         rng: SimRng::new(cfg.seed),
         cfg: cfg.clone(),
@@ -614,19 +1116,26 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         queue: BinaryHeap::new(),
         events: HashMap::new(),
         next_event: 0,
-        nodes: (0..cfg.nodes)
-            .map(|_| Node {
+        // Spares get the same founding log as everyone: they catch up once added.
+        nodes: (0..cfg.nodes + cfg.spare_nodes)
+            .map(|i| Node {
                 replica: None,
-                disk: LogStore::new(&ids(cfg.nodes), &[]),
+                disk: LogStore::new(&founding, &[]),
                 epoch: 0,
                 flush_at: 0,
+                started: i < cfg.nodes,
+                removed: false,
             })
             .collect(),
         side: None,
         faults: true,
+        clients: true,
+        world_ticks: 0,
+        repair_after: ChunkId(0),
         leaders: BTreeMap::new(),
         committed: BTreeMap::new(),
         pending: HashMap::new(),
+        purposes: HashMap::new(),
         acked: BTreeMap::new(),
         next_tag: 0,
         report: Report::default(),
@@ -638,10 +1147,11 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     sim.schedule(TICK / 2, Event::World);
     sim.run_until(cfg.ticks * TICK, |_| false)?;
 
-    // Recovery: no more faults, heal, restart everyone, then a new command must commit.
+    // Recovery: no more faults (nor membership changes, nor write failures), heal, restart
+    // everyone, then a new command must commit.
     sim.faults = false;
     sim.side = None;
-    for i in 0..cfg.nodes {
+    for i in 0..sim.nodes.len() {
         sim.restart(i)?;
     }
     // A client retries its probe (a new proposal every 30 ticks, as after a timeout) until
@@ -680,16 +1190,71 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         }
         sim.run_until(sim.now + TICK, |_| false)?;
     }
-    // Let every replica catch up to the last index.
+    // The repair driver brings every chunk back to its target placement, all copies current.
+    // Clients stop, so the leader's log drains (a pending membership change applies too).
+    sim.clients = false;
+    let repair_end = sim.now + cfg.settle_ticks * TICK;
+    if !sim.run_until(repair_end, Sim::placement_settled)? && !sim.placement_settled() {
+        let health = sim
+            .leader()
+            .and_then(|l| sim.nodes[l].replica.as_ref())
+            .map(|r| r.namespace().placement().health());
+        return Err(sim.fail(format!(
+            "placement not repaired within {} ticks after the faults stopped: leader's health {health:?}",
+            cfg.settle_ticks
+        )));
+    }
+    // Every member of the final configuration catches up to the last index.
+    let Some(leader) = sim.leader() else {
+        return Err(sim.fail("no leader after the placement was repaired"));
+    };
+    let cs = sim.nodes[leader]
+        .replica
+        .as_ref()
+        .map(Replica::conf_state)
+        .unwrap_or_default();
+    let members: Vec<usize> = cs
+        .voters
+        .iter()
+        .chain(&cs.learners)
+        .map(|&id| id as usize - 1)
+        .collect();
+    if let Some(&i) = members
+        .iter()
+        .find(|&&i| i >= sim.nodes.len() || sim.nodes[i].removed || !sim.nodes[i].started)
+    {
+        return Err(sim.fail(format!(
+            "node {} is in the final configuration {cs:?} but was never started or was removed",
+            i + 1
+        )));
+    }
+    let caught_up = |s: &Sim, last: u64| {
+        members.iter().all(|&i| {
+            s.nodes[i]
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.applied() >= last)
+        })
+    };
+    // Unless the end is quiet, clients write meanwhile, as in a live cluster: the leader
+    // keeps compacting, so a learner offered an older snapshot that predates its joining
+    // (which raft-rs refuses) gets a newer one (see `SimConfig::quiet_end`).
+    sim.clients = !cfg.quiet_end;
     let last = sim.committed.keys().next_back().copied().unwrap_or(0);
-    sim.run_until(end + cfg.settle_ticks * TICK, |s| {
-        s.nodes
-            .iter()
-            .all(|n| n.replica.as_ref().is_some_and(|r| r.applied() >= last))
+    sim.run_until(sim.now + cfg.settle_ticks * TICK, |s| caught_up(s, last))?;
+    // Then nobody proposes: every member ends at the leader's last index.
+    sim.clients = false;
+    sim.run_until(sim.now + cfg.settle_ticks * TICK, |s| {
+        let Some(r) = s.leader().and_then(|l| s.nodes[l].replica.as_ref()) else {
+            return false;
+        };
+        let end = raft::Storage::last_index(r.store()).unwrap_or(0);
+        r.applied() >= end && caught_up(s, end)
     })?;
+    let last = sim.committed.keys().next_back().copied().unwrap_or(0);
     let mut snapshots = Vec::new();
-    for (i, n) in sim.nodes.iter().enumerate() {
-        let Some(r) = &n.replica else {
+    for &i in &members {
+        let Some(r) = &sim.nodes[i].replica else {
             return Err(sim.fail(format!("node {} is down at the end", i + 1)));
         };
         if r.applied() < last {
@@ -699,12 +1264,19 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
                 r.applied()
             )));
         }
-        snapshots.push((r.applied(), r.namespace().snapshot()));
+        check_final_placement(r).map_err(|e| sim.fail(format!("node {}: {e}", i + 1)))?;
+        snapshots.push((i, r.applied(), r.namespace().snapshot()));
     }
-    let top = snapshots.iter().map(|s| s.0).max().unwrap_or(0);
-    let reference = snapshots.iter().find(|s| s.0 == top).map(|s| s.1.clone());
-    for (i, (applied, snap)) in snapshots.iter().enumerate() {
-        if *applied == top && Some(snap) != reference.as_ref() {
+    let top = snapshots.iter().map(|s| s.1).max().unwrap_or(0);
+    let reference = snapshots.iter().find(|s| s.1 == top).map(|s| s.2.clone());
+    for (i, applied, snap) in &snapshots {
+        if *applied != top {
+            return Err(sim.fail(format!(
+                "node {} applied {applied}, another member {top} (no proposals at the end)",
+                i + 1
+            )));
+        }
+        if Some(snap) != reference.as_ref() {
             return Err(sim.fail(format!(
                 "node {} has a different namespace at index {top}",
                 i + 1
@@ -721,9 +1293,48 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
             }
         }
     }
+    if let Some(r) = sim.nodes[leader].replica.as_ref() {
+        sim.report.chunks = r.namespace().placement().health().chunks;
+    }
+    sim.report.final_members = members.len() as u64;
     sim.report.committed = sim.committed.len() as u64;
     sim.report.acked = sim.acked.len() as u64;
     sim.report.terms_with_leader = sim.leaders.len() as u64;
     sim.report.last_index = top;
     Ok(sim.report)
+}
+
+/// The end state of placement on one replica: every chunk a file maps has recorded holders,
+/// exactly its target nodes (`effective_replicas` of them), all current.
+fn check_final_placement(r: &Replica) -> Result<(), String> {
+    let ns = r.namespace();
+    let p = ns.placement();
+    let h = p.health();
+    if h.under_replicated != 0 || h.misplaced != 0 || h.stale_copies != 0 || h.lost != 0 {
+        return Err(format!("placement not repaired at the end: {h:?}"));
+    }
+    let want = p.effective_replicas();
+    for (c, holders) in p.all_holders() {
+        let mut target = p.target(c);
+        let mut have = holders.to_vec();
+        target.sort_unstable();
+        have.sort_unstable();
+        if have.len() != want || have != target || !p.stale_nodes(c).is_empty() {
+            return Err(format!(
+                "{c} held by {holders:?} (stale {:?}), target {target:?}, want {want} copies",
+                p.stale_nodes(c)
+            ));
+        }
+    }
+    let recorded: BTreeSet<ChunkId> = p.all_holders().map(|(c, _)| c).collect();
+    if let Some(c) = ns
+        .referenced_chunks()
+        .into_iter()
+        .find(|c| !recorded.contains(c))
+    {
+        return Err(format!(
+            "{c} is mapped by a file but has no recorded holders"
+        ));
+    }
+    Ok(())
 }

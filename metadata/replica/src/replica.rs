@@ -366,7 +366,13 @@ impl Replica {
         let snap_index = store.latest_snapshot().get_metadata().index;
         let last = raft::Storage::last_index(&*store).unwrap_or(0);
         // The namespace is the state after `applied`: only that index can be its snapshot.
-        if self.applied <= last && self.applied >= snap_index + self.cfg.snapshot_every {
+        // Compact every `snapshot_every` entries, or sooner when a peer needs a snapshot the
+        // latest one cannot give (a member added since).
+        let wanted = store.take_fresh_snapshot_wanted();
+        if self.applied <= last
+            && (self.applied >= snap_index + self.cfg.snapshot_every
+                || (wanted && self.applied > snap_index))
+        {
             let snap = store.compact(self.applied, self.ns.snapshot());
             job.compact = Some(snap);
         }

@@ -16,6 +16,9 @@ pub struct LogStore {
     snapshot: Snapshot,
     /// Entries after the snapshot, contiguous.
     entries: Vec<Entry>,
+    /// Set when a peer asked for a snapshot the latest one cannot serve (it predates the
+    /// peer's membership): the replica compacts at its applied index soon.
+    fresh_snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl LogStore {
@@ -136,7 +139,14 @@ impl LogStore {
         }
         assert!(index <= self.last(), "compaction past the log");
         self.entries.drain(..(index + 1 - self.first()) as usize);
+        // A durable copy learns configuration changes only through its snapshots.
+        self.conf_state = snap.get_metadata().get_conf_state().clone();
         self.snapshot = snap;
+    }
+
+    /// Whether a peer asked for a snapshot newer than the latest (see `snapshot`); clears it.
+    pub fn take_fresh_snapshot_wanted(&self) -> bool {
+        self.fresh_snapshot_wanted.replace(false)
     }
 
     /// Replaces the log up to `index` (applied) by a snapshot whose data is `data` (the
@@ -224,9 +234,24 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if self.snap_index() < request_index {
             // The driver compacts as it applies; a newer snapshot comes later.
+            return Err(Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        // raft-rs refuses a snapshot whose configuration does not list the recipient (a
+        // member added after the compaction): ask the replica for a fresh one instead.
+        let cs = self.snapshot.get_metadata().get_conf_state();
+        let listed = [
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&to));
+        if !listed {
+            self.fresh_snapshot_wanted.set(true);
             return Err(Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(self.snapshot.clone())
