@@ -115,10 +115,22 @@ fn cluster_error(e: ClusterError) -> ServiceError {
         ClusterError::Busy | ClusterError::Stopped => {
             ServiceError::new(ErrorCode::Busy, e.to_string())
         }
-        ClusterError::Timeout => ServiceError::new(
+        ClusterError::Timeout => {
+            ServiceError::new(ErrorCode::Service(OUTCOME_UNKNOWN), e.to_string())
+        }
+    }
+}
+
+/// What the client hears when a mutation's outcome is unknown: with a session it resends
+/// safely (Busy: try again, on another member if need be), without one it gets EIO.
+fn unknown_outcome(e: ServiceError, has_session: bool) -> ServiceError {
+    if has_session {
+        ServiceError::new(ErrorCode::Busy, format!("{}; resend", e.message))
+    } else {
+        ServiceError::new(
             ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
-            e.to_string(),
-        ),
+            e.message,
+        )
     }
 }
 
@@ -132,6 +144,49 @@ fn read_error(e: ClusterError) -> ServiceError {
 
 /// Service error code: this node does not lead the metadata group (the request was not run).
 pub const NOT_LEADER: u32 = 900;
+
+/// Service error code between nodes: the request may or may not have been applied (a proposal
+/// timed out, a forwarded request was lost). The node the client asked turns it into Busy
+/// when the request carries a session (resending it is safe: it applies once) and into EIO
+/// otherwise.
+pub const OUTCOME_UNKNOWN: u32 = 901;
+
+thread_local! {
+    /// The session of the client request this thread runs, and how many commands of each op
+    /// code it proposed so far. Each command gets its own sequence number, `request seq << 8 |
+    /// occurrence << 5 | op code`: the same for the same command on a resend even when the
+    /// resend skips a step the first attempt took (a write whose chunks the first attempt
+    /// already mapped proposes only `Wrote`), so each command finds its own first result.
+    static SESSION_SCOPE: std::cell::RefCell<Option<(cfs_meta::session::Session, [u8; 32])>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (one client request, on this thread) under `session`.
+fn with_session<T>(session: Option<cfs_meta::session::Session>, f: impl FnOnce() -> T) -> T {
+    SESSION_SCOPE.with(|c| *c.borrow_mut() = session.map(|s| (s, [0u8; 32])));
+    let out = f();
+    SESSION_SCOPE.with(|c| *c.borrow_mut() = None);
+    out
+}
+
+/// The session for the current request's next command with op code `code` (None outside a
+/// session, or past 8 commands of one kind, which no request proposes).
+fn next_session_step(code: u8) -> Option<cfs_meta::session::Session> {
+    SESSION_SCOPE.with(|c| {
+        let mut scope = c.borrow_mut();
+        let (s, counts) = scope.as_mut()?;
+        let code = code & 31;
+        let n = counts[code as usize];
+        if n >= 8 {
+            return None;
+        }
+        counts[code as usize] = n + 1;
+        Some(cfs_meta::session::Session {
+            client: s.client,
+            seq: s.seq.wrapping_shl(8) | u64::from(n) << 5 | u64::from(code),
+        })
+    })
+}
 
 fn errno(e: Errno) -> ServiceError {
     ServiceError::new(
@@ -299,6 +354,7 @@ impl FsService {
                     creds: Creds::root(),
                     now: now(),
                     op: Op::RemoveMember { id: m },
+                    session: None,
                 };
                 match c.propose_member(cmd, MemberChange::Remove) {
                     Ok(Ok(_)) => tracing::warn!("member {m} removed; its chunks re-replicate"),
@@ -332,6 +388,7 @@ impl FsService {
                 addr: member.addr,
                 domain: member.domain,
             },
+            session: None,
         };
         match c.propose_member(cmd, MemberChange::AddVoter) {
             Ok(Ok(_)) => tracing::warn!("learner {l} promoted to metadata voter"),
@@ -356,6 +413,105 @@ impl FsService {
             .filter(|h| !stale.contains(h))
             .collect();
         (current, holders)
+    }
+
+    /// Runs a chunk operation on member `node` (this node directly). `Err(true)`: the copy
+    /// answered with an error (bad data); `Err(false)`: the member could not be asked.
+    fn chunk_op_on(
+        &self,
+        c: &Cluster,
+        node: u64,
+        chunk: ChunkId,
+        op: ChunkOp,
+    ) -> Result<Vec<u8>, (bool, String)> {
+        if node == c.node_id() {
+            return replication::apply(&self.engine, chunk, op).map_err(|e| (true, e.to_string()));
+        }
+        let client = c
+            .client(node)
+            .ok_or((false, "unknown member".to_string()))?;
+        let rt = tokio::runtime::Handle::current();
+        match rt.block_on(client.call(replication::CHUNK_METHOD, &replication::encode(chunk, &op)))
+        {
+            Ok(b) => Ok(b.to_vec()),
+            Err(e @ cfs_fabric::RpcError::Remote { .. }) => Err((true, e.to_string())),
+            Err(e) => Err((false, e.to_string())),
+        }
+    }
+
+    /// Reads every current copy of every chunk in full (checksums are verified as blocks are
+    /// read) and records unreadable copies stale, so repair rewrites them from a good one.
+    /// Answers a JSON summary.
+    fn scrub(&self) -> Result<Vec<u8>, ServiceError> {
+        let Backend::Raft(c) = &self.backend else {
+            return Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                "not a cluster node",
+            ));
+        };
+        let chunks: Vec<ChunkId> =
+            c.read_local(|ns| ns.placement().all_holders().map(|(ch, _)| ch).collect());
+        let (mut copies, mut bad_copies, mut unreachable) = (0u64, 0u64, 0u64);
+        let mut unreadable_chunks = Vec::new();
+        for chunk in &chunks {
+            let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let (current, _) = self.current_holders(c, *chunk);
+            let mut bad = Vec::new();
+            for h in &current {
+                copies += 1;
+                match self.copy_readable(c, *chunk, *h) {
+                    Ok(()) => {}
+                    Err((true, e)) => {
+                        tracing::error!("scrub: copy of {chunk} on member {h} unreadable: {e}");
+                        bad.push(*h);
+                    }
+                    Err((false, e)) => {
+                        tracing::warn!("scrub: cannot read {chunk} on member {h}: {e}");
+                        unreachable += 1;
+                    }
+                }
+            }
+            if !bad.is_empty() && bad.len() == current.len() {
+                // Every copy is damaged: keep them all rather than lose the chunk.
+                tracing::error!("scrub: no readable copy of {chunk} left");
+                unreadable_chunks.push(chunk.0);
+            } else if !bad.is_empty() {
+                bad_copies += bad.len() as u64;
+                self.record_bad_copies(*chunk, bad);
+            }
+        }
+        let v = serde_json::json!({"chunks": chunks.len(), "copies": copies,
+            "bad_copies": bad_copies, "unreachable_copies": unreachable,
+            "unreadable_chunks": unreadable_chunks});
+        Ok(v.to_string().into_bytes())
+    }
+
+    /// Reads a chunk's copy on `node` in full, in 4 MiB pieces.
+    fn copy_readable(&self, c: &Cluster, chunk: ChunkId, node: u64) -> Result<(), (bool, String)> {
+        let len_bytes = self.chunk_op_on(c, node, chunk, ChunkOp::Len)?;
+        let len = u64::from_le_bytes(
+            len_bytes
+                .try_into()
+                .map_err(|_| (false, "bad length reply".to_string()))?,
+        );
+        let piece = 4u64 << 20;
+        let mut off = 0;
+        while off < len {
+            let n = piece.min(len - off);
+            self.chunk_op_on(
+                c,
+                node,
+                chunk,
+                ChunkOp::Read {
+                    offset: off,
+                    len: n,
+                },
+            )?;
+            off += n;
+        }
+        Ok(())
     }
 
     /// Copies `chunk` to `node` from a current copy and records it current again.
@@ -441,10 +597,28 @@ impl FsService {
 
     /// Applies a mutation: committed locally, or through the Raft group.
     fn exec(&self, creds: &Creds, op: Op) -> Result<Outcome, ServiceError> {
+        // The cluster's own bookkeeping (stale marks, repairs, moves) never takes a session
+        // step: whether it happens differs between a request and its resend, and the steps of
+        // the client's commands must match.
+        let system = matches!(
+            op,
+            Op::MarkStale { .. }
+                | Op::Repaired { .. }
+                | Op::AddHolders { .. }
+                | Op::DropHolders { .. }
+                | Op::AddMember { .. }
+                | Op::RemoveMember { .. }
+        );
+        let op_code = op.code();
         let cmd = Command {
             creds: creds.clone(),
             now: now(),
             op,
+            session: if system {
+                None
+            } else {
+                next_session_step(op_code)
+            },
         };
         match &self.backend {
             Backend::Local { .. } => self.mutate(|ns| ns.apply(&cmd)),
@@ -702,25 +876,29 @@ impl FsService {
                 Ok(d) => return Ok(d),
                 Err(e) => {
                     tracing::error!("local copy of {chunk} unreadable ({e}): reading another");
-                    if let Err(e) = self.exec(
-                        &Creds::root(),
-                        Op::MarkStale {
-                            chunks: vec![chunk],
-                            nodes: vec![me],
-                        },
-                    ) {
-                        tracing::warn!("cannot record {chunk} stale here: {e}");
-                    }
+                    self.record_bad_copies(chunk, vec![me]);
                 }
             }
         }
         let payload = replication::encode(chunk, &op);
         let rt = tokio::runtime::Handle::current();
+        // Holders whose store answered with an error (a failed checksum): their copies are
+        // bad, unlike those of holders that could not be reached.
+        let mut bad = Vec::new();
         for m in current.into_iter().filter(|m| *m != me) {
             if let Some(client) = c.client(m) {
                 match rt.block_on(client.call(replication::CHUNK_METHOD, &payload)) {
-                    Ok(b) if b.len() as u64 == len => return Ok(b.to_vec()),
+                    Ok(b) if b.len() as u64 == len => {
+                        if !bad.is_empty() {
+                            self.record_bad_copies(chunk, bad);
+                        }
+                        return Ok(b.to_vec());
+                    }
                     Ok(b) => tracing::warn!("member {m} returned {} of {len} bytes", b.len()),
+                    Err(e @ cfs_fabric::RpcError::Remote { .. }) => {
+                        tracing::error!("copy of {chunk} on member {m} unreadable: {e}");
+                        bad.push(m);
+                    }
                     Err(e) => tracing::warn!("reading {chunk} from member {m}: {e}"),
                 }
             }
@@ -729,6 +907,19 @@ impl FsService {
             ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
             format!("no current copy of {chunk} reachable"),
         ))
+    }
+
+    /// Records copies that failed their checksums as stale, so repair rewrites them.
+    fn record_bad_copies(&self, chunk: ChunkId, nodes: Vec<u64>) {
+        if let Err(e) = self.exec(
+            &Creds::root(),
+            Op::MarkStale {
+                chunks: vec![chunk],
+                nodes: nodes.clone(),
+            },
+        ) {
+            tracing::warn!("cannot record the copies of {chunk} on {nodes:?} stale: {e}");
+        }
     }
 
     /// Before a size change from `old` to `new`: cuts the chunk holding the new (when
@@ -1175,7 +1366,12 @@ pub const FORWARDED: u32 = 0x8000_0000;
 
 impl FsService {
     /// Runs a decoded request here (blocking work off the async workers).
-    async fn run_here(&self, creds: Creds, req: Request) -> Result<Reply, ServiceError> {
+    async fn run_here(
+        &self,
+        creds: Creds,
+        req: Request,
+        session: Option<cfs_meta::session::Session>,
+    ) -> Result<Reply, ServiceError> {
         let read_only = matches!(
             req,
             Request::Lookup { .. }
@@ -1197,7 +1393,7 @@ impl FsService {
         } else {
             // Commits and data I/O block: keep them off the async workers.
             let this = self.clone();
-            tokio::task::spawn_blocking(move || this.handle(&creds, req))
+            tokio::task::spawn_blocking(move || with_session(session, || this.handle(&creds, req)))
                 .await
                 .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
         }
@@ -1229,10 +1425,11 @@ impl FsService {
                         Err(e @ cfs_fabric::RpcError::Connect { .. }) => {
                             tracing::debug!("forwarding to leader {l} failed: {e}")
                         }
-                        // Sent and lost: it may have run, so it is not sent again.
+                        // Sent and lost: it may have run, so it is not sent again here (the
+                        // client resends it if it has a session).
                         Err(e) => {
                             return Err(ServiceError::new(
-                                ErrorCode::Service(ERRNO_BASE + Errno::Io.errno() as u32),
+                                ErrorCode::Service(OUTCOME_UNKNOWN),
                                 format!("forwarded request lost: {e}"),
                             ))
                         }
@@ -1256,7 +1453,37 @@ impl FsService {
     }
 }
 
+/// RPC method of a scrub request (empty payload; the leader answers a JSON summary).
+pub const SCRUB_METHOD: u32 = 0x0100_0004;
+
 impl FsService {
+    /// A scrub request: run on the leader (forwarded there if need be).
+    async fn scrub_call(&self, method: u32) -> Result<bytes::Bytes, ServiceError> {
+        let Some(c) = self.cluster() else {
+            return Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                "not a cluster node",
+            ));
+        };
+        if !c.replica().is_leader() {
+            if method & FORWARDED != 0 {
+                return Err(ServiceError::new(
+                    ErrorCode::Service(NOT_LEADER),
+                    "not the leader",
+                ));
+            }
+            match self.forward(c, SCRUB_METHOD, &[]).await {
+                Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
+                other => return other,
+            }
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.scrub())
+            .await
+            .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
+            .map(bytes::Bytes::from)
+    }
+
     /// A join request: run on the leader (forwarded there if need be).
     async fn join_call(&self, method: u32, payload: &[u8]) -> Result<bytes::Bytes, ServiceError> {
         let Some(c) = self.cluster() else {
@@ -1318,7 +1545,7 @@ impl FsService {
         });
         if let Some(id) = existing {
             return Err(refuse(format!(
-                "member {id} already has address {addr}; a node rejoins with a new address or after `cfs-dataplane remove`"
+                "member {id} already has address {addr}; a wiped node rejoins under a new address, or after member {id} is removed (dead_after_ms)"
             )));
         }
         used.extend(cs.voters.iter().chain(cs.learners.iter()));
@@ -1336,6 +1563,7 @@ impl FsService {
                 addr: addr.clone(),
                 domain,
             },
+            session: None,
         };
         match c.propose_member(cmd, MemberChange::AddLearner) {
             Ok(Ok(_)) => {}
@@ -1397,9 +1625,15 @@ impl Service for FsService {
             if method & !FORWARDED == crate::identity::JOIN_METHOD {
                 return this.join_call(method, &payload).await;
             }
+            if method & !FORWARDED == SCRUB_METHOD {
+                return this.scrub_call(method).await;
+            }
             let forwarded = method & FORWARDED != 0;
-            let method = method & !FORWARDED;
-            let (creds, req) = Request::decode(method, &payload).ok_or_else(|| {
+            // Forwarded as received (session included).
+            let wire_method = method & !FORWARDED;
+            let (method, session, body) = cfs_proto::split_session(wire_method, &payload)
+                .ok_or_else(|| ServiceError::new(ErrorCode::BadRequest, "short session header"))?;
+            let (creds, req) = Request::decode(method, body).ok_or_else(|| {
                 ServiceError::new(
                     ErrorCode::BadRequest,
                     format!("malformed request for method {method}"),
@@ -1420,19 +1654,25 @@ impl Service for FsService {
                             "not the leader",
                         ));
                     }
-                    match this.forward(c, method, &payload).await {
+                    match this.forward(c, wire_method, &payload).await {
                         Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
+                        Err(e) if e.code == ErrorCode::Service(OUTCOME_UNKNOWN) => {
+                            return Err(unknown_outcome(e, session.is_some()))
+                        }
                         other => return other,
                     }
                 }
             }
-            let reply = this.run_here(creds, req).await;
+            let reply = this.run_here(creds, req, session).await;
             match reply {
                 Ok(r) => Ok(bytes::Bytes::from(r.encode())),
                 // Lost leadership before running it: not run, the client may retry elsewhere
                 // (a forwarder handles NOT_LEADER itself).
                 Err(e) if !forwarded && e.code == ErrorCode::Service(NOT_LEADER) => {
                     Err(ServiceError::new(ErrorCode::Busy, e.message))
+                }
+                Err(e) if !forwarded && e.code == ErrorCode::Service(OUTCOME_UNKNOWN) => {
+                    Err(unknown_outcome(e, session.is_some()))
                 }
                 Err(e) => Err(e),
             }

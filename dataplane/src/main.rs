@@ -151,6 +151,30 @@ enum Cmd {
         #[arg(long)]
         servers: String,
     },
+    /// Read every current copy of every chunk in full (the leader does it); copies that fail
+    /// their checksums are recorded stale and rewritten from a good copy by repair. Prints a
+    /// JSON summary; exit status 1 if a bad copy was found.
+    Scrub {
+        /// Comma-separated RPC addresses of cluster nodes (any of them), or the join token.
+        #[arg(long)]
+        servers: String,
+    },
+    /// Testing tool: flip one bit of a stored chunk's data on the device (the node must be
+    /// stopped), to check that reads detect it by checksum, use another copy and repair this one.
+    Damage {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The chunk.
+        #[arg(long)]
+        chunk: u64,
+        /// Byte offset in the chunk whose block is damaged.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
     /// Benchmark the chunk store and fio on the same file.
     Bench(bench::BenchArgs),
 }
@@ -615,6 +639,13 @@ fn main() -> Result<()> {
         } => cmd_fsck(&load_config(config, data_dir)?, repair),
         Cmd::Verify { servers } => cmd_verify(&servers),
         Cmd::Token { config, data_dir } => cmd_token(&load_config(config, data_dir)?),
+        Cmd::Scrub { servers } => cmd_scrub(&servers),
+        Cmd::Damage {
+            config,
+            data_dir,
+            chunk,
+            offset,
+        } => cmd_damage(&load_config(config, data_dir)?, chunk, offset),
         Cmd::Init {
             config,
             data_dir,
@@ -821,6 +852,68 @@ fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> 
         r.node_id
     );
     println!("{}", r.node_id);
+    Ok(())
+}
+
+/// See `Cmd::Scrub`.
+fn cmd_scrub(servers: &str) -> Result<()> {
+    let (servers, secret) = cfs_fabric::auth::servers_arg(servers).map_err(|e| anyhow!(e))?;
+    let cfg = cfs_fabric::ClientConfig {
+        request_timeout: Duration::from_secs(3600),
+        connect_timeout: Duration::from_secs(2),
+        secret,
+        ..cfs_fabric::ClientConfig::default()
+    };
+    let client = cfs_fabric::FailoverClient::new(&servers, cfg, Duration::from_secs(30));
+    let b = client
+        .call(cfs_dataplane::fs_service::SCRUB_METHOD, &[])
+        .context("scrub")?;
+    let v: serde_json::Value = serde_json::from_slice(&b).context("scrub summary")?;
+    println!("{v}");
+    if v["bad_copies"].as_u64().unwrap_or(0) > 0
+        || v["unreadable_chunks"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    {
+        bail!("bad copies found (recorded stale: repair rewrites them)");
+    }
+    Ok(())
+}
+
+/// See `Cmd::Damage`.
+fn cmd_damage(cfg: &Config, chunk: u64, offset: u64) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (engine, locks) = start_engine(cfg)?;
+    let at = engine.locate(chunk, offset).context("locating the chunk")?;
+    engine.shutdown().context("stopping the store")?;
+    drop(locks);
+    let Some((device, byte)) = at else {
+        bail!("chunk {chunk} has no data at offset {offset} on this node");
+    };
+    let path = cfg
+        .resolved_devices()
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| p.display().to_string() == device)
+        .unwrap_or_else(|| PathBuf::from(&device));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // Mid-block, so the block's checksum (not its header) catches it.
+    let pos = byte + 1000;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(pos))?;
+    f.read_exact(&mut b)?;
+    b[0] ^= 0x10;
+    f.seek(SeekFrom::Start(pos))?;
+    f.write_all(&b)?;
+    f.sync_all()?;
+    println!(
+        "flipped a bit of chunk {chunk} (offset {offset}) at byte {pos} of {}",
+        path.display()
+    );
     Ok(())
 }
 

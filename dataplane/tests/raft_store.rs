@@ -30,6 +30,7 @@ fn mkdir(i: u32) -> Command {
             name: format!("d{i}").into_bytes(),
             perm: 0o755,
         },
+        session: None,
     }
 }
 

@@ -33,6 +33,10 @@ pub struct FsOptions {
 pub struct CfsFs {
     client: FailoverClient,
     opts: FsOptions,
+    /// This mount's session id: mutations carry (id, sequence) so a resend after a lost
+    /// reply applies once.
+    session_id: u64,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 fn to_system(t: Timespec) -> SystemTime {
@@ -119,17 +123,45 @@ fn ino(i: INodeNo) -> InodeId {
 
 impl CfsFs {
     /// A file system talking to `client` (calls run on the FUSE worker threads themselves).
-    pub fn new(client: FailoverClient, opts: FsOptions) -> CfsFs {
-        CfsFs { client, opts }
+    pub fn new(client: FailoverClient, opts: FsOptions, session_id: u64) -> CfsFs {
+        CfsFs {
+            client,
+            opts,
+            session_id,
+            next_seq: std::sync::atomic::AtomicU64::new(1),
+        }
     }
 
     fn call(&self, creds: &Creds, r: Req) -> Result<Reply, Errno> {
-        let payload = r.encode(creds);
-        let mut res = self.client.call(r.method(), &payload);
-        if r.is_read_only() && matches!(res, Err(RpcError::ConnectionLost { .. })) {
-            // A connection the server dropped (it died or restarted): a read may simply be
-            // sent again, to the next member.
-            res = self.client.call(r.method(), &payload);
+        let body = r.encode(creds);
+        let (method, payload) = if r.is_read_only() {
+            (r.method(), body)
+        } else {
+            let seq = self
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let s = cfs_meta::session::Session {
+                client: self.session_id,
+                seq,
+            };
+            (
+                r.method() | cfs_proto::SESSION,
+                cfs_proto::with_session(s, &body),
+            )
+        };
+        // A read, or a mutation with its session, may be sent again after a lost reply or a
+        // timeout (the cluster applies a mutation once); the failover client moves to the
+        // next member. A few tries: each is bounded by the mount's timeout.
+        let mut res = self.client.call(method, &payload);
+        for _ in 0..3 {
+            if !matches!(
+                res,
+                Err(RpcError::ConnectionLost { .. } | RpcError::Timeout { .. })
+            ) {
+                break;
+            }
+            tracing::info!("resending after: {:?}", res.as_ref().err());
+            res = self.client.call(method, &payload);
         }
         match res {
             Ok(b) => Reply::decode(&b).ok_or_else(|| {

@@ -311,12 +311,18 @@ fn main() -> Result<()> {
             client
                 .ping()
                 .with_context(|| format!("cannot reach the server at {server}"))?;
+            let session_id = u64::from_le_bytes(
+                cfs_fabric::auth::random32().context("reading /dev/urandom")?[..8]
+                    .try_into()
+                    .context("session id")?,
+            );
             let fs = fs::CfsFs::new(
                 client,
                 fs::FsOptions {
                     cache_ttl: Duration::from_secs_f64(cache_ttl),
                     writeback_cache,
                 },
+                session_id,
             );
             let mut config = fuser::Config::default();
             config.mount_options = vec![

@@ -3,7 +3,8 @@
 //! commands in the same order reaches the same state and the same results ([`Namespace::apply`]).
 //!
 //! ```text
-//! command:  u8 version (1) | creds | time now | u8 op | op fields
+//! command:  u8 version (2) | creds | time now | u8 has_session | [u64 client | u64 seq] |
+//!           u8 op | op fields      (version 1: no session fields)
 //! creds:    u32 uid | u32 gid | u16 n | n x u32 group
 //! time:     i64 sec | u32 nsec
 //! ops (fields in order; bytes = u32 len + bytes, ino = u64):
@@ -35,9 +36,10 @@
 
 use crate::codec::{Reader, Writer};
 use crate::namespace::{Namespace, RenameFlags, SetAttr, XattrMode};
+use crate::session::Session;
 use crate::types::{Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// A namespace mutation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +174,9 @@ pub struct Command {
     pub now: Timespec,
     /// What to do.
     pub op: Op,
+    /// The client request this command carries out, when the client may resend it: applied
+    /// once, the result is remembered and returned to a resend ([`crate::session`]).
+    pub session: Option<Session>,
 }
 
 /// What a successful command returns.
@@ -189,6 +194,19 @@ impl Namespace {
     /// Applies a command: the only way a replicated namespace changes. Deterministic: same
     /// state and command, same result and same new state.
     pub fn apply(&mut self, c: &Command) -> Result<Outcome, Errno> {
+        let Some(s) = c.session else {
+            return self.apply_op(c);
+        };
+        if let Some(first) = self.session_result(s) {
+            // A resend of a command that already applied: the same answer, no second effect.
+            return first;
+        }
+        let r = self.apply_op(c);
+        self.record_session(s, c.now, r.clone());
+        r
+    }
+
+    fn apply_op(&mut self, c: &Command) -> Result<Outcome, Errno> {
         let (cr, t) = (&c.creds, c.now);
         Ok(match &c.op {
             Op::Mknod {
@@ -312,6 +330,37 @@ impl Namespace {
     }
 }
 
+impl Op {
+    /// The op's code in the encoding (1..=23).
+    pub fn code(&self) -> u8 {
+        match self {
+            Op::Mknod { .. } => 1,
+            Op::Mkdir { .. } => 2,
+            Op::Symlink { .. } => 3,
+            Op::Link { .. } => 4,
+            Op::Unlink { .. } => 5,
+            Op::Rmdir { .. } => 6,
+            Op::Rename { .. } => 7,
+            Op::SetAttr { .. } => 8,
+            Op::SetXattr { .. } => 9,
+            Op::RemoveXattr { .. } => 10,
+            Op::Open { .. } => 11,
+            Op::Release { .. } => 12,
+            Op::Create { .. } => 13,
+            Op::MapChunks { .. } => 14,
+            Op::Wrote { .. } => 15,
+            Op::Fallocate { .. } => 16,
+            Op::Punched { .. } => 17,
+            Op::MarkStale { .. } => 18,
+            Op::Repaired { .. } => 19,
+            Op::AddMember { .. } => 20,
+            Op::RemoveMember { .. } => 21,
+            Op::AddHolders { .. } => 22,
+            Op::DropHolders { .. } => 23,
+        }
+    }
+}
+
 impl Command {
     /// Encodes the command (layout in the module documentation).
     pub fn encode(&self) -> Vec<u8> {
@@ -319,6 +368,14 @@ impl Command {
         w.u8(VERSION);
         w.creds(&self.creds);
         w.time(self.now);
+        match self.session {
+            Some(s) => {
+                w.u8(1);
+                w.u64(s.client);
+                w.u64(s.seq);
+            }
+            None => w.u8(0),
+        }
         match &self.op {
             Op::Mknod {
                 parent,
@@ -513,11 +570,23 @@ impl Command {
     /// Decodes a command; `None` on any malformed byte.
     pub fn decode(b: &[u8]) -> Option<Command> {
         let mut r = Reader::new(b);
-        if r.u8()? != VERSION {
+        let version = r.u8()?;
+        if version != 1 && version != VERSION {
             return None;
         }
         let creds = r.creds()?;
         let now = r.time()?;
+        let session = match version {
+            1 => None,
+            _ => match r.u8()? {
+                0 => None,
+                1 => Some(Session {
+                    client: r.u64()?,
+                    seq: r.u64()?,
+                }),
+                _ => return None,
+            },
+        };
         let op = match r.u8()? {
             1 => Op::Mknod {
                 parent: r.ino()?,
@@ -651,7 +720,12 @@ impl Command {
             _ => return None,
         };
         r.end()?;
-        Some(Command { creds, now, op })
+        Some(Command {
+            creds,
+            now,
+            op,
+            session,
+        })
     }
 }
 

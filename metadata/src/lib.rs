@@ -7,6 +7,7 @@ pub mod codec;
 pub mod command;
 pub mod namespace;
 pub mod placement;
+pub mod session;
 pub mod types;
 
 pub use namespace::{Namespace, RenameFlags, SetAttr, TimeSet, XattrMode, CHUNK_BYTES};

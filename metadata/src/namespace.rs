@@ -7,6 +7,7 @@
 //! exactly those keys durably before the reply goes out.
 
 use crate::placement::{Member, Placement};
+use crate::session::{Session, Sessions};
 use crate::types::{mode, Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -169,6 +170,8 @@ pub struct Namespace {
     freed: Vec<ChunkId>,
     /// Copies dropped from a node by a placement move (chunk, node): that node deletes them.
     dropped: Vec<(ChunkId, u64)>,
+    /// Recent results per client, so a resent command is not applied twice.
+    sessions: Sessions,
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -223,6 +226,7 @@ impl Namespace {
             placement: Placement::default(),
             freed: Vec::new(),
             dropped: Vec::new(),
+            sessions: Sessions::default(),
         }
     }
 
@@ -272,14 +276,15 @@ impl Namespace {
 
     /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
     /// releases are replicated commands, so handles are part of the state):
-    /// `u8 version (2) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// `u8 version (4) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
-    /// u32 n_entries | n x (bytes key | bytes entry) | placement` (bytes = u32 length + bytes;
-    /// placement as in [`Placement::encode`]; version 2 had only the placement's stale list,
-    /// version 1 nothing).
+    /// u32 n_entries | n x (bytes key | bytes entry) | placement | sessions` (bytes: a u32
+    /// length, then the bytes; placement as in [`Placement::encode`], sessions as in
+    /// [`Sessions::encode`]; version 3 had no sessions, version 2 only the placement's stale
+    /// list, version 1 neither).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(3);
+        w.u8(4);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -299,6 +304,7 @@ impl Namespace {
             w.bytes(&crate::codec::encode_dentry(d));
         }
         self.placement.encode(&mut w);
+        self.sessions.encode(&mut w);
         w.0
     }
 
@@ -308,7 +314,7 @@ impl Namespace {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
         let version = r.u8().ok_or_else(bad)?;
-        if !(1..=3).contains(&version) {
+        if !(1..=4).contains(&version) {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -342,7 +348,7 @@ impl Namespace {
             ));
         }
         let placement = match version {
-            3 => Placement::decode(&mut r).ok_or_else(bad)?,
+            3 | 4 => Placement::decode(&mut r).ok_or_else(bad)?,
             2 => {
                 let mut p = Placement::default();
                 p.set_stale(Placement::decode_stale(&mut r).ok_or_else(bad)?);
@@ -350,9 +356,15 @@ impl Namespace {
             }
             _ => Placement::default(),
         };
+        let sessions = if version >= 4 {
+            Sessions::decode(&mut r).ok_or_else(bad)?
+        } else {
+            Sessions::default()
+        };
         r.end().ok_or_else(bad)?;
         let mut ns = Namespace::rebuild(inodes, dentries, true)?;
         ns.placement = placement;
+        ns.sessions = sessions;
         ns.check_placement()?;
         ns.restore_counters(next_ino, next_gen, next_chunk);
         // A restored snapshot is a starting point, not a change to persist.
@@ -1513,6 +1525,21 @@ impl Namespace {
     /// Every (chunk, stale nodes) pair (status and repair).
     pub fn all_stale(&self) -> impl Iterator<Item = (ChunkId, &BTreeSet<u64>)> + '_ {
         self.placement.all_stale()
+    }
+
+    /// The first result of a command applied under `s`, if remembered.
+    pub fn session_result(&self, s: Session) -> Option<Result<crate::command::Outcome, Errno>> {
+        self.sessions.lookup(s).cloned()
+    }
+
+    /// Remembers the result of a command applied under `s`.
+    pub fn record_session(
+        &mut self,
+        s: Session,
+        now: Timespec,
+        r: Result<crate::command::Outcome, Errno>,
+    ) {
+        self.sessions.record(s, now, r);
     }
 
     /// Cluster membership and chunk placement.

@@ -283,4 +283,29 @@ impl Errno {
             Errno::Stale => 116,
         }
     }
+
+    /// The variant for a Linux errno value this crate produces.
+    pub fn from_errno(v: i32) -> Option<Errno> {
+        Some(match v {
+            1 => Errno::Perm,
+            2 => Errno::NoEnt,
+            5 => Errno::Io,
+            6 => Errno::NxIo,
+            13 => Errno::Access,
+            17 => Errno::Exist,
+            20 => Errno::NotDir,
+            21 => Errno::IsDir,
+            22 => Errno::Inval,
+            27 => Errno::FBig,
+            28 => Errno::NoSpc,
+            31 => Errno::MLink,
+            34 => Errno::Range,
+            36 => Errno::NameTooLong,
+            39 => Errno::NotEmpty,
+            61 => Errno::NoData,
+            95 => Errno::NotSup,
+            116 => Errno::Stale,
+            _ => return None,
+        })
+    }
 }

@@ -4,6 +4,7 @@
 
 use cfs_meta::command::{Command, Op, Outcome};
 use cfs_meta::placement::{Member, Placement};
+use cfs_meta::session::Session;
 use cfs_meta::{
     ChunkId, Creds, FileType, InodeId, Namespace, RenameFlags, SetAttr, TimeSet, Timespec,
     XattrMode,
@@ -163,6 +164,12 @@ fn command() -> impl Strategy<Value = Command> {
             },
             now: Timespec::new(sec, 7),
             op,
+            // Root's commands come from one client whose few sequence numbers repeat: resends,
+            // which must return the first result and change nothing.
+            session: root.then_some(Session {
+                client: 1,
+                seq: (sec % 7) as u64,
+            }),
         })
 }
 
@@ -176,6 +183,13 @@ proptest! {
         for cut in [0, 1, b.len() / 2, b.len() - 1] {
             prop_assert_eq!(Command::decode(&b[..cut]), None);
         }
+    }
+
+    #[test]
+    fn op_codes_match_the_encoding(c in command()) {
+        // version | creds (root: 4 + 4 + 2) | time (8 + 4) | no session (1) | op code
+        let plain = Command { creds: Creds::root(), session: None, ..c };
+        prop_assert_eq!(plain.encode()[24], plain.op.code());
     }
 
     #[test]

@@ -168,6 +168,38 @@ pub enum Reply {
 /// Error-frame code for an errno.
 pub const ERRNO_BASE: u32 = 1000;
 
+/// Set on a request's method id when its payload starts with a session (`u64 client | u64
+/// seq`, then the request as usual): the client may resend it after a lost reply, and the
+/// cluster applies it once ([`cfs_meta::session`]).
+pub const SESSION: u32 = 0x4000_0000;
+
+/// Prefixes `payload` with a session (send with `method | SESSION`).
+pub fn with_session(s: cfs_meta::session::Session, payload: &[u8]) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(16 + payload.len()));
+    w.u64(s.client);
+    w.u64(s.seq);
+    w.0.extend_from_slice(payload);
+    w.0
+}
+
+/// Splits a received method and payload into (method, session, request payload); `None` if
+/// the session bit is set and the payload is too short for one.
+pub fn split_session(
+    method: u32,
+    payload: &[u8],
+) -> Option<(u32, Option<cfs_meta::session::Session>, &[u8])> {
+    if method & SESSION == 0 {
+        return Some((method, None, payload));
+    }
+    let head = payload.get(..16)?;
+    let mut r = Reader::new(head);
+    let s = cfs_meta::session::Session {
+        client: r.u64()?,
+        seq: r.u64()?,
+    };
+    Some((method & !SESSION, Some(s), &payload[16..]))
+}
+
 impl Request {
     /// Whether the request only reads: running it twice is harmless, so a client may resend
     /// it after a lost connection.

@@ -283,6 +283,10 @@ struct Sim {
     report: Report,
     /// `CFS_SIM_TRACE` set: print every proposal, persist job, apply and crash.
     trace: bool,
+    /// The client's next session sequence number, and its last command (resent now and then,
+    /// as a client does after a lost reply: it must not apply twice).
+    client_seq: u64,
+    last_client_command: Option<Command>,
 }
 
 fn ids(n: usize) -> Vec<u64> {
@@ -681,10 +685,13 @@ impl Sim {
                 groups: vec![],
             }
         };
+        let seq = self.client_seq;
+        self.client_seq += 1;
         Command {
             creds,
             now: Timespec::new((self.now / TICK) as i64, 0),
             op,
+            session: Some(cfs_meta::session::Session { client: 7, seq }),
         }
     }
 
@@ -694,6 +701,7 @@ impl Sim {
             creds: Creds::root(),
             now: Timespec::new((self.now / TICK) as i64, 0),
             op,
+            session: None,
         }
     }
 
@@ -1060,7 +1068,15 @@ impl Sim {
             }
         }
         if self.clients && self.rng.chance(self.cfg.propose_per_mille, 1000) {
-            let cmd = self.random_command();
+            let resend = self.rng.chance(1, 20);
+            let cmd = match self.last_client_command.clone() {
+                Some(c) if resend => c,
+                _ => {
+                    let c = self.random_command();
+                    self.last_client_command = Some(c.clone());
+                    c
+                }
+            };
             self.propose(cmd);
         }
         if self
@@ -1113,6 +1129,8 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         cfg: cfg.clone(),
         now: 0,
         seq: 0,
+        client_seq: 1,
+        last_client_command: None,
         queue: BinaryHeap::new(),
         events: HashMap::new(),
         next_event: 0,
@@ -1179,6 +1197,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
                     name: format!("probe{}", probes.len()).into_bytes(),
                     perm: 0o755,
                 },
+                session: None,
             };
             let tag = (sim.next_tag + 1).to_le_bytes().to_vec();
             if sim.propose(cmd) {
