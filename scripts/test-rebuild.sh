@@ -203,6 +203,25 @@ if out=$("$BIN" verify --servers "$TOKEN" 2>&1); then
 else
   fail "verify before the loss: $out"
 fi
+# Files written now have chunks the leader may not hold: it must not keep copies of them.
+write_files c 12 3
+stored_matches() { # stored_matches NODES...: the nodes store exactly the copies recorded
+  local j total stored=0 n
+  j=$(leader_json)
+  total=$(field 'sum(len(h) for c, h in v["holders"])' <<<"$j")
+  for i in "$@"; do
+    n=$("$CFS" status "${TOKEN%@*}@127.0.0.1:$((BASE + i))" --json | grep "^127.0.0.1:$((BASE + i)) " | awk '{ $1 = ""; print }' | field 'v["store"]["chunks"]')
+    stored=$((stored + n))
+  done
+  echo "$stored $total"
+}
+read -r stored total <<<"$(stored_matches 1 2 3 4)"
+if ((stored == total)); then
+  pass "4 nodes store $stored chunk copies, exactly the $total the placement records (no copy where the placement puts none)"
+else
+  fail "4 nodes store $stored chunk copies but the placement records $total"
+fi
+
 j=$(leader_json)
 L=$(field 'v["node"]' <<<"$j")
 
@@ -249,14 +268,10 @@ fi
 if check_files; then pass "every acknowledged file reads back through the mount"; else fail "acknowledged data lost"; fi
 
 # Copies that moved off a node are deleted there: the survivors hold exactly their chunks.
-j=$(leader_json)
-total=$(field 'sum(len(h) for c, h in v["holders"])' <<<"$j")
-stored=0
-for ((i = 1; i <= N; i++)); do
-  [[ $i == "$VICTIM" ]] && continue
-  n=$("$CFS" status "${TOKEN%@*}@127.0.0.1:$((BASE + i))" --json | grep "^127.0.0.1:$((BASE + i)) " | awk '{ $1 = ""; print }' | field 'v["store"]["chunks"]')
-  stored=$((stored + n))
-done
+SURV_IDS=""
+for ((i = 1; i <= N; i++)); do [[ $i != "$VICTIM" ]] && SURV_IDS+=" $i"; done
+# shellcheck disable=SC2086
+read -r stored total <<<"$(stored_matches $SURV_IDS)"
 if ((stored == total)); then
   pass "the survivors store $stored chunk copies, exactly the $total the placement records"
 else

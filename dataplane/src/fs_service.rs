@@ -16,7 +16,7 @@
 use crate::cluster::{Cluster, ClusterError};
 use crate::meta_store::MetaStore;
 use crate::reactor::Engine;
-use crate::replication::{self, ChunkOp};
+use crate::replication::{self, ChunkOp, Fence};
 use crate::store::StoreError;
 use cfs_fabric::{ErrorCode, Service, ServiceError, ServiceFuture};
 use cfs_meta::command::{Command, Op, Outcome};
@@ -61,12 +61,15 @@ pub struct FsService {
     backend: Backend,
     engine: Arc<Engine>,
     /// Cluster mode: one change at a time per chunk (by hash), so every member applies a
-    /// chunk's changes in the same order.
-    chunk_locks: Arc<Vec<Mutex<()>>>,
+    /// chunk's changes in the same order; reads share it, so they never see a change that is
+    /// still being applied.
+    chunk_locks: Arc<Vec<std::sync::RwLock<()>>>,
+    /// Cluster mode: the newest fence seen per chunk (see [`replication::Fences`]).
+    fences: Arc<replication::Fences>,
 }
 
-fn chunk_locks() -> Arc<Vec<Mutex<()>>> {
-    Arc::new((0..64).map(|_| Mutex::new(())).collect())
+fn chunk_locks() -> Arc<Vec<std::sync::RwLock<()>>> {
+    Arc::new((0..64).map(|_| std::sync::RwLock::new(())).collect())
 }
 
 /// Where the namespace lives.
@@ -235,6 +238,7 @@ impl FsService {
             },
             engine,
             chunk_locks: chunk_locks(),
+            fences: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -258,11 +262,13 @@ impl FsService {
     pub fn open_cluster(
         cluster: Cluster,
         engine: Arc<Engine>,
+        fences: Arc<replication::Fences>,
         rt: tokio::runtime::Handle,
     ) -> FsService {
         let svc = FsService {
             backend: Backend::Raft(cluster),
             engine,
+            fences,
             chunk_locks: chunk_locks(),
         };
         let bg = svc.clone();
@@ -302,8 +308,9 @@ impl FsService {
                 };
                 cursor = chunk;
                 // Under the chunk's lock: no change to it is in flight while holders change.
-                let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
-                    .lock()
+                let _order = self
+                    .chunk_lock(chunk)
+                    .write()
                     .unwrap_or_else(|p| p.into_inner());
                 if let Err(e) = self.exec(&Creds::root(), op.clone()) {
                     tracing::debug!("placement move {op:?} failed: {e}");
@@ -397,6 +404,19 @@ impl FsService {
         }
     }
 
+    /// The lock ordering changes to `chunk` (exclusive) and reads of it (shared): a read never
+    /// sees a change that is still being applied to the holders.
+    fn chunk_lock(&self, chunk: ChunkId) -> &std::sync::RwLock<()> {
+        &self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
+    }
+
+    /// The fence changes to `chunk` carry now: this leader's term and the chunk's generation.
+    fn fence_of(&self, c: &Cluster, chunk: ChunkId) -> Fence {
+        let term = c.replica().term();
+        let gen = c.read_local(|ns| ns.placement().generation(chunk));
+        Fence { term, gen }
+    }
+
     /// The nodes holding a current copy of `chunk` (every member for a chunk without
     /// recorded holders), and its stale nodes.
     fn current_holders(&self, c: &Cluster, chunk: ChunkId) -> (Vec<u64>, Vec<u64>) {
@@ -423,16 +443,20 @@ impl FsService {
         node: u64,
         chunk: ChunkId,
         op: ChunkOp,
+        fence: Fence,
     ) -> Result<Vec<u8>, (bool, String)> {
         if node == c.node_id() {
-            return replication::apply(&self.engine, chunk, op).map_err(|e| (true, e.to_string()));
+            return self
+                .fences
+                .apply(&self.engine, chunk, op, fence)
+                .map_err(|e| (true, e.to_string()));
         }
         let client = c
             .client(node)
             .ok_or((false, "unknown member".to_string()))?;
         let rt = tokio::runtime::Handle::current();
-        match rt.block_on(client.call(replication::CHUNK_METHOD, &replication::encode(chunk, &op)))
-        {
+        let payload = replication::encode(chunk, &op, fence);
+        match rt.block_on(client.call(replication::CHUNK_METHOD, &payload)) {
             Ok(b) => Ok(b.to_vec()),
             Err(e @ cfs_fabric::RpcError::Remote { .. }) => Err((true, e.to_string())),
             Err(e) => Err((false, e.to_string())),
@@ -454,8 +478,9 @@ impl FsService {
         let (mut copies, mut bad_copies, mut unreachable) = (0u64, 0u64, 0u64);
         let mut unreadable_chunks = Vec::new();
         for chunk in &chunks {
-            let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
-                .lock()
+            let _order = self
+                .chunk_lock(*chunk)
+                .write()
                 .unwrap_or_else(|p| p.into_inner());
             let (current, _) = self.current_holders(c, *chunk);
             let mut bad = Vec::new();
@@ -490,7 +515,7 @@ impl FsService {
 
     /// Reads a chunk's copy on `node` in full, in 4 MiB pieces.
     fn copy_readable(&self, c: &Cluster, chunk: ChunkId, node: u64) -> Result<(), (bool, String)> {
-        let len_bytes = self.chunk_op_on(c, node, chunk, ChunkOp::Len)?;
+        let len_bytes = self.chunk_op_on(c, node, chunk, ChunkOp::Len, Fence::default())?;
         let len = u64::from_le_bytes(
             len_bytes
                 .try_into()
@@ -508,6 +533,7 @@ impl FsService {
                     offset: off,
                     len: n,
                 },
+                Fence::default(),
             )?;
             off += n;
         }
@@ -516,8 +542,9 @@ impl FsService {
 
     /// Copies `chunk` to `node` from a current copy and records it current again.
     fn repair(&self, c: &Cluster, chunk: ChunkId, node: u64) -> Result<u64, String> {
-        let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
-            .lock()
+        let _order = self
+            .chunk_lock(chunk)
+            .write()
             .unwrap_or_else(|p| p.into_inner());
         let stale = self
             .view(|ns| Ok(ns.stale_nodes(chunk)))
@@ -525,17 +552,11 @@ impl FsService {
         if !stale.contains(&node) {
             return Ok(0);
         }
-        let rt = tokio::runtime::Handle::current();
-        let me = c.node_id();
-        // Run an operation on a member (this node directly).
+        // The repair's writes carry the chunk's current fence: newer than any change sent to
+        // the node before it was marked stale, which the node then refuses.
+        let fence = self.fence_of(c, chunk);
         let on = |m: u64, op: ChunkOp| -> Result<Vec<u8>, String> {
-            if m == me {
-                return replication::apply(&self.engine, chunk, op).map_err(|e| e.to_string());
-            }
-            let client = c.client(m).ok_or("unknown member")?;
-            rt.block_on(client.call(replication::CHUNK_METHOD, &replication::encode(chunk, &op)))
-                .map(|b| b.to_vec())
-                .map_err(|e| e.to_string())
+            self.chunk_op_on(c, m, chunk, op, fence).map_err(|(_, e)| e)
         };
         // Only a current holder is a source: any other node reads as an empty chunk.
         let (current, _) = self.current_holders(c, chunk);
@@ -781,8 +802,9 @@ impl FsService {
             }
             Backend::Raft(c) => c,
         };
-        let _order = self.chunk_locks[(chunk.0 % self.chunk_locks.len() as u64) as usize]
-            .lock()
+        let _order = self
+            .chunk_lock(chunk)
+            .write()
             .unwrap_or_else(|p| p.into_inner());
         let me = c.node_id();
         let (targets, members) = self.current_holders(c, chunk);
@@ -791,7 +813,8 @@ impl FsService {
             .copied()
             .filter(|m| !targets.contains(m))
             .collect();
-        let payload = bytes::Bytes::from(replication::encode(chunk, &op));
+        let fence = self.fence_of(c, chunk);
+        let payload = bytes::Bytes::from(replication::encode(chunk, &op, fence));
         let rt = tokio::runtime::Handle::current();
         let timeout = c.replica_timeout();
         let mut calls = tokio::task::JoinSet::new();
@@ -816,8 +839,9 @@ impl FsService {
             }
         }
         let mut ok = Vec::new();
-        if !stale.contains(&me) {
-            match replication::apply(&self.engine, chunk, op) {
+        // Only a current holder applies the change here (the leader need not hold the chunk).
+        if targets.contains(&me) {
+            match self.fences.apply(&self.engine, chunk, op, fence) {
                 Ok(_) => ok.push(me),
                 Err(e) => tracing::error!("local change to {chunk} failed: {e}"),
             }
@@ -869,6 +893,10 @@ impl FsService {
                 return replication::apply(&self.engine, chunk, op).map_err(io_error)
             }
         };
+        let _order = self
+            .chunk_lock(chunk)
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let me = c.node_id();
         let (current, _) = self.current_holders(c, chunk);
         if current.contains(&me) {
@@ -880,14 +908,21 @@ impl FsService {
                 }
             }
         }
-        let payload = replication::encode(chunk, &op);
+        let payload = replication::encode(chunk, &op, Fence::default());
         let rt = tokio::runtime::Handle::current();
         // Holders whose store answered with an error (a failed checksum): their copies are
         // bad, unlike those of holders that could not be reached.
         let mut bad = Vec::new();
         for m in current.into_iter().filter(|m| *m != me) {
             if let Some(client) = c.client(m) {
-                match rt.block_on(client.call(replication::CHUNK_METHOD, &payload)) {
+                // A holder that does not answer within replica_timeout_ms is skipped for the
+                // next one, as a holder that fails.
+                let r = rt.block_on(client.call_timeout(
+                    replication::CHUNK_METHOD,
+                    &payload,
+                    c.replica_timeout(),
+                ));
+                match r {
                     Ok(b) if b.len() as u64 == len => {
                         if !bad.is_empty() {
                             self.record_bad_copies(chunk, bad);
@@ -1401,11 +1436,15 @@ impl FsService {
 
     /// Sends a request this node cannot serve to the group's leader, waiting up to an
     /// election for one to be known.
+    /// `resendable`: the request may run twice (a read, or a mutation with a session), so a
+    /// forward lost on the way (e.g. on a connection to a leader that just restarted) is sent
+    /// again rather than reported as an unknown outcome.
     async fn forward(
         &self,
         c: &Cluster,
         method: u32,
         payload: &[u8],
+        resendable: bool,
     ) -> Result<bytes::Bytes, ServiceError> {
         let give_up = std::time::Instant::now() + c.election_timeout() * 3;
         loop {
@@ -1424,6 +1463,12 @@ impl FsService {
                         // Never sent: try again (the leader may change meanwhile).
                         Err(e @ cfs_fabric::RpcError::Connect { .. }) => {
                             tracing::debug!("forwarding to leader {l} failed: {e}")
+                        }
+                        Err(
+                            e @ (cfs_fabric::RpcError::ConnectionLost { .. }
+                            | cfs_fabric::RpcError::Timeout { .. }),
+                        ) if resendable => {
+                            tracing::debug!("forward to leader {l} lost ({e}); sending it again")
                         }
                         // Sent and lost: it may have run, so it is not sent again here (the
                         // client resends it if it has a session).
@@ -1472,7 +1517,7 @@ impl FsService {
                     "not the leader",
                 ));
             }
-            match self.forward(c, SCRUB_METHOD, &[]).await {
+            match self.forward(c, SCRUB_METHOD, &[], true).await {
                 Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
                 other => return other,
             }
@@ -1505,7 +1550,10 @@ impl FsService {
                     "not the leader",
                 ));
             }
-            match self.forward(c, crate::identity::JOIN_METHOD, payload).await {
+            match self
+                .forward(c, crate::identity::JOIN_METHOD, payload, false)
+                .await
+            {
                 Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
                 other => return other,
             }
@@ -1609,18 +1657,24 @@ impl Service for FsService {
                 return Ok(bytes::Bytes::new());
             }
             if method == replication::CHUNK_METHOD {
-                let Some((chunk, op)) = this.cluster().and(replication::decode(&payload)) else {
+                let Some((chunk, op, fence)) = this.cluster().and(replication::decode(&payload))
+                else {
                     return Err(ServiceError::new(
                         ErrorCode::BadRequest,
                         "not a chunk operation, or no cluster here",
                     ));
                 };
-                let engine = Arc::clone(&this.engine);
-                return tokio::task::spawn_blocking(move || replication::apply(&engine, chunk, op))
-                    .await
-                    .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
-                    .map(bytes::Bytes::from)
-                    .map_err(io_error);
+                let (engine, fences) = (Arc::clone(&this.engine), Arc::clone(&this.fences));
+                return tokio::task::spawn_blocking(move || {
+                    fences.apply(&engine, chunk, op, fence)
+                })
+                .await
+                .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
+                .map(bytes::Bytes::from)
+                .map_err(|e| match e {
+                    replication::ApplyError::Store(s) => io_error(s),
+                    fenced => ServiceError::new(ErrorCode::BadRequest, fenced.to_string()),
+                });
             }
             if method & !FORWARDED == crate::identity::JOIN_METHOD {
                 return this.join_call(method, &payload).await;
@@ -1654,7 +1708,8 @@ impl Service for FsService {
                             "not the leader",
                         ));
                     }
-                    match this.forward(c, wire_method, &payload).await {
+                    let resendable = req.is_read_only() || session.is_some();
+                    match this.forward(c, wire_method, &payload, resendable).await {
                         Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
                         Err(e) if e.code == ErrorCode::Service(OUTCOME_UNKNOWN) => {
                             return Err(unknown_outcome(e, session.is_some()))

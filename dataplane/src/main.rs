@@ -431,8 +431,11 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             let (node_id, members) = (cc.node_id, cc.peers.len());
             let db = cfg.data_dir.join("raft.redb");
             let eng = Arc::clone(&engine);
+            let fences = Arc::new(cfs_dataplane::replication::Fences::default());
+            let fences_freed = Arc::clone(&fences);
             let freed = Box::new(move |chunks: Vec<cfs_meta::ChunkId>| {
                 for ch in chunks {
+                    fences_freed.forget(ch);
                     if let Err(e) = eng.delete(ch.0) {
                         if !matches!(e, cfs_dataplane::store::StoreError::NotFound { .. }) {
                             tracing::warn!("cannot delete {ch}: {e}");
@@ -453,6 +456,7 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             cfs_dataplane::fs_service::FsService::open_cluster(
                 cluster,
                 Arc::clone(&engine),
+                fences,
                 rt.handle().clone(),
             )
         }
@@ -1006,7 +1010,7 @@ fn cmd_verify(servers: &str) -> Result<()> {
         let b = c
             .call(
                 CHUNK_METHOD,
-                &replication::encode(cfs_meta::ChunkId(chunk), &op),
+                &replication::encode(cfs_meta::ChunkId(chunk), &op, Default::default()),
             )
             .with_context(|| format!("member {node}, chunk {chunk}"))?;
         Ok(b.to_vec())

@@ -1,14 +1,23 @@
 //! Chunk data across the members of a cluster: every change the leader makes to a chunk (write,
-//! truncate, punch) is applied on every member in parallel; a change counts once a majority of
-//! members applied it, and the members that did not are recorded as stale for that chunk in
-//! the namespace (a Raft command committed before the client hears back), so they never serve
-//! it. Reads use this node's copy unless it is stale, else another member's. Deletes need no
-//! message: every member deletes a chunk when it applies the command that unreferenced it.
+//! truncate, punch) is applied on the chunk's current holders in parallel; a change counts once
+//! a majority of its holders applied it, and the holders that did not are recorded as stale for
+//! that chunk in the namespace (a Raft command committed before the client hears back), so they
+//! never serve it. Reads use a current holder's copy. Deletes need no message: every member
+//! deletes a chunk when it applies the command that unreferenced it.
 //!
 //! Node-to-node request (`CHUNK_METHOD`), fixed little-endian layout:
 //! ```text
-//! u8 op (1 write, 2 truncate, 3 punch, 4 read, 5 length) | u64 chunk | u64 offset | u64 len | u32 n | n bytes data
+//! u8 op (1 write, 2 truncate, 3 punch, 4 read, 5 length) | u64 chunk | u64 term | u64 gen |
+//! u64 offset | u64 len | u32 n | n bytes data
 //! ```
+//!
+//! Fencing: every change carries a [`Fence`], the sender's Raft term and the chunk's
+//! generation (bumped in the namespace whenever a holder is marked stale or added). A node
+//! applies a change only if its fence is not older than the newest it has seen for that chunk
+//! ([`Fences`]), checked and applied under a per-chunk lock. So a change delayed past its
+//! holder's stale mark and repair (the repair's writes carry the newer generation), or sent by a
+//! deposed leader (older term), is refused instead of overwriting newer data. Fences live in
+//! memory: a restart also ends every change in flight to the node.
 //! (truncate: offset is the new length; read: the reply is the data; length: u64 LE.)
 //!
 //! Repair: the leader copies each chunk a member is stale for from a current copy (its length,
@@ -38,8 +47,97 @@ pub enum ChunkOp {
     Len,
 }
 
+/// The order of changes to a chunk (see the module documentation): compared by term, then
+/// generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence {
+    /// Raft term of the leader that sends the change.
+    pub term: u64,
+    /// The chunk's generation in the namespace when the change was sent.
+    pub gen: u64,
+}
+
+/// Why a change was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The store failed (or the data failed its checksum).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The change is older than one already applied to this chunk.
+    #[error("{chunk}: change fenced off ({got:?} is older than {seen:?})")]
+    Fenced {
+        /// The chunk.
+        chunk: ChunkId,
+        /// The change's fence.
+        got: Fence,
+        /// The newest fence seen for the chunk.
+        seen: Fence,
+    },
+}
+
+/// The newest fence seen per chunk on this node, with a lock per stripe of chunks under which
+/// a change is checked and applied (so two changes to one chunk cannot pass each other between
+/// the check and the write).
+pub struct Fences {
+    stripes: Vec<std::sync::Mutex<std::collections::HashMap<ChunkId, Fence>>>,
+}
+
+impl Default for Fences {
+    fn default() -> Fences {
+        Fences {
+            stripes: (0..64).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl Fences {
+    /// Applies `op` if `fence` admits it (reads and lengths are always admitted).
+    pub fn apply(
+        &self,
+        engine: &Engine,
+        chunk: ChunkId,
+        op: ChunkOp,
+        fence: Fence,
+    ) -> Result<Vec<u8>, ApplyError> {
+        if matches!(op, ChunkOp::Read { .. } | ChunkOp::Len) {
+            return Ok(apply(engine, chunk, op)?);
+        }
+        self.run(chunk, fence, || apply(engine, chunk, op))
+    }
+
+    /// Runs the change `f` to `chunk` if `fence` admits it, under the chunk's stripe lock.
+    pub fn run<T>(
+        &self,
+        chunk: ChunkId,
+        fence: Fence,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, ApplyError> {
+        let stripe = &self.stripes[(chunk.0 % self.stripes.len() as u64) as usize];
+        let mut seen = stripe.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = seen.entry(chunk).or_default();
+        if fence < *newest {
+            return Err(ApplyError::Fenced {
+                chunk,
+                got: fence,
+                seen: *newest,
+            });
+        }
+        *newest = fence;
+        Ok(f()?)
+    }
+
+    /// Forgets a deleted chunk's fence (ids are never reused).
+    pub fn forget(&self, chunk: ChunkId) {
+        let stripe = &self.stripes[(chunk.0 % self.stripes.len() as u64) as usize];
+        stripe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&chunk);
+    }
+}
+
 /// Encodes a request.
-pub fn encode(chunk: ChunkId, op: &ChunkOp) -> Vec<u8> {
+pub fn encode(chunk: ChunkId, op: &ChunkOp, fence: Fence) -> Vec<u8> {
     let mut w = Writer::default();
     let (code, offset, len, data): (u8, u64, u64, &[u8]) = match op {
         ChunkOp::Write { offset, data } => (1, *offset, data.len() as u64, data),
@@ -50,6 +148,8 @@ pub fn encode(chunk: ChunkId, op: &ChunkOp) -> Vec<u8> {
     };
     w.u8(code);
     w.u64(chunk.0);
+    w.u64(fence.term);
+    w.u64(fence.gen);
     w.u64(offset);
     w.u64(len);
     w.bytes(data);
@@ -57,10 +157,14 @@ pub fn encode(chunk: ChunkId, op: &ChunkOp) -> Vec<u8> {
 }
 
 /// Decodes a request; `None` if malformed.
-pub fn decode(b: &[u8]) -> Option<(ChunkId, ChunkOp)> {
+pub fn decode(b: &[u8]) -> Option<(ChunkId, ChunkOp, Fence)> {
     let mut r = Reader::new(b);
     let code = r.u8()?;
     let chunk = ChunkId(r.u64()?);
+    let fence = Fence {
+        term: r.u64()?,
+        gen: r.u64()?,
+    };
     let (offset, len) = (r.u64()?, r.u64()?);
     let data = r.bytes()?;
     r.end()?;
@@ -72,7 +176,7 @@ pub fn decode(b: &[u8]) -> Option<(ChunkId, ChunkOp)> {
         5 => ChunkOp::Len,
         _ => return None,
     };
-    Some((chunk, op))
+    Some((chunk, op, fence))
 }
 
 /// Applies an operation to this node's store; a read returns its data (zeros where the chunk
@@ -111,6 +215,46 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn older_changes_are_fenced_off() {
+        let f = Fences::default();
+        let c = ChunkId(9);
+        let at = |term, gen| Fence { term, gen };
+        assert!(f.run(c, at(1, 0), || Ok(())).is_ok());
+        assert!(
+            f.run(c, at(1, 2), || Ok(())).is_ok(),
+            "a repair's newer generation"
+        );
+        assert!(
+            matches!(
+                f.run(c, at(1, 1), || Ok(())),
+                Err(ApplyError::Fenced { .. })
+            ),
+            "a change sent before the stale mark arrives after the repair"
+        );
+        assert!(
+            f.run(c, at(1, 2), || Ok(())).is_ok(),
+            "same fence again is fine"
+        );
+        assert!(
+            f.run(c, at(2, 0), || Ok(())).is_ok(),
+            "a new leader's term wins"
+        );
+        assert!(
+            matches!(
+                f.run(c, at(1, 5), || Ok(())),
+                Err(ApplyError::Fenced { .. })
+            ),
+            "a deposed leader's change"
+        );
+        assert!(
+            f.run(ChunkId(10), at(0, 0), || Ok(())).is_ok(),
+            "other chunks unaffected"
+        );
+        f.forget(c);
+        assert!(f.run(c, at(0, 0), || Ok(())).is_ok());
+    }
+
     proptest! {
         #[test]
         fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..5) {
@@ -121,8 +265,9 @@ mod tests {
                 3 => ChunkOp::Read { offset, len },
                 _ => ChunkOp::Len,
             };
-            let b = encode(ChunkId(chunk), &op);
-            prop_assert_eq!(decode(&b), Some((ChunkId(chunk), op)));
+            let fence = Fence { term: offset ^ 3, gen: len ^ 5 };
+            let b = encode(ChunkId(chunk), &op, fence);
+            prop_assert_eq!(decode(&b), Some((ChunkId(chunk), op, fence)));
             prop_assert_eq!(decode(&b[..b.len() - 1]), None);
         }
 

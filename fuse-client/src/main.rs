@@ -122,8 +122,9 @@ fn member_addrs(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// The given servers plus every member the first one answering names: a mount given one
-/// address or a token keeps working when that node dies.
+/// The given servers plus every member the first one answering names, the leader it knows of
+/// first (requests sent there need no forwarding hop): a mount given one address or a token
+/// keeps working when that node dies.
 fn discover(addrs: &[String], cfg: &cfs_fabric::ClientConfig) -> Vec<String> {
     let mut out = addrs.to_vec();
     for a in addrs {
@@ -132,6 +133,18 @@ fn discover(addrs: &[String], cfg: &cfs_fabric::ClientConfig) -> Vec<String> {
                 if !out.contains(&m) {
                     out.push(m);
                 }
+            }
+            let leader = v["leader"].as_u64().and_then(|l| {
+                v["members"]
+                    .as_array()?
+                    .iter()
+                    .find(|m| m["id"].as_u64() == Some(l))?["addr"]
+                    .as_str()
+                    .map(String::from)
+            });
+            if let Some(pos) = leader.and_then(|l| out.iter().position(|x| *x == l)) {
+                let l = out.remove(pos);
+                out.insert(0, l);
             }
             break;
         }

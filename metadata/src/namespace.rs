@@ -276,15 +276,16 @@ impl Namespace {
 
     /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
     /// releases are replicated commands, so handles are part of the state):
-    /// `u8 version (4) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// `u8 version (5) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
     /// u32 n_entries | n x (bytes key | bytes entry) | placement | sessions` (bytes: a u32
     /// length, then the bytes; placement as in [`Placement::encode`], sessions as in
-    /// [`Sessions::encode`]; version 3 had no sessions, version 2 only the placement's stale
+    /// [`Sessions::encode`]; version 4 had no chunk generations in the placement, version 3
+    /// no sessions either, version 2 only the placement's stale
     /// list, version 1 neither).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(4);
+        w.u8(5);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -314,7 +315,7 @@ impl Namespace {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
         let version = r.u8().ok_or_else(bad)?;
-        if !(1..=4).contains(&version) {
+        if !(1..=5).contains(&version) {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -348,7 +349,8 @@ impl Namespace {
             ));
         }
         let placement = match version {
-            3 | 4 => Placement::decode(&mut r).ok_or_else(bad)?,
+            5 => Placement::decode(&mut r).ok_or_else(bad)?,
+            3 | 4 => Placement::decode_versioned(&mut r, false).ok_or_else(bad)?,
             2 => {
                 let mut p = Placement::default();
                 p.set_stale(Placement::decode_stale(&mut r).ok_or_else(bad)?);
@@ -1596,6 +1598,9 @@ impl Namespace {
         }
         if let Some((c, _)) = self.placement.all_stale().find(|(c, _)| !live.contains(c)) {
             return Err(format!("{c} is marked stale but no file maps it"));
+        }
+        if let Some(c) = self.placement.generations().find(|c| !live.contains(c)) {
+            return Err(format!("{c} has a generation but no file maps it"));
         }
         Ok(())
     }

@@ -73,6 +73,9 @@ pub struct Placement {
     replicas: usize,
     holders: BTreeMap<ChunkId, Vec<u64>>,
     stale: BTreeMap<ChunkId, BTreeSet<u64>>,
+    /// Per chunk, how many times a holder was marked stale or added (absent: 0). Changes to the
+    /// chunk's data carry it, so a node refuses a change older than its latest repair.
+    gens: BTreeMap<ChunkId, u64>,
 }
 
 /// splitmix64: a fixed, well-mixed 64-bit hash (placement must never depend on a per-process
@@ -168,6 +171,21 @@ impl Placement {
     pub fn forget(&mut self, chunk: ChunkId) {
         self.holders.remove(&chunk);
         self.stale.remove(&chunk);
+        self.gens.remove(&chunk);
+    }
+
+    /// The chunk's generation (see the field's documentation).
+    pub fn generation(&self, chunk: ChunkId) -> u64 {
+        self.gens.get(&chunk).copied().unwrap_or(0)
+    }
+
+    /// Chunks with a generation recorded.
+    pub fn generations(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.gens.keys().copied()
+    }
+
+    fn bump(&mut self, chunk: ChunkId) {
+        *self.gens.entry(chunk).or_insert(0) += 1;
     }
 
     /// The nodes holding a copy of `chunk` (current or stale); `None` if none are recorded
@@ -200,6 +218,7 @@ impl Placement {
         };
         if !nodes.is_empty() {
             self.stale.entry(chunk).or_default().extend(nodes);
+            self.bump(chunk);
         }
     }
 
@@ -260,11 +279,16 @@ impl Placement {
         let Some(h) = self.holders.get_mut(&chunk) else {
             return;
         };
+        let mut added = false;
         for n in nodes {
             if target.contains(n) && !h.contains(n) {
                 h.push(*n);
                 self.stale.entry(chunk).or_default().insert(*n);
+                added = true;
             }
+        }
+        if added {
+            self.bump(chunk);
         }
     }
 
@@ -386,7 +410,7 @@ impl Placement {
 
     /// Encodes: `u8 replicas | u32 n x (u64 id | bytes addr | bytes domain) | u32 n x u64
     /// removed | u32 n x (u64 chunk | u32 m x u64 holder) | u32 n x (u64 chunk | u32 m x u64
-    /// stale node)`.
+    /// stale node) | u32 n x (u64 chunk | u64 generation)`.
     pub fn encode(&self, w: &mut Writer) {
         w.u8(self.replicas as u8);
         w.u32(self.members.len() as u32);
@@ -408,6 +432,11 @@ impl Placement {
             }
         }
         Self::encode_stale(&self.stale, w);
+        w.u32(self.gens.len() as u32);
+        for (c, g) in &self.gens {
+            w.u64(c.0);
+            w.u64(*g);
+        }
     }
 
     /// The stale list alone (namespace snapshot version 2 stored only this).
@@ -439,6 +468,12 @@ impl Placement {
 
     /// Decodes what [`Placement::encode`] wrote.
     pub fn decode(r: &mut Reader) -> Option<Placement> {
+        Placement::decode_versioned(r, true)
+    }
+
+    /// Decodes a placement, with or without generations (namespace snapshots before version 5
+    /// had none).
+    pub(crate) fn decode_versioned(r: &mut Reader, with_gens: bool) -> Option<Placement> {
         let replicas = r.u8()? as usize;
         let n = r.u32()? as usize;
         let mut members = BTreeMap::new();
@@ -465,12 +500,20 @@ impl Placement {
             holders.insert(c, h);
         }
         let stale = Self::decode_stale(r)?;
+        let mut gens = BTreeMap::new();
+        if with_gens {
+            let n = r.u32()? as usize;
+            for _ in 0..n {
+                gens.insert(ChunkId(r.u64()?), r.u64()?);
+            }
+        }
         Some(Placement {
             members,
             removed,
             replicas,
             holders,
             stale,
+            gens,
         })
     }
 
