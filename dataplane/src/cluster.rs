@@ -263,22 +263,10 @@ impl Cluster {
 
     /// Proposes a command and waits for its result (blocking).
     pub fn propose(&self, cmd: Command) -> Result<Result<Outcome, Errno>, ClusterError> {
-        let (tx, rx) = sync_channel(1);
-        self.inbox
-            .try_send(Input::Propose {
-                cmd: Box::new(cmd),
-                reply: tx,
-            })
-            .map_err(|e| match e {
-                TrySendError::Full(_) => ClusterError::Busy,
-                TrySendError::Disconnected(_) => ClusterError::Stopped,
-            })?;
-        let wait = Duration::from_millis(self.cfg.propose_timeout_ms + self.cfg.tick_ms);
-        match rx.recv_timeout(wait) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(ClusterError::Timeout),
-            Err(RecvTimeoutError::Disconnected) => Err(ClusterError::Stopped),
-        }
+        self.submit(|reply| Input::Propose {
+            cmd: Box::new(cmd),
+            reply,
+        })
     }
 
     /// Proposes a membership change (see [`Replica::propose_member`]) and waits for it.
@@ -287,17 +275,24 @@ impl Cluster {
         cmd: Command,
         change: MemberChange,
     ) -> Result<Result<Outcome, Errno>, ClusterError> {
+        self.submit(|reply| Input::ProposeMember {
+            cmd: Box::new(cmd),
+            change,
+            reply,
+        })
+    }
+
+    /// Hands a proposal to the driver (never queueing past the inbox bound) and waits for its
+    /// result up to the proposal timeout.
+    fn submit(
+        &self,
+        input: impl FnOnce(Waiter) -> Input,
+    ) -> Result<Result<Outcome, Errno>, ClusterError> {
         let (tx, rx) = sync_channel(1);
-        self.inbox
-            .try_send(Input::ProposeMember {
-                cmd: Box::new(cmd),
-                change,
-                reply: tx,
-            })
-            .map_err(|e| match e {
-                TrySendError::Full(_) => ClusterError::Busy,
-                TrySendError::Disconnected(_) => ClusterError::Stopped,
-            })?;
+        self.inbox.try_send(input(tx)).map_err(|e| match e {
+            TrySendError::Full(_) => ClusterError::Busy,
+            TrySendError::Disconnected(_) => ClusterError::Stopped,
+        })?;
         let wait = Duration::from_millis(self.cfg.propose_timeout_ms + self.cfg.tick_ms);
         match rx.recv_timeout(wait) {
             Ok(r) => r,

@@ -1407,18 +1407,12 @@ impl FsService {
         req: Request,
         session: Option<cfs_meta::session::Session>,
     ) -> Result<Reply, ServiceError> {
-        let read_only = matches!(
-            req,
-            Request::Lookup { .. }
-                | Request::GetAttr { .. }
-                | Request::Readlink { .. }
-                | Request::ReadDir { .. }
-                | Request::ReadDirPlus { .. }
-                | Request::GetXattr { .. }
-                | Request::ListXattr { .. }
-                | Request::Access { .. }
-                | Request::Statfs
-        );
+        // Requests answered from the in-memory namespace alone (not data reads).
+        let read_only = req.is_read_only()
+            && !matches!(
+                req,
+                Request::Read { .. } | Request::Lseek { .. } | Request::Status
+            );
         // In-memory lookups answer at once on a single node: a hand-off to another thread
         // would cost more than the work (measured: thread wake-ups dominated stat latency).
         // In a cluster a read waits for a ReadIndex round, which must not hold an async worker
@@ -1502,6 +1496,35 @@ impl FsService {
 pub const SCRUB_METHOD: u32 = 0x0100_0004;
 
 impl FsService {
+    /// For an administrative request that only the leader runs: `None` if this node leads
+    /// (run it here), else the leader's answer to it forwarded (or NOT_LEADER when it was
+    /// already forwarded here).
+    async fn leader_elsewhere(
+        &self,
+        c: &Cluster,
+        method: u32,
+        payload: &[u8],
+        resendable: bool,
+    ) -> Option<Result<bytes::Bytes, ServiceError>> {
+        if c.replica().is_leader() {
+            return None;
+        }
+        if method & FORWARDED != 0 {
+            return Some(Err(ServiceError::new(
+                ErrorCode::Service(NOT_LEADER),
+                "not the leader",
+            )));
+        }
+        match self
+            .forward(c, method & !FORWARDED, payload, resendable)
+            .await
+        {
+            // Became leader meanwhile: run it here.
+            Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => None,
+            other => Some(other),
+        }
+    }
+
     /// A scrub request: run on the leader (forwarded there if need be).
     async fn scrub_call(&self, method: u32) -> Result<bytes::Bytes, ServiceError> {
         let Some(c) = self.cluster() else {
@@ -1510,17 +1533,8 @@ impl FsService {
                 "not a cluster node",
             ));
         };
-        if !c.replica().is_leader() {
-            if method & FORWARDED != 0 {
-                return Err(ServiceError::new(
-                    ErrorCode::Service(NOT_LEADER),
-                    "not the leader",
-                ));
-            }
-            match self.forward(c, SCRUB_METHOD, &[], true).await {
-                Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
-                other => return other,
-            }
+        if let Some(done) = self.leader_elsewhere(c, method, &[], true).await {
+            return done;
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.scrub())
@@ -1543,20 +1557,8 @@ impl FsService {
                 "malformed join request",
             ));
         };
-        if !c.replica().is_leader() {
-            if method & FORWARDED != 0 {
-                return Err(ServiceError::new(
-                    ErrorCode::Service(NOT_LEADER),
-                    "not the leader",
-                ));
-            }
-            match self
-                .forward(c, crate::identity::JOIN_METHOD, payload, false)
-                .await
-            {
-                Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
-                other => return other,
-            }
+        if let Some(done) = self.leader_elsewhere(c, method, payload, false).await {
+            return done;
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.join(addr, domain))
