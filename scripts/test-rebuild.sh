@@ -6,7 +6,8 @@
 #   with another cluster's, are refused with a clear message. Files are written through a FUSE
 #   mount given the token; node 4 joins and chunk copies are rebalanced onto it (it stays a
 #   learner). Every chunk's copies are compared byte by byte (cfs-dataplane verify). Then a
-#   voter is killed with SIGKILL and its data directory deleted: the leader must remove it after
+#   voter (node 1, whose address alone is in the token the mount got) is killed with SIGKILL
+#   and its data directory deleted: the leader must remove it after
 #   dead_after_ms, promote the learner, and re-replicate every chunk until each has three
 #   current copies on the three survivors - compared byte by byte once more - while writes go
 #   on; every acknowledged file must read back.
@@ -225,15 +226,16 @@ fi
 j=$(leader_json)
 L=$(field 'v["node"]' <<<"$j")
 
-# The victim: a voter that does not lead (its vote must move to the learner).
-VICTIM=""
-for ((i = 1; i <= 3; i++)); do [[ $i != "$L" ]] && { VICTIM=$i; break; }; done
+# The victim: node 1, a voter, the only address in the token the mount was given (the mount
+# must keep working through the members it learned), and the leader in some runs (then the new
+# leader removes it). Its vote must move to the learner.
+VICTIM=1
 held=$(field "sum(1 for c, h in v['holders'] if $VICTIM in h)" <<<"$j")
 kill -9 "${PIDS[$VICTIM]}"
 wait "${PIDS[$VICTIM]}" 2>/dev/null || true
 unset "PIDS[$VICTIM]"
 rm -rf "$WORK/n$VICTIM"
-pass "node $VICTIM (a voter holding $held chunk copies) killed with SIGKILL and its disk wiped"
+pass "node $VICTIM (a voter holding $held chunk copies, $([[ $VICTIM == "$L" ]] && echo "the leader" || echo "not the leader"), the only address in the mount's token) killed with SIGKILL and its disk wiped"
 
 # Writes go on while the node is dead and while its chunks are re-replicated.
 write_files b 8 2
