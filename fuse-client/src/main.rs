@@ -246,6 +246,22 @@ fn print_cluster(v: &serde_json::Value) {
                 .map_or_else(|| "-".to_string(), |x| x.to_string()),
         );
     }
+    // One metadata shard today (sharding is planned): its Raft group and leader.
+    let count = |role: &str| {
+        v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["raft"] == role)
+            .count()
+    };
+    println!(
+        "metadata shards: 1 (shard 0: {} voters, {} learners, leader node {}, term {})",
+        count("voter"),
+        count("learner"),
+        v["leader"],
+        v["term"]
+    );
     if let Some(r) = v["removed"].as_array().filter(|r| !r.is_empty()) {
         let ids: Vec<String> = r.iter().map(|x| x.to_string()).collect();
         println!("removed members: {}", ids.join(", "));
