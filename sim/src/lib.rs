@@ -21,6 +21,10 @@
 //! Joined nodes crash, restart and get partitioned like the founding ones. A restarted node
 //! reloads its log the way the server does (`RaftStore::load`: snapshot, entries, hard state).
 //!
+//! Clients' commands carry a session and are now and then resent: a resend that applies again
+//! (even after leader changes, snapshots and restarts) must give the first result (a mutant that
+//! skips the session lookup fails this).
+//!
 //! Checked after every event: at most one leader per term; every replica applies the same
 //! command with the same result at each index (a committed entry is never lost or changed);
 //! the namespace invariants of every running replica (placement included); every running
@@ -192,6 +196,9 @@ pub struct Report {
     pub chunks: u64,
     /// Members (voters and learners) at the end.
     pub final_members: u64,
+    /// Client commands applied a second time under the same session (resends), each checked to
+    /// give the first result.
+    pub resends_deduplicated: u64,
 }
 
 #[derive(Debug)]
@@ -287,6 +294,11 @@ struct Sim {
     /// as a client does after a lost reply: it must not apply twice).
     client_seq: u64,
     last_client_command: Option<Command>,
+    /// Session of each client proposal (by tag), and the first result committed under each
+    /// session: a resend must get exactly that result, whenever and wherever it applies
+    /// (across leader changes, snapshots and restarts).
+    sessions_by_tag: HashMap<Vec<u8>, cfs_meta::session::Session>,
+    session_results: HashMap<cfs_meta::session::Session, Result<Outcome, Errno>>,
 }
 
 fn ids(n: usize) -> Vec<u64> {
@@ -498,6 +510,20 @@ impl Sim {
                 None => {
                     self.committed.insert(a.index, entry);
                     self.first_applied(&a);
+                    if let Some(s) = self.sessions_by_tag.get(&a.tag).copied() {
+                        match self.session_results.get(&s) {
+                            Some(first) if *first != a.result => {
+                                return Err(self.fail(format!(
+                                    "a resend under {s:?} applied at index {} gave {:?}, the first gave {first:?}",
+                                    a.index, a.result
+                                )));
+                            }
+                            Some(_) => self.report.resends_deduplicated += 1,
+                            None => {
+                                self.session_results.insert(s, a.result.clone());
+                            }
+                        }
+                    }
                 }
             }
             if self.pending.get(&a.tag) == Some(&i) {
@@ -732,6 +758,9 @@ impl Sim {
             );
         }
         if r.propose(tag.clone(), &cmd).is_ok() {
+            if let Some(s) = cmd.session {
+                self.sessions_by_tag.insert(tag.clone(), s);
+            }
             self.purposes.insert(tag.clone(), purpose);
             self.pending.insert(tag, i);
             true
@@ -1131,6 +1160,8 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         seq: 0,
         client_seq: 1,
         last_client_command: None,
+        sessions_by_tag: HashMap::new(),
+        session_results: HashMap::new(),
         queue: BinaryHeap::new(),
         events: HashMap::new(),
         next_event: 0,

@@ -36,6 +36,7 @@ fn run_all(label: &str, default_seeds: u64, make: impl Fn(u64) -> SimConfig) -> 
                 total.repairs += r.repairs;
                 total.stale_marks += r.stale_marks;
                 total.copies_dropped += r.copies_dropped;
+                total.resends_deduplicated += r.resends_deduplicated;
                 total.chunks += r.chunks;
                 total.final_members += r.final_members;
             }
@@ -51,6 +52,8 @@ fn run_all(label: &str, default_seeds: u64, make: impl Fn(u64) -> SimConfig) -> 
     assert!(total.acked > 0 && total.terms_with_leader > 1);
     // Chunks were mapped, copies went stale and were repaired.
     assert!(total.chunks > 0 && total.stale_marks > 0 && total.repairs > 0);
+    // Clients resent commands, and the resends got the first result without a second effect.
+    assert!(total.resends_deduplicated > 0);
     total
 }
 
