@@ -206,7 +206,7 @@ fi
 stale_left=""
 for _ in $(seq 1 50); do
   st=$("$CFS" status "$ADDRS" 2>&1 || true)
-  leaders=$(grep -c ' leader ' <<<"$st" || true)
+  leaders=$(awk 'NF == 0 {exit} NR > 1 && $2 == "leader"' <<<"$st" | wc -l)
   answering=$(awk 'NR > 1 && ($2 == "leader" || $2 == "follower")' <<<"$st" | wc -l)
   stale_left=$(awk 'NR > 1 && $2 == "leader" {print $NF}' <<<"$st")
   ((leaders == 1 && answering == N)) && [[ $stale_left == 0 ]] && break
