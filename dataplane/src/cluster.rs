@@ -403,9 +403,16 @@ impl Cluster {
         self.client_in(&self.raft_clients, &self.client_cfgs.1, id)
     }
 
-    /// Whether this node was removed from the cluster (it must not serve).
-    pub fn is_removed(&self) -> bool {
-        self.read_local(|ns| ns.placement().removed().contains(&self.cfg.node_id))
+    /// Whether this node was removed from the cluster (it must not serve) and whether it leads,
+    /// in one look at the replica (checked on every request).
+    pub fn removed_and_leading(&self) -> (bool, bool) {
+        let r = self.replica();
+        let removed = r
+            .namespace()
+            .placement()
+            .removed()
+            .contains(&self.cfg.node_id);
+        (removed, r.is_leader())
     }
 
     /// Whether [`Cluster::stop`] was called (background work ends).
@@ -565,50 +572,54 @@ impl Driver {
             Input::Propose { cmd, reply } => {
                 let tag = self.next_tag;
                 self.next_tag += 1;
-                match self
+                let r = self
                     .cluster
                     .replica()
-                    .propose(tag.to_le_bytes().to_vec(), &cmd)
-                {
-                    Ok(()) => {
-                        let deadline = Instant::now()
-                            + Duration::from_millis(self.cluster.cfg.propose_timeout_ms);
-                        self.waiting.insert(tag, (reply, deadline));
-                    }
-                    Err(ProposeError::NotLeader { leader }) => {
-                        let _ = reply.send(Err(ClusterError::NotLeader(leader)));
-                    }
-                    Err(ProposeError::Dropped(_)) => {
-                        let _ = reply.send(Err(ClusterError::NotLeader(None)));
-                    }
-                }
+                    .propose(tag.to_le_bytes().to_vec(), &cmd);
+                // raft-rs refusing a command means a leadership transfer: try the leader.
+                self.proposed(tag, reply, r, ClusterError::NotLeader(None));
             }
             Input::ProposeMember { cmd, change, reply } => {
                 let tag = self.next_tag;
                 self.next_tag += 1;
-                match self.cluster.replica().propose_member(
-                    tag.to_le_bytes().to_vec(),
-                    &cmd,
-                    change,
-                ) {
-                    Ok(()) => {
-                        let deadline = Instant::now()
-                            + Duration::from_millis(self.cluster.cfg.propose_timeout_ms);
-                        self.waiting.insert(tag, (reply, deadline));
-                    }
-                    Err(ProposeError::NotLeader { leader }) => {
-                        let _ = reply.send(Err(ClusterError::NotLeader(leader)));
-                    }
-                    Err(ProposeError::Dropped(why)) => {
-                        tracing::info!("membership change not proposed: {why}");
-                        let _ = reply.send(Err(ClusterError::Busy));
-                    }
+                let r =
+                    self.cluster
+                        .replica()
+                        .propose_member(tag.to_le_bytes().to_vec(), &cmd, change);
+                if let Err(ProposeError::Dropped(why)) = &r {
+                    tracing::info!("membership change not proposed: {why}");
                 }
+                // Another membership change in progress: try again later.
+                self.proposed(tag, reply, r, ClusterError::Busy);
             }
             Input::SnapshotSent { to, ok } => self.cluster.replica().report_snapshot(to, ok),
             Input::ReadBarrier { reply } => self.new_reads.push(reply),
             Input::Persisted => {}
             Input::Stop => {}
+        }
+    }
+
+    /// Waits for a proposal's result, or answers at once why it was not proposed (`dropped`:
+    /// what a refusal by raft-rs means to the caller).
+    fn proposed(
+        &mut self,
+        tag: u64,
+        reply: Waiter,
+        r: Result<(), ProposeError>,
+        dropped: ClusterError,
+    ) {
+        match r {
+            Ok(()) => {
+                let deadline =
+                    Instant::now() + Duration::from_millis(self.cluster.cfg.propose_timeout_ms);
+                self.waiting.insert(tag, (reply, deadline));
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                let _ = reply.send(Err(ClusterError::NotLeader(leader)));
+            }
+            Err(ProposeError::Dropped(_)) => {
+                let _ = reply.send(Err(dropped));
+            }
         }
     }
 

@@ -412,9 +412,11 @@ impl FsService {
 
     /// The fence changes to `chunk` carry now: this leader's term and the chunk's generation.
     fn fence_of(&self, c: &Cluster, chunk: ChunkId) -> Fence {
-        let term = c.replica().term();
-        let gen = c.read_local(|ns| ns.placement().generation(chunk));
-        Fence { term, gen }
+        let r = c.replica();
+        Fence {
+            term: r.term(),
+            gen: r.namespace().placement().generation(chunk),
+        }
     }
 
     /// The nodes holding a current copy of `chunk` (every member for a chunk without
@@ -1696,14 +1698,15 @@ impl Service for FsService {
                 )
             })?;
             if let Some(c) = this.cluster().filter(|_| !matches!(req, Request::Status)) {
-                if c.is_removed() {
+                let (removed, leads) = c.removed_and_leading();
+                if removed {
                     // Its data and vote went elsewhere: the client must use another node.
                     return Err(ServiceError::new(
                         ErrorCode::Busy,
                         "this node was removed from the cluster",
                     ));
                 }
-                if !c.replica().is_leader() {
+                if !leads {
                     if forwarded {
                         return Err(ServiceError::new(
                             ErrorCode::Service(NOT_LEADER),

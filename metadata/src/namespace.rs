@@ -1508,10 +1508,17 @@ impl Namespace {
     /// Records that `nodes` missed a change to `chunks` (replicated clusters). Chunks no file
     /// maps any more are ignored.
     pub fn mark_stale(&mut self, chunks: &[ChunkId], nodes: &[u64]) {
-        let live = self.referenced_chunks();
-        for c in chunks.iter().filter(|c| live.contains(c)) {
-            self.placement.mark_stale(*c, nodes);
+        for c in chunks {
+            if self.is_live_chunk(*c) {
+                self.placement.mark_stale(*c, nodes);
+            }
         }
+    }
+
+    /// Whether a file maps `chunk`. A chunk with recorded holders is mapped (the placement
+    /// invariant), which answers it without a scan of every extent in a cluster.
+    fn is_live_chunk(&self, chunk: ChunkId) -> bool {
+        self.placement.holders(chunk).is_some() || self.referenced_chunks().contains(&chunk)
     }
 
     /// `node` holds the current data of `chunk` again.
@@ -1556,7 +1563,7 @@ impl Namespace {
 
     /// Adds target nodes of `chunk` as stale holders (a placement move, step one).
     pub fn add_holders(&mut self, chunk: ChunkId, nodes: &[u64]) -> Result<(), Errno> {
-        if !self.referenced_chunks().contains(&chunk) {
+        if !self.is_live_chunk(chunk) {
             return Err(Errno::NoEnt);
         }
         self.placement.add_holders(chunk, nodes);

@@ -9,7 +9,7 @@
 //! Bounds: [`MAX_RESULTS`] results per client (a client has far fewer requests in flight; an
 //! older one resent after that many newer ones would apply again), [`MAX_CLIENTS`] clients
 //! (the least recently active is forgotten first), and clients silent for [`EXPIRE_SECS`] are
-//! forgotten.
+//! forgotten (when a new client arrives).
 
 use crate::codec::{Reader, Writer};
 use crate::command::Outcome;
@@ -52,8 +52,12 @@ impl Sessions {
 
     /// Remembers the result of the command applied under `s` at time `now`.
     pub fn record(&mut self, s: Session, now: Timespec, result: Result<Outcome, Errno>) {
-        let horizon = now.sec.saturating_sub(EXPIRE_SECS);
-        self.clients.retain(|_, c| c.last_active.sec >= horizon);
+        // Silent clients are swept when a new one arrives (the only time the table grows), not
+        // on every command.
+        if !self.clients.contains_key(&s.client) {
+            let horizon = now.sec.saturating_sub(EXPIRE_SECS);
+            self.clients.retain(|_, c| c.last_active.sec >= horizon);
+        }
         if !self.clients.contains_key(&s.client) && self.clients.len() >= MAX_CLIENTS {
             let oldest = self
                 .clients
