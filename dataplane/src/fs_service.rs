@@ -172,23 +172,31 @@ fn with_session<T>(session: Option<cfs_meta::session::Session>, f: impl FnOnce()
     out
 }
 
-/// The session for the current request's next command with op code `code` (None outside a
-/// session, or past 8 commands of one kind, which no request proposes).
-fn next_session_step(code: u8) -> Option<cfs_meta::session::Session> {
+/// The session the current request's next command with op code `code` will get, without
+/// taking it.
+fn peek_session_step(code: u8) -> Option<cfs_meta::session::Session> {
     SESSION_SCOPE.with(|c| {
-        let mut scope = c.borrow_mut();
-        let (s, counts) = scope.as_mut()?;
+        let scope = c.borrow();
+        let (s, counts) = scope.as_ref()?;
         let code = code & 31;
         let n = counts[code as usize];
-        if n >= 8 {
-            return None;
-        }
-        counts[code as usize] = n + 1;
-        Some(cfs_meta::session::Session {
+        (n < 8).then(|| cfs_meta::session::Session {
             client: s.client,
             seq: s.seq.wrapping_shl(8) | u64::from(n) << 5 | u64::from(code),
         })
     })
+}
+
+/// The session for the current request's next command with op code `code` (None outside a
+/// session, or past 8 commands of one kind, which no request proposes).
+fn next_session_step(code: u8) -> Option<cfs_meta::session::Session> {
+    let s = peek_session_step(code)?;
+    SESSION_SCOPE.with(|c| {
+        if let Some((_, counts)) = c.borrow_mut().as_mut() {
+            counts[(code & 31) as usize] += 1;
+        }
+    });
+    Some(s)
 }
 
 fn errno(e: Errno) -> ServiceError {
@@ -996,6 +1004,16 @@ impl FsService {
         }
         if data.is_empty() {
             return self.view(|ns| ns.getattr(ino)).map(Reply::Attr);
+        }
+        // A resend of a write whose `Wrote` already committed: its data must not be written
+        // again (another client may have overwritten it since); answer the first result.
+        if let Some(s) = peek_session_step(cfs_meta::command::Op::WROTE_CODE) {
+            if let Some(first) = self.view(|ns| Ok(ns.session_result(s)))? {
+                return match first.map_err(errno)? {
+                    Outcome::Attr(a) => Ok(Reply::Attr(a)),
+                    other => Err(internal(format!("a write's first result was {other:?}"))),
+                };
+            }
         }
         let len = data.len() as u64;
         let (chunks, new_chunks) = match self.local() {

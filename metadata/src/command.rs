@@ -331,6 +331,9 @@ impl Namespace {
 }
 
 impl Op {
+    /// The code of [`Op::Wrote`].
+    pub const WROTE_CODE: u8 = 15;
+
     /// The op's code in the encoding (1..=23).
     pub fn code(&self) -> u8 {
         match self {
@@ -348,7 +351,7 @@ impl Op {
             Op::Release { .. } => 12,
             Op::Create { .. } => 13,
             Op::MapChunks { .. } => 14,
-            Op::Wrote { .. } => 15,
+            Op::Wrote { .. } => Op::WROTE_CODE,
             Op::Fallocate { .. } => 16,
             Op::Punched { .. } => 17,
             Op::MarkStale { .. } => 18,
