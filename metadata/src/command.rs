@@ -31,12 +31,23 @@
 //!  21 RemoveMember u64 id
 //!  22 AddHolders u64 chunk | u32 m x u64 node
 //!  23 DropHolders u64 chunk | u32 m x u64 node
-//! outcome:  u8 0 unit | u8 1 attr | u8 2 u32 n x (u64 index | u64 chunk)
+//!  24 TxnBegin   reads | u8 has | [u64 client | u64 seq]
+//!  25 TxnPrepare u64 txid | reads
+//!  26 TxnDecide  u64 txid | u32 n x (u16 shard | writes) | u8 has | [u64 client | u64 seq |
+//!                bytes outcome]
+//!  27 TxnCommit  u64 txid | writes
+//!  28 TxnAbort   u64 txid
+//!  29 TxnAcked   u64 txid | u32 n x u16 shard
+//! outcome:  u8 0 unit | u8 1 attr | u8 2 u32 n x (u64 index | u64 chunk) |
+//!           u8 3 u64 txid | records | u8 4 u8 committed
 //! ```
+//! (reads, writes and records: [`crate::txn::encode_reads`], [`crate::txn::encode_writes`],
+//! [`crate::txn::encode_records`].)
 
 use crate::codec::{Reader, Writer};
 use crate::namespace::{Namespace, RenameFlags, SetAttr, XattrMode};
 use crate::session::Session;
+use crate::txn::{TxId, TxnReads, TxnRecords, TxnWrite};
 use crate::types::{Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
 
 const VERSION: u8 = 2;
@@ -163,6 +174,40 @@ pub enum Op {
         chunk: ChunkId,
         nodes: Vec<u64>,
     },
+    /// Cross-shard transaction, on its home shard: allocate an id, record it in progress,
+    /// lock and read ([`crate::txn`]).
+    TxnBegin {
+        reads: TxnReads,
+        /// The client request being carried out: if it already took effect (an earlier
+        /// attempt's transaction committed), its result is answered instead.
+        op_session: Option<Session>,
+    },
+    /// Lock and read more for transaction `id`.
+    TxnPrepare {
+        id: TxId,
+        reads: TxnReads,
+    },
+    /// The commit point, on the home shard: apply its writes, keep the others' until acked,
+    /// remember `result` for the client's session.
+    TxnDecide {
+        id: TxId,
+        writes: Vec<(u16, Vec<TxnWrite>)>,
+        result: Option<(Session, Outcome)>,
+    },
+    /// Apply a committed transaction's writes on a participant and unlock.
+    TxnCommit {
+        id: TxId,
+        writes: Vec<TxnWrite>,
+    },
+    /// Undo a transaction's prepare here (on its home shard: decide abort unless committed).
+    TxnAbort {
+        id: TxId,
+    },
+    /// Participants `shards` applied their writes: the home shard may forget them.
+    TxnAcked {
+        id: TxId,
+        shards: Vec<u16>,
+    },
 }
 
 /// A mutation with who asked and when (the leader's clock).
@@ -188,6 +233,15 @@ pub enum Outcome {
     Attr(Attr),
     /// Chunks mapped (chunk index, chunk).
     Chunks(Vec<(u64, ChunkId)>),
+    /// A transaction's id and what its prepare read.
+    Txn {
+        /// The transaction.
+        id: TxId,
+        /// Records read under its locks.
+        records: TxnRecords,
+    },
+    /// Whether the transaction is committed (else aborted).
+    Committed(bool),
 }
 
 impl Namespace {
@@ -195,18 +249,23 @@ impl Namespace {
     /// state and command, same result and same new state.
     pub fn apply(&mut self, c: &Command) -> Result<Outcome, Errno> {
         let Some(s) = c.session else {
+            self.gate(&c.op)?;
             return self.apply_op(c);
         };
         if let Some(first) = self.session_result(s) {
             // A resend of a command that already applied: the same answer, no second effect.
             return first;
         }
+        // Not run here (spans shards, or locked): nothing to remember.
+        self.gate(&c.op)?;
         let r = self.apply_op(c);
-        self.record_session(s, c.now, r.clone());
+        if !matches!(r, Err(Errno::Again | Errno::XDev)) {
+            self.record_session(s, c.now, r.clone());
+        }
         r
     }
 
-    fn apply_op(&mut self, c: &Command) -> Result<Outcome, Errno> {
+    pub(crate) fn apply_op(&mut self, c: &Command) -> Result<Outcome, Errno> {
         let (cr, t) = (&c.creds, c.now);
         Ok(match &c.op {
             Op::Mknod {
@@ -326,6 +385,19 @@ impl Namespace {
                 self.drop_holders(*chunk, nodes);
                 Outcome::Unit
             }
+            Op::TxnBegin { reads, op_session } => {
+                if let Some(first) = op_session.and_then(|s| self.session_result(s)) {
+                    return first;
+                }
+                self.txn_begin(reads, t)?
+            }
+            Op::TxnPrepare { id, reads } => self.txn_prepare(*id, reads, t)?,
+            Op::TxnDecide { id, writes, result } => {
+                self.txn_decide(*id, writes, result.clone(), t)?
+            }
+            Op::TxnCommit { id, writes } => self.txn_commit(*id, writes, t)?,
+            Op::TxnAbort { id } => self.txn_abort(*id, t)?,
+            Op::TxnAcked { id, shards } => self.txn_acked(*id, shards)?,
         })
     }
 }
@@ -334,7 +406,7 @@ impl Op {
     /// The code of [`Op::Wrote`].
     pub const WROTE_CODE: u8 = 15;
 
-    /// The op's code in the encoding (1..=23).
+    /// The op's code in the encoding (1..=29).
     pub fn code(&self) -> u8 {
         match self {
             Op::Mknod { .. } => 1,
@@ -360,6 +432,12 @@ impl Op {
             Op::RemoveMember { .. } => 21,
             Op::AddHolders { .. } => 22,
             Op::DropHolders { .. } => 23,
+            Op::TxnBegin { .. } => 24,
+            Op::TxnPrepare { .. } => 25,
+            Op::TxnDecide { .. } => 26,
+            Op::TxnCommit { .. } => 27,
+            Op::TxnAbort { .. } => 28,
+            Op::TxnAcked { .. } => 29,
         }
     }
 }
@@ -566,6 +644,58 @@ impl Command {
                     w.u64(*n);
                 }
             }
+            Op::TxnBegin { reads, op_session } => {
+                w.u8(24);
+                crate::txn::encode_reads(&mut w, reads);
+                match op_session {
+                    Some(s) => {
+                        w.u8(1);
+                        w.u64(s.client);
+                        w.u64(s.seq);
+                    }
+                    None => w.u8(0),
+                }
+            }
+            Op::TxnPrepare { id, reads } => {
+                w.u8(25);
+                w.u64(id.0);
+                crate::txn::encode_reads(&mut w, reads);
+            }
+            Op::TxnDecide { id, writes, result } => {
+                w.u8(26);
+                w.u64(id.0);
+                w.u32(writes.len() as u32);
+                for (shard, ws) in writes {
+                    w.u16(*shard);
+                    crate::txn::encode_writes(&mut w, ws);
+                }
+                match result {
+                    Some((s, o)) => {
+                        w.u8(1);
+                        w.u64(s.client);
+                        w.u64(s.seq);
+                        w.bytes(&o.encode());
+                    }
+                    None => w.u8(0),
+                }
+            }
+            Op::TxnCommit { id, writes } => {
+                w.u8(27);
+                w.u64(id.0);
+                crate::txn::encode_writes(&mut w, writes);
+            }
+            Op::TxnAbort { id } => {
+                w.u8(28);
+                w.u64(id.0);
+            }
+            Op::TxnAcked { id, shards } => {
+                w.u8(29);
+                w.u64(id.0);
+                w.u32(shards.len() as u32);
+                for s in shards {
+                    w.u16(*s);
+                }
+            }
         }
         w.0
     }
@@ -720,6 +850,55 @@ impl Command {
                     Op::DropHolders { chunk, nodes }
                 }
             }
+            24 => Op::TxnBegin {
+                reads: crate::txn::decode_reads(&mut r)?,
+                op_session: match r.u8()? {
+                    0 => None,
+                    1 => Some(Session {
+                        client: r.u64()?,
+                        seq: r.u64()?,
+                    }),
+                    _ => return None,
+                },
+            },
+            25 => Op::TxnPrepare {
+                id: TxId(r.u64()?),
+                reads: crate::txn::decode_reads(&mut r)?,
+            },
+            26 => {
+                let id = TxId(r.u64()?);
+                let n = r.u32()? as usize;
+                let mut writes = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    writes.push((r.u16()?, crate::txn::decode_writes(&mut r)?));
+                }
+                let result = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let s = Session {
+                            client: r.u64()?,
+                            seq: r.u64()?,
+                        };
+                        Some((s, Outcome::decode(&r.bytes()?)?))
+                    }
+                    _ => return None,
+                };
+                Op::TxnDecide { id, writes, result }
+            }
+            27 => Op::TxnCommit {
+                id: TxId(r.u64()?),
+                writes: crate::txn::decode_writes(&mut r)?,
+            },
+            28 => Op::TxnAbort { id: TxId(r.u64()?) },
+            29 => {
+                let id = TxId(r.u64()?);
+                let n = r.u32()? as usize;
+                let mut shards = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    shards.push(r.u16()?);
+                }
+                Op::TxnAcked { id, shards }
+            }
             _ => return None,
         };
         r.end()?;
@@ -750,6 +929,15 @@ impl Outcome {
                     w.u64(c.0);
                 }
             }
+            Outcome::Txn { id, records } => {
+                w.u8(3);
+                w.u64(id.0);
+                crate::txn::encode_records(&mut w, records);
+            }
+            Outcome::Committed(c) => {
+                w.u8(4);
+                w.u8(u8::from(*c));
+            }
         }
         w.0
     }
@@ -768,6 +956,11 @@ impl Outcome {
                 }
                 Outcome::Chunks(cs)
             }
+            3 => Outcome::Txn {
+                id: TxId(r.u64()?),
+                records: crate::txn::decode_records(&mut r)?,
+            },
+            4 => Outcome::Committed(r.bool()?),
             _ => return None,
         };
         r.end()?;

@@ -8,6 +8,8 @@ pub mod command;
 pub mod namespace;
 pub mod placement;
 pub mod session;
+pub mod shard;
+pub mod txn;
 pub mod types;
 
 pub use namespace::{Namespace, RenameFlags, SetAttr, TimeSet, XattrMode, CHUNK_BYTES};

@@ -8,6 +8,8 @@
 
 use crate::placement::{Member, Placement};
 use crate::session::{Session, Sessions};
+use crate::shard::{shard_of_id, ShardSlot};
+use crate::txn::TxnState;
 use crate::types::{mode, Attr, ChunkId, Creds, Errno, FileType, InodeId, Timespec};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -153,25 +155,31 @@ pub struct Dirty {
 /// The namespace.
 #[derive(Clone, Debug)]
 pub struct Namespace {
-    inodes: BTreeMap<InodeId, Inode>,
-    dentries: BTreeMap<(InodeId, Vec<u8>), Dentry>,
-    by_cookie: BTreeMap<(InodeId, u64), Vec<u8>>,
-    next_ino: u64,
-    next_generation: u64,
-    dirty_inodes: BTreeSet<InodeId>,
-    dirty_dentries: BTreeSet<(InodeId, Vec<u8>)>,
-    dirty_extents: BTreeSet<(InodeId, u64)>,
-    next_chunk: u64,
+    pub(crate) inodes: BTreeMap<InodeId, Inode>,
+    pub(crate) dentries: BTreeMap<(InodeId, Vec<u8>), Dentry>,
+    pub(crate) by_cookie: BTreeMap<(InodeId, u64), Vec<u8>>,
+    /// Next inode number to hand out (owned by this shard: steps by the shard count).
+    pub(crate) next_ino: u64,
+    pub(crate) next_generation: u64,
+    pub(crate) dirty_inodes: BTreeSet<InodeId>,
+    pub(crate) dirty_dentries: BTreeSet<(InodeId, Vec<u8>)>,
+    pub(crate) dirty_extents: BTreeSet<(InodeId, u64)>,
+    /// Next chunk id to hand out (owned by this shard, like inode numbers).
+    pub(crate) next_chunk: u64,
     /// Replicated clusters: members, and which nodes hold (current or stale) copies of each
     /// chunk. Empty on a single node.
-    placement: Placement,
+    pub(crate) placement: Placement,
     /// Chunks no extent points at any more (truncated, punched, or of a freed inode): their
     /// data is to be deleted once the change is durable.
-    freed: Vec<ChunkId>,
+    pub(crate) freed: Vec<ChunkId>,
     /// Copies dropped from a node by a placement move (chunk, node): that node deletes them.
     dropped: Vec<(ChunkId, u64)>,
     /// Recent results per client, so a resent command is not applied twice.
     sessions: Sessions,
+    /// Which shard of the namespace this is ([`ShardSlot::SINGLE`]: all of it).
+    pub(crate) slot: ShardSlot,
+    /// Cross-shard transactions: locks, prepared and coordinated ones ([`crate::txn`]).
+    pub(crate) txn: TxnState,
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -227,7 +235,51 @@ impl Namespace {
             freed: Vec::new(),
             dropped: Vec::new(),
             sessions: Sessions::default(),
+            slot: ShardSlot::SINGLE,
+            txn: TxnState::default(),
         }
+    }
+
+    /// Shard `slot` of a new namespace: the root directory if the slot owns it, else nothing.
+    pub fn new_shard(
+        slot: ShardSlot,
+        root_uid: u32,
+        root_gid: u32,
+        root_perm: u32,
+        now: Timespec,
+    ) -> Namespace {
+        let mut ns = if slot.owns(InodeId::ROOT) {
+            Namespace::new(root_uid, root_gid, root_perm, now)
+        } else {
+            Namespace::empty()
+        };
+        ns.slot = slot;
+        ns.align_counters();
+        ns
+    }
+
+    /// Which shard this is.
+    pub fn slot(&self) -> ShardSlot {
+        self.slot
+    }
+
+    /// Moves the id counters to ids this shard owns.
+    fn align_counters(&mut self) {
+        self.next_ino = self.slot.align(self.next_ino);
+        self.next_chunk = self.slot.align(self.next_chunk);
+    }
+
+    /// Hands out an inode number and generation.
+    pub(crate) fn alloc_ino(&mut self) -> (InodeId, u64) {
+        let ino = InodeId(self.next_ino);
+        assert!(
+            self.slot.owns(ino),
+            "inode counter not aligned to the shard"
+        );
+        self.next_ino += u64::from(self.slot.count);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        (ino, generation)
     }
 
     /// A namespace holding only the root directory.
@@ -271,21 +323,23 @@ impl Namespace {
         inodes: impl IntoIterator<Item = Inode>,
         dentries: impl IntoIterator<Item = (InodeId, Vec<u8>, Dentry)>,
     ) -> Result<Namespace, String> {
-        Namespace::rebuild(inodes, dentries, false)
+        Namespace::rebuild(inodes, dentries, false, ShardSlot::SINGLE)
     }
 
     /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
     /// releases are replicated commands, so handles are part of the state):
-    /// `u8 version (5) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// `u8 version (6) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
-    /// u32 n_entries | n x (bytes key | bytes entry) | placement | sessions` (bytes: a u32
+    /// u32 n_entries | n x (bytes key | bytes entry) | placement | sessions | u16 shard |
+    /// u16 shards | transactions` (bytes: a u32
     /// length, then the bytes; placement as in [`Placement::encode`], sessions as in
-    /// [`Sessions::encode`]; version 4 had no chunk generations in the placement, version 3
+    /// [`Sessions::encode`], transactions as in [`TxnState::encode`]; version 5 had no shard
+    /// or transactions (one shard), version 4 no chunk generations in the placement, version 3
     /// no sessions either, version 2 only the placement's stale
     /// list, version 1 neither).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(5);
+        w.u8(6);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -306,6 +360,9 @@ impl Namespace {
         }
         self.placement.encode(&mut w);
         self.sessions.encode(&mut w);
+        w.u16(self.slot.index);
+        w.u16(self.slot.count);
+        self.txn.encode(&mut w);
         w.0
     }
 
@@ -315,7 +372,7 @@ impl Namespace {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
         let version = r.u8().ok_or_else(bad)?;
-        if !(1..=5).contains(&version) {
+        if !(1..=6).contains(&version) {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -349,7 +406,7 @@ impl Namespace {
             ));
         }
         let placement = match version {
-            5 => Placement::decode(&mut r).ok_or_else(bad)?,
+            5 | 6 => Placement::decode(&mut r).ok_or_else(bad)?,
             3 | 4 => Placement::decode_versioned(&mut r, false).ok_or_else(bad)?,
             2 => {
                 let mut p = Placement::default();
@@ -363,11 +420,19 @@ impl Namespace {
         } else {
             Sessions::default()
         };
+        let (slot, txn) = if version >= 6 {
+            let (index, count) = (r.u16().ok_or_else(bad)?, r.u16().ok_or_else(bad)?);
+            let slot = ShardSlot::new(index, count).ok_or("bad shard in namespace snapshot")?;
+            (slot, TxnState::decode(&mut r).ok_or_else(bad)?)
+        } else {
+            (ShardSlot::SINGLE, TxnState::default())
+        };
         r.end().ok_or_else(bad)?;
-        let mut ns = Namespace::rebuild(inodes, dentries, true)?;
+        let mut ns = Namespace::rebuild(inodes, dentries, true, slot)?;
         ns.placement = placement;
         ns.sessions = sessions;
-        ns.check_placement()?;
+        ns.txn = txn;
+        ns.check_invariants()?;
         ns.restore_counters(next_ino, next_gen, next_chunk);
         // A restored snapshot is a starting point, not a change to persist.
         ns.take_dirty();
@@ -378,8 +443,10 @@ impl Namespace {
         inodes: impl IntoIterator<Item = Inode>,
         dentries: impl IntoIterator<Item = (InodeId, Vec<u8>, Dentry)>,
         keep_handles: bool,
+        slot: ShardSlot,
     ) -> Result<Namespace, String> {
         let mut ns = Namespace::empty();
+        ns.slot = slot;
         for mut i in inodes {
             if !keep_handles {
                 i.open = 0;
@@ -404,7 +471,7 @@ impl Namespace {
             }
             ns.dentries.insert((parent, name), d);
         }
-        if !ns.inodes.contains_key(&InodeId::ROOT) {
+        if slot.owns(InodeId::ROOT) && !ns.inodes.contains_key(&InodeId::ROOT) {
             return Err("no root directory".into());
         }
         let orphans: Vec<InodeId> = ns
@@ -416,7 +483,11 @@ impl Namespace {
         for ino in orphans {
             ns.maybe_free(ino);
         }
-        ns.check_invariants()?;
+        ns.align_counters();
+        if !keep_handles {
+            // (A snapshot is checked whole by `from_snapshot`, once everything is in.)
+            ns.check_invariants()?;
+        }
         Ok(ns)
     }
 
@@ -431,6 +502,7 @@ impl Namespace {
         self.next_ino = self.next_ino.max(next_ino);
         self.next_generation = self.next_generation.max(next_generation);
         self.next_chunk = self.next_chunk.max(next_chunk);
+        self.align_counters();
     }
 
     fn inode(&self, ino: InodeId) -> Result<&Inode, Errno> {
@@ -617,10 +689,7 @@ impl Namespace {
         {
             perm &= !mode::S_ISGID;
         }
-        let ino = InodeId(self.next_ino);
-        self.next_ino += 1;
-        let generation = self.next_generation;
-        self.next_generation += 1;
+        let (ino, generation) = self.alloc_ino();
         let attr = Attr {
             ino,
             generation,
@@ -1375,7 +1444,12 @@ impl Namespace {
                 Some(c) => c,
                 None => {
                     let c = ChunkId(self.next_chunk);
-                    self.next_chunk += 1;
+                    assert_eq!(
+                        shard_of_id(self.slot.count, c.0),
+                        self.slot.index,
+                        "chunk counter not aligned to the shard"
+                    );
+                    self.next_chunk += u64::from(self.slot.count);
                     self.placement.new_chunk(c);
                     self.inodes
                         .get_mut(&ino)
@@ -1593,7 +1667,7 @@ impl Namespace {
         self.placement.remove_member(id)
     }
 
-    fn check_placement(&self) -> Result<(), String> {
+    pub(crate) fn check_placement(&self) -> Result<(), String> {
         self.placement.check()?;
         let live = self.referenced_chunks();
         if let Some((c, _)) = self
@@ -1638,8 +1712,19 @@ impl Namespace {
     }
 
     /// Checks every structural invariant; `Err` describes the first violation. Used by tests
-    /// and the simulator after every step.
+    /// and the simulator after every step. A shard of a split namespace checks what it can see
+    /// alone ([`Namespace::check_shard`]); [`crate::txn::check_shards`] checks the whole.
     pub fn check_invariants(&self) -> Result<(), String> {
+        if self.slot.is_sharded() {
+            return self.check_shard();
+        }
+        self.check_structure()?;
+        self.txn.check(self.slot)?;
+        self.check_placement()
+    }
+
+    /// Link counts, reachability, readdir index, extents: for a whole namespace.
+    pub(crate) fn check_structure(&self) -> Result<(), String> {
         let mut links: BTreeMap<InodeId, u32> = BTreeMap::new();
         let mut subdirs: BTreeMap<InodeId, u32> = BTreeMap::new();
         for ((parent, name), d) in &self.dentries {
@@ -1723,6 +1808,6 @@ impl Namespace {
                 }
             }
         }
-        self.check_placement()
+        Ok(())
     }
 }

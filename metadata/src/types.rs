@@ -257,6 +257,14 @@ pub enum Errno {
     /// ENXIO: lseek past the end, or no more data.
     #[error("no such device or address")]
     NxIo,
+    /// EAGAIN: a cross-shard transaction holds a lock on what this touches; nothing was done,
+    /// try again shortly (servers retry; clients should not see it).
+    #[error("resource temporarily unavailable")]
+    Again,
+    /// EXDEV: the operation spans metadata shards and must run as a transaction (servers do
+    /// that; clients should not see it).
+    #[error("operation spans shards")]
+    XDev,
 }
 
 impl Errno {
@@ -267,6 +275,8 @@ impl Errno {
             Errno::NoEnt => 2,
             Errno::Io => 5,
             Errno::NxIo => 6,
+            Errno::Again => 11,
+            Errno::XDev => 18,
             Errno::Access => 13,
             Errno::Exist => 17,
             Errno::NotDir => 20,
@@ -291,6 +301,8 @@ impl Errno {
             2 => Errno::NoEnt,
             5 => Errno::Io,
             6 => Errno::NxIo,
+            11 => Errno::Again,
+            18 => Errno::XDev,
             13 => Errno::Access,
             17 => Errno::Exist,
             20 => Errno::NotDir,

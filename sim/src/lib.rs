@@ -48,6 +48,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 pub mod lincheck;
+pub mod shards;
 
 /// Time units per Raft tick.
 const TICK: u64 = 10;
