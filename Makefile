@@ -21,7 +21,7 @@ test: deps
 	./scripts/test-hugepages.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
 	./scripts/test-cluster.sh
-	NODES=5 READ_MODE=lease ./scripts/test-cluster.sh
+	NODES=5 READ_MODE=lease META_SHARDS=3 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
 	NODES=5 ./scripts/test-partition.sh
 	./scripts/test-rebuild.sh
@@ -50,7 +50,7 @@ test-sim: deps
 # leader (network namespaces).
 test-cluster: deps
 	./scripts/test-cluster.sh
-	NODES=5 READ_MODE=lease ./scripts/test-cluster.sh
+	NODES=5 READ_MODE=lease META_SHARDS=3 ./scripts/test-cluster.sh
 	./scripts/test-partition.sh
 	NODES=5 ./scripts/test-partition.sh
 	./scripts/test-rebuild.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test-cluster.sh - a ClaudeFS cluster on this machine (root only; NODES=5 for five,
-# READ_MODE=lease for lease-based instead of ReadIndex reads):
+# READ_MODE=lease for lease-based instead of ReadIndex reads, META_SHARDS=N for N metadata
+# shards, each its own Raft group):
 #   NODES (default 3) cfs-dataplane processes on loopback form the metadata Raft group; one cfs
 #   mount names them all. Under a create+write+fsync load the leader is killed with SIGKILL: the load must
 #   go on after an election, every file whose write and fsync were acknowledged must read back
@@ -70,6 +71,7 @@ node_id = $i
 peers = { $PEERS }
 tick_ms = 50
 read_mode = "${READ_MODE:-index}"
+meta_shards = ${META_SHARDS:-1}
 CONF
   "$BIN" format --config "$WORK/n$i.toml" >/dev/null 2>&1
 done
@@ -324,6 +326,12 @@ for h in ${HOLDERS#* }; do
   start_node "$h"
 done
 wait_leader >/dev/null || true
+# Every metadata shard has a leader again (with META_SHARDS > 1 the other groups elect theirs
+# after the restarts too).
+for _ in $(seq 1 100); do
+  [[ $(json 'sum(1 for s in v.get("shards", []) if s["leader"] is None)') == 0 ]] && break
+  sleep 0.1
+done
 cat "$WORK"/mnt/load/* "$WORK"/mnt/reg-* >/dev/null 2>"$WORK/cat.err" || true
 if [[ -n $damaged ]] && verify; then
   pass "chunk $CH damaged on node(s)$damaged: every acknowledged file still reads back"
@@ -345,6 +353,28 @@ if ((detected >= n_damaged)) && [[ $left == 0 ]] && out=$("$BIN" verify --server
   pass "the $n_damaged bad copies were found (reads and scrub: $detected checksum failures logged, scrub found ${bad:-0} left), recorded stale and repaired: $(tail -1 <<<"$out")"
 else
   fail "damaged copies: $detected detections for $n_damaged, stale left ${left:-?}, scrub: $scrub, verify: ${out:-}"
+fi
+
+# With several metadata shards: the POSIX suite on the cluster, where directories live on
+# different shards, so rename, link, rmdir and mkdir across them run as transactions.
+if ((${META_SHARDS:-1} > 1)); then
+  chmod 755 "$WORK"
+  mkdir -p "$WORK/mnt/pjd" && chmod 777 "$WORK/mnt/pjd"
+  (cd "$WORK/mnt/pjd" && timeout 900 pjdfstest -c "$ROOT/fuse-client/tests/posix/pjdfstest.toml" -p "$WORK/mnt/pjd") >"$WORK/pjd.out" 2>&1 || true
+  summary=$(grep '^Summary:' "$WORK/pjd.out" || true)
+  passed_n=$(sed -n 's/.* \([0-9]*\) passed.*/\1/p' <<<"$summary")
+  mapfile -t failed_cases < <(grep -E '^[a-z_:0-9]+ +FAILED' "$WORK/pjd.out" | awk '{print $1}')
+  mapfile -t expected < <(grep -vE '^\s*(#|$)' "$ROOT/fuse-client/tests/posix/expected-failures.txt" | awk '{print $1}')
+  unexpected=0
+  for c in "${failed_cases[@]}"; do
+    printf '%s\n' "${expected[@]}" | grep -qx "$c" || { echo "  unexpected failure: $c"; unexpected=$((unexpected + 1)); }
+  done
+  if [[ -n $passed_n && $passed_n -ge 370 && $unexpected -eq 0 ]]; then
+    pass "pjdfstest on ${META_SHARDS} metadata shards: $summary"
+  else
+    fail "pjdfstest on ${META_SHARDS} metadata shards: ${summary:-no summary}"
+    grep -E 'FAILED' -A3 "$WORK/pjd.out" | head -40
+  fi
 fi
 
 echo "$PASSED passed, $FAILED failed"

@@ -12,6 +12,7 @@ use crate::raft_store::RaftStore;
 use cfs_fabric::{Client, ClientConfig};
 use cfs_meta::command::{Command, Outcome};
 use cfs_meta::placement::{Member, Placement};
+use cfs_meta::shard::ShardSlot;
 use cfs_meta::{ChunkId, Errno, Namespace};
 use cfs_meta_replica::{
     ConfState, MemberChange, Message, MessageType, PersistJob, ProposeError, Replica, ReplicaConfig,
@@ -22,7 +23,8 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// RPC method of a Raft message between nodes (outside the file-system method range).
+/// RPC method of a Raft message between nodes (outside the file-system method range):
+/// `u16 shard | raft-rs message (protobuf)`.
 pub const RAFT_METHOD: u32 = 0x0100_0001;
 
 /// Initial membership and timing of the group.
@@ -40,6 +42,8 @@ pub struct ClusterConfig {
     /// Voters of the metadata Raft group (the lowest ids at creation; the other members are
     /// learners, promoted when a voter is removed).
     pub meta_replicas: usize,
+    /// Metadata shards (Raft groups) of the cluster, fixed at creation.
+    pub meta_shards: u16,
     /// A member the leader has not heard from for this long is removed for good: its chunk
     /// copies are re-replicated and its vote is handed to a learner.
     pub dead_after_ms: u64,
@@ -109,6 +113,8 @@ type ClientMap = Arc<Mutex<HashMap<u64, (String, Client)>>>;
 /// Handle on the running group member (cheap to clone).
 #[derive(Clone)]
 pub struct Cluster {
+    /// The metadata shard this group serves.
+    shard: ShardSlot,
     inbox: SyncSender<Input>,
     replica: Arc<Mutex<Replica>>,
     cfg: Arc<ClusterConfig>,
@@ -128,6 +134,7 @@ impl Cluster {
     /// `freed` receives chunks the applied commands unreferenced (to delete their data).
     pub fn start(
         cfg: ClusterConfig,
+        shard: ShardSlot,
         db: &std::path::Path,
         rt: tokio::runtime::Handle,
         freed: Box<dyn Fn(Vec<ChunkId>) + Send>,
@@ -155,11 +162,17 @@ impl Cluster {
             cfg.replicas,
         );
         let (store, log) = RaftStore::open(db, &voters, &learners)?;
+        anyhow::ensure!(
+            shard.count == cfg.meta_shards,
+            "shard {shard:?} of a cluster with {} shards",
+            cfg.meta_shards
+        );
         let rc = ReplicaConfig {
             id: cfg.node_id,
             voters,
             learners,
             initial,
+            shard,
             election_ticks: cfg.election_ticks,
             heartbeat_ticks: cfg.heartbeat_ticks,
             snapshot_every: cfg.snapshot_every,
@@ -183,6 +196,7 @@ impl Cluster {
             ..ClientConfig::default()
         };
         let cluster = Cluster {
+            shard,
             inbox: tx.clone(),
             replica: Arc::clone(&replica),
             cfg: Arc::new(cfg),
@@ -206,7 +220,7 @@ impl Cluster {
                 tx.clone(),
             );
             std::thread::Builder::new()
-                .name("cfs-raft-log".into())
+                .name(format!("cfs-raft-log-{}", shard.index))
                 .spawn(move || {
                     while let Ok(job) = job_rx.recv() {
                         // Every job queued meanwhile goes in the same transaction (one sync).
@@ -244,7 +258,7 @@ impl Cluster {
             reads_confirmed: Vec::new(),
         };
         let handle = std::thread::Builder::new()
-            .name("cfs-raft".into())
+            .name(format!("cfs-raft-{}", shard.index))
             .spawn(move || driver.run())?;
         *cluster.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(cluster)
@@ -451,6 +465,11 @@ impl Cluster {
         self.cfg.node_id
     }
 
+    /// The metadata shard this group serves.
+    pub fn shard(&self) -> ShardSlot {
+        self.shard
+    }
+
     /// Stops the driver thread and waits for it.
     pub fn stop(&self) {
         self.stopped
@@ -552,12 +571,18 @@ impl Driver {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) =
                 (leader == Some(self.cluster.cfg.node_id)).then(Instant::now);
+            // Shard 0's group is "the metadata group" (it holds the membership; scripts
+            // watch for its leader); the others name their shard.
+            let shard = self.cluster.shard.index;
             match leader {
-                Some(l) if l == self.cluster.cfg.node_id => {
+                Some(l) if l == self.cluster.cfg.node_id && shard == 0 => {
                     tracing::info!(term, "this node now leads the metadata group")
                 }
-                Some(l) => tracing::info!(term, leader = l, "metadata group leader"),
-                None => tracing::info!(term, "metadata group has no leader"),
+                Some(l) if l == self.cluster.cfg.node_id => {
+                    tracing::info!(term, shard, "this node now leads a metadata shard")
+                }
+                Some(l) => tracing::info!(term, shard, leader = l, "metadata shard leader"),
+                None => tracing::info!(term, shard, "metadata shard has no leader"),
             }
         }
     }
@@ -745,7 +770,11 @@ impl Driver {
                 continue;
             };
             let bytes = match m.write_to_bytes() {
-                Ok(b) => b,
+                Ok(b) => {
+                    let mut framed = self.cluster.shard.index.to_le_bytes().to_vec();
+                    framed.extend_from_slice(&b);
+                    framed
+                }
                 Err(e) => {
                     tracing::error!("cannot encode a raft message: {e}");
                     continue;
@@ -764,7 +793,8 @@ impl Driver {
     }
 }
 
-/// Decodes a Raft message received over RPC.
-pub fn decode_message(b: &[u8]) -> Option<Message> {
-    Message::parse_from_bytes(b).ok()
+/// Decodes a Raft message received over RPC: (shard, message).
+pub fn decode_message(b: &[u8]) -> Option<(u16, Message)> {
+    let shard = u16::from_le_bytes(b.get(..2)?.try_into().ok()?);
+    Some((shard, Message::parse_from_bytes(&b[2..]).ok()?))
 }

@@ -76,6 +76,10 @@ pub struct ClusterSection {
     /// Voters of the metadata Raft group (the lowest ids; other members are learners).
     #[serde(default = "default_meta_replicas")]
     pub meta_replicas: usize,
+    /// Metadata shards, each its own Raft group (static clusters; `init --meta-shards` for
+    /// others). Fixed when the cluster is made: every node must use the same number.
+    #[serde(default = "default_meta_shards")]
+    pub meta_shards: u16,
     /// Failure domain of members, id -> name (missing: each node its own domain). Copies of a
     /// chunk go to distinct domains first.
     #[serde(default)]
@@ -104,6 +108,9 @@ fn default_replicas() -> usize {
 }
 fn default_meta_replicas() -> usize {
     3
+}
+fn default_meta_shards() -> u16 {
+    1
 }
 fn default_dead_after_ms() -> u64 {
     600_000
@@ -449,6 +456,9 @@ impl Config {
             }
             if !(1..=7).contains(&c.meta_replicas) {
                 return Err(invalid("cluster.meta_replicas", "must be 1 to 7"));
+            }
+            if !(1..=cfs_meta::shard::MAX_SHARDS).contains(&c.meta_shards) {
+                return Err(invalid("cluster.meta_shards", "must be 1 to 64"));
             }
             c.domain_map()?;
             if c.tick_ms == 0 || c.heartbeat_ticks == 0 || c.heartbeat_ticks >= c.election_ticks {

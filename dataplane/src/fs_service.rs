@@ -59,13 +59,17 @@ struct Meta {
 #[derive(Clone)]
 pub struct FsService {
     backend: Backend,
-    engine: Arc<Engine>,
+    pub(crate) engine: Arc<Engine>,
     /// Cluster mode: one change at a time per chunk (by hash), so every member applies a
     /// chunk's changes in the same order; reads share it, so they never see a change that is
     /// still being applied.
     chunk_locks: Arc<Vec<std::sync::RwLock<()>>>,
     /// Cluster mode: the newest fence seen per chunk (see [`replication::Fences`]).
     fences: Arc<replication::Fences>,
+    /// Sequence of this node's cross-shard transactions (their `TxnBegin` sessions).
+    pub(crate) txn_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// Begin sessions (seq) of the transactions this node is coordinating right now.
+    pub(crate) running_txns: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 fn chunk_locks() -> Arc<Vec<std::sync::RwLock<()>>> {
@@ -80,8 +84,9 @@ enum Backend {
         meta: Arc<Mutex<Meta>>,
         db_path: std::path::PathBuf,
     },
-    /// A Raft group: mutations are proposed and applied on every member; the leader serves.
-    Raft(Cluster),
+    /// Raft groups, one per metadata shard (index = shard): mutations are proposed and
+    /// applied on every member; each shard's leader serves its requests.
+    Raft(Arc<Vec<Cluster>>),
 }
 
 /// Why the service cannot start.
@@ -101,7 +106,7 @@ pub enum OpenError {
     Store(StoreError),
 }
 
-fn internal(what: String) -> ServiceError {
+pub(crate) fn internal(what: String) -> ServiceError {
     tracing::error!("{what}");
     ServiceError::new(ErrorCode::Internal, what)
 }
@@ -109,7 +114,7 @@ fn internal(what: String) -> ServiceError {
 /// A Raft-side failure of a mutation as the client sees it: "not the leader" (for the
 /// forwarding layer), Busy (not run: the client may try another member), or EIO (it timed out
 /// and may or may not have been applied).
-fn cluster_error(e: ClusterError) -> ServiceError {
+pub(crate) fn cluster_error(e: ClusterError) -> ServiceError {
     match e {
         ClusterError::NotLeader(leader) => ServiceError::new(
             ErrorCode::Service(NOT_LEADER),
@@ -138,7 +143,7 @@ fn unknown_outcome(e: ServiceError, has_session: bool) -> ServiceError {
 }
 
 /// A failed read barrier: nothing was changed, so the client may always try elsewhere.
-fn read_error(e: ClusterError) -> ServiceError {
+pub(crate) fn read_error(e: ClusterError) -> ServiceError {
     match e {
         ClusterError::NotLeader(_) => cluster_error(e),
         other => ServiceError::new(ErrorCode::Busy, other.to_string()),
@@ -199,7 +204,7 @@ fn next_session_step(code: u8) -> Option<cfs_meta::session::Session> {
     Some(s)
 }
 
-fn errno(e: Errno) -> ServiceError {
+pub(crate) fn errno(e: Errno) -> ServiceError {
     ServiceError::new(
         ErrorCode::Service(ERRNO_BASE + e.errno() as u32),
         e.to_string(),
@@ -214,7 +219,7 @@ fn io_error(e: StoreError) -> ServiceError {
     )
 }
 
-fn now() -> Timespec {
+pub(crate) fn now() -> Timespec {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -247,6 +252,8 @@ impl FsService {
             engine,
             chunk_locks: chunk_locks(),
             fences: Arc::default(),
+            txn_seq: Arc::default(),
+            running_txns: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -265,19 +272,36 @@ impl FsService {
         Ok(svc)
     }
 
-    /// Serves a node of a Raft group: the namespace is the group's (see [`Cluster`]). While
-    /// this node leads, a background thread repairs stale chunk copies.
+    /// Serves a node of a cluster: one Raft group per metadata shard (`groups[k]` serves
+    /// shard k; see [`Cluster`]). A background thread does each led group's upkeep (repair,
+    /// membership, unfinished transactions).
     pub fn open_cluster(
-        cluster: Cluster,
+        groups: Vec<Cluster>,
         engine: Arc<Engine>,
         fences: Arc<replication::Fences>,
         rt: tokio::runtime::Handle,
     ) -> FsService {
+        assert!(
+            !groups.is_empty()
+                && groups
+                    .iter()
+                    .enumerate()
+                    .all(|(k, g)| g.shard().index as usize == k
+                        && g.shard().count as usize == groups.len()),
+            "one group per shard, in shard order"
+        );
+        // Begin sessions must never repeat, even across restarts: start from the clock (µs).
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
         let svc = FsService {
-            backend: Backend::Raft(cluster),
+            backend: Backend::Raft(Arc::new(groups)),
             engine,
             fences,
             chunk_locks: chunk_locks(),
+            txn_seq: Arc::new(std::sync::atomic::AtomicU64::new(start)),
+            running_txns: Arc::default(),
         };
         let bg = svc.clone();
         let spawned = std::thread::Builder::new()
@@ -298,23 +322,36 @@ impl FsService {
     /// current data over stale copies. Each step is a committed command, so a new leader picks
     /// up where the old one stopped.
     fn repair_loop(self) {
-        let Backend::Raft(c) = &self.backend else {
+        let Backend::Raft(groups) = &self.backend else {
             return;
         };
-        let mut cursor = ChunkId(0);
-        while !c.is_stopped() {
+        let mut cursors = vec![ChunkId(0); groups.len()];
+        while !groups[0].is_stopped() {
             std::thread::sleep(std::time::Duration::from_millis(500));
-            if !c.replica().is_leader() {
-                continue;
+            for (c, cursor) in groups.iter().zip(cursors.iter_mut()) {
+                if c.replica().is_leader() {
+                    if c.shard().index == 0 {
+                        self.check_members(c);
+                    } else {
+                        self.mirror_members(&groups[0], c);
+                    }
+                    self.txn_chores(c);
+                    self.upkeep(c, cursor);
+                }
             }
-            self.check_members(c);
-            let moves = c.read_local(|ns| ns.placement().plan(cursor, 16));
+        }
+    }
+
+    /// Placement moves and repairs of the chunks of `c`'s shard.
+    fn upkeep(&self, c: &Cluster, cursor: &mut ChunkId) {
+        {
+            let moves = c.read_local(|ns| ns.placement().plan(*cursor, 16));
             for mv in moves {
                 let (chunk, op) = match mv {
                     Move::Add { chunk, nodes } => (chunk, Op::AddHolders { chunk, nodes }),
                     Move::Drop { chunk, nodes } => (chunk, Op::DropHolders { chunk, nodes }),
                 };
-                cursor = chunk;
+                *cursor = chunk;
                 // Under the chunk's lock: no change to it is in flight while holders change.
                 let _order = self
                     .chunk_lock(chunk)
@@ -477,17 +514,30 @@ impl FsService {
     /// read) and records unreadable copies stale, so repair rewrites them from a good one.
     /// Answers a JSON summary.
     fn scrub(&self) -> Result<Vec<u8>, ServiceError> {
-        let Backend::Raft(c) = &self.backend else {
+        let Backend::Raft(groups) = &self.backend else {
             return Err(ServiceError::new(
                 ErrorCode::BadRequest,
                 "not a cluster node",
             ));
         };
-        let chunks: Vec<ChunkId> =
-            c.read_local(|ns| ns.placement().all_holders().map(|(ch, _)| ch).collect());
+        // Each shard's chunks, from this node's replica of the shard's group.
+        let chunks: Vec<(&Cluster, ChunkId)> = groups
+            .iter()
+            .flat_map(|c| {
+                c.read_local(|ns| {
+                    ns.placement()
+                        .all_holders()
+                        .map(|(ch, _)| ch)
+                        .collect::<Vec<_>>()
+                })
+                .into_iter()
+                .map(move |ch| (c, ch))
+            })
+            .collect();
         let (mut copies, mut bad_copies, mut unreachable) = (0u64, 0u64, 0u64);
         let mut unreadable_chunks = Vec::new();
-        for chunk in &chunks {
+        for (c, chunk) in &chunks {
+            let c = *c;
             let _order = self
                 .chunk_lock(*chunk)
                 .write()
@@ -556,8 +606,8 @@ impl FsService {
             .chunk_lock(chunk)
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        let stale = self
-            .view(|ns| Ok(ns.stale_nodes(chunk)))
+        let stale = c
+            .read(|ns| ns.stale_nodes(chunk))
             .map_err(|e| e.to_string())?;
         if !stale.contains(&node) {
             return Ok(0);
@@ -597,11 +647,16 @@ impl FsService {
         Ok(len)
     }
 
-    /// The Raft group this node serves, if any.
+    /// The Raft group of shard 0, if this is a cluster node: it holds the membership.
     pub fn cluster(&self) -> Option<&Cluster> {
+        self.groups().first()
+    }
+
+    /// Every shard's Raft group, by shard (empty on a single node).
+    pub fn groups(&self) -> &[Cluster] {
         match &self.backend {
-            Backend::Raft(c) => Some(c),
-            Backend::Local { .. } => None,
+            Backend::Raft(g) => g,
+            Backend::Local { .. } => &[],
         }
     }
 
@@ -612,14 +667,19 @@ impl FsService {
         }
     }
 
-    /// Runs a read on the current namespace (the leader's, in a group).
-    fn view<T>(&self, f: impl FnOnce(&Namespace) -> Result<T, Errno>) -> Result<T, ServiceError> {
+    /// Runs a read on the current namespace holding `ino` (the leader's of its shard, in a
+    /// cluster).
+    pub(crate) fn view<T>(
+        &self,
+        ino: InodeId,
+        f: impl FnOnce(&Namespace) -> Result<T, Errno>,
+    ) -> Result<T, ServiceError> {
         match &self.backend {
             Backend::Local { meta, .. } => {
                 let m = meta.lock().unwrap_or_else(|p| p.into_inner());
                 f(&m.ns).map_err(errno)
             }
-            Backend::Raft(c) => match c.read(f) {
+            Backend::Raft(_) => match self.group_for(ino).read(f) {
                 Ok(r) => r.map_err(errno),
                 Err(e) => Err(read_error(e)),
             },
@@ -653,10 +713,7 @@ impl FsService {
         };
         match &self.backend {
             Backend::Local { .. } => self.mutate(|ns| ns.apply(&cmd)),
-            Backend::Raft(c) => match c.propose(cmd) {
-                Ok(r) => r.map_err(errno),
-                Err(e) => Err(cluster_error(e)),
-            },
+            Backend::Raft(_) => self.exec_sharded(cmd),
         }
     }
 
@@ -743,40 +800,70 @@ impl FsService {
         let store = serde_json::json!({"chunks": chunks, "used_bytes": used, "free_bytes": free});
         match &self.backend {
             Backend::Local { .. } => serde_json::json!({"mode": "single", "store": store}),
-            Backend::Raft(c) => {
+            Backend::Raft(groups) => {
+                let c = &groups[0];
                 let cs = c.conf_state();
+                let members: Vec<serde_json::Value> = {
+                    let r = c.replica();
+                    r.namespace()
+                        .placement()
+                        .members()
+                        .iter()
+                        .map(|(id, m)| {
+                            let role = if cs.voters.contains(id) {
+                                "voter"
+                            } else if cs.learners.contains(id) {
+                                "learner"
+                            } else {
+                                "none"
+                            };
+                            let silent_ms = (*id != c.node_id())
+                                .then(|| c.silent_for(*id).map(|d| d.as_millis() as u64))
+                                .flatten();
+                            serde_json::json!({"id": id, "addr": m.addr, "domain": m.domain,
+                                "raft": role, "silent_ms": silent_ms})
+                        })
+                        .collect()
+                };
+                let (removed, replicas, effective) = c.read_local(|ns| {
+                    let p = ns.placement();
+                    (p.removed().clone(), p.replicas(), p.effective_replicas())
+                });
+                // Chunks are recorded in the shard of the file they belong to: add them up.
+                let (mut stale, mut holders, mut shards) = (Vec::new(), Vec::new(), Vec::new());
+                let mut h = cfs_meta::placement::Health::default();
+                for g in groups.iter() {
+                    let r = g.replica();
+                    let ns = r.namespace();
+                    let p = ns.placement();
+                    stale.extend(
+                        ns.all_stale()
+                            .map(
+                                |(ch, nodes)| serde_json::json!({"chunk": ch.0, "stale_on": nodes}),
+                            )
+                            .take(1000),
+                    );
+                    holders.extend(
+                        p.all_holders()
+                            .take(10_000)
+                            .map(|(ch, hs)| serde_json::json!([ch.0, hs])),
+                    );
+                    let gh = p.health();
+                    h.chunks += gh.chunks;
+                    h.under_replicated += gh.under_replicated;
+                    h.lost += gh.lost;
+                    h.misplaced += gh.misplaced;
+                    h.stale_copies += gh.stale_copies;
+                    shards.push(serde_json::json!({
+                        "shard": g.shard().index,
+                        "role": if r.is_leader() { "leader" } else { "follower" },
+                        "leader": r.leader(),
+                        "term": r.term(),
+                        "applied": r.applied(),
+                        "transactions_idle": ns.txn_idle(),
+                    }));
+                }
                 let r = c.replica();
-                let ns = r.namespace();
-                let p = ns.placement();
-                let stale: Vec<serde_json::Value> = ns
-                    .all_stale()
-                    .map(|(ch, nodes)| serde_json::json!({"chunk": ch.0, "stale_on": nodes}))
-                    .take(1000)
-                    .collect();
-                let members: Vec<serde_json::Value> = p
-                    .members()
-                    .iter()
-                    .map(|(id, m)| {
-                        let role = if cs.voters.contains(id) {
-                            "voter"
-                        } else if cs.learners.contains(id) {
-                            "learner"
-                        } else {
-                            "none"
-                        };
-                        let silent_ms = (*id != c.node_id())
-                            .then(|| c.silent_for(*id).map(|d| d.as_millis() as u64))
-                            .flatten();
-                        serde_json::json!({"id": id, "addr": m.addr, "domain": m.domain,
-                            "raft": role, "silent_ms": silent_ms})
-                    })
-                    .collect();
-                let h = p.health();
-                let holders: Vec<serde_json::Value> = p
-                    .all_holders()
-                    .take(10_000)
-                    .map(|(ch, hs)| serde_json::json!([ch.0, hs]))
-                    .collect();
                 serde_json::json!({
                     "mode": "cluster",
                     "node": c.node_id(),
@@ -784,10 +871,11 @@ impl FsService {
                     "leader": r.leader(),
                     "term": r.term(),
                     "applied": r.applied(),
+                    "shards": shards,
                     "members": members,
-                    "removed": p.removed(),
-                    "replicas": p.replicas(),
-                    "effective_replicas": p.effective_replicas(),
+                    "removed": removed,
+                    "replicas": replicas,
+                    "effective_replicas": effective,
                     "chunks": {"total": h.chunks, "under_replicated": h.under_replicated,
                         "lost": h.lost, "misplaced": h.misplaced, "stale_copies": h.stale_copies},
                     "stale_chunk_copies": stale.len(),
@@ -810,7 +898,7 @@ impl FsService {
                     .map(|_| ())
                     .map_err(io_error)
             }
-            Backend::Raft(c) => c,
+            Backend::Raft(_) => self.group_for_chunk(chunk),
         };
         let _order = self
             .chunk_lock(chunk)
@@ -898,7 +986,7 @@ impl FsService {
     fn chunk_read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Vec<u8>, ServiceError> {
         let op = ChunkOp::Read { offset, len };
         let c = match &self.backend {
-            Backend::Raft(c) => c,
+            Backend::Raft(_) => self.group_for_chunk(chunk),
             Backend::Local { .. } => {
                 return replication::apply(&self.engine, chunk, op).map_err(io_error)
             }
@@ -974,7 +1062,7 @@ impl FsService {
         if at.is_multiple_of(CHUNK_BYTES) || old == new {
             return Ok(());
         }
-        let mapped = self.view(|ns| ns.extents(ino, at, 1))?;
+        let mapped = self.view(ino, |ns| ns.extents(ino, at, 1))?;
         if let Some((_, c)) = mapped.first() {
             self.chunk_change(
                 *c,
@@ -1003,12 +1091,12 @@ impl FsService {
             return Err(errno(Errno::FBig));
         }
         if data.is_empty() {
-            return self.view(|ns| ns.getattr(ino)).map(Reply::Attr);
+            return self.view(ino, |ns| ns.getattr(ino)).map(Reply::Attr);
         }
         // A resend of a write whose `Wrote` already committed: its data must not be written
         // again (another client may have overwritten it since); answer the first result.
         if let Some(s) = peek_session_step(cfs_meta::command::Op::WROTE_CODE) {
-            if let Some(first) = self.view(|ns| Ok(ns.session_result(s)))? {
+            if let Some(first) = self.view(ino, |ns| Ok(ns.session_result(s)))? {
                 return match first.map_err(errno)? {
                     Outcome::Attr(a) => Ok(Reply::Attr(a)),
                     other => Err(internal(format!("a write's first result was {other:?}"))),
@@ -1025,7 +1113,7 @@ impl FsService {
                 (chunks, new)
             }
             None => {
-                let existing = self.view(|ns| ns.extents(ino, offset, len))?;
+                let existing = self.view(ino, |ns| ns.extents(ino, offset, len))?;
                 if existing.len() as u64
                     == (offset + len - 1) / CHUNK_BYTES - offset / CHUNK_BYTES + 1
                 {
@@ -1079,8 +1167,9 @@ impl FsService {
 
     fn read(&self, ino: InodeId, offset: u64, len: u32) -> Result<Reply, ServiceError> {
         let want = u64::from(len.min(MAX_IO));
-        let (attr, mapped) =
-            self.view(|ns| Ok((ns.getattr(ino)?, ns.extents(ino, offset, want)?)))?;
+        let (attr, mapped) = self.view(ino, |ns| {
+            Ok((ns.getattr(ino)?, ns.extents(ino, offset, want)?))
+        })?;
         let end = attr
             .size
             .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
@@ -1101,7 +1190,7 @@ impl FsService {
     /// Makes `[offset, offset+len)` read as zeros in the store, except whole chunks, which
     /// the namespace unmaps (`Namespace::punched`).
     fn zero_partial_chunks(&self, ino: InodeId, offset: u64, len: u64) -> Result<(), ServiceError> {
-        let mapped = self.view(|ns| ns.extents(ino, offset, len))?;
+        let mapped = self.view(ino, |ns| ns.extents(ino, offset, len))?;
         for (idx, off, n, _) in pieces(offset, len) {
             if n == CHUNK_BYTES {
                 continue;
@@ -1146,7 +1235,7 @@ impl FsService {
                     .iter()
                     .map(|(_, s)| s.free_blocks * crate::store::format::BLOCK as u64)
                     .sum();
-                let size = self.view(|ns| ns.getattr(ino))?.size;
+                let size = self.view(ino, |ns| ns.getattr(ino))?.size;
                 if end.saturating_sub(size.max(offset)) > free {
                     return Err(errno(Errno::NoSpc));
                 }
@@ -1192,7 +1281,7 @@ impl FsService {
     /// SEEK_DATA / SEEK_HOLE at 4 KiB precision: holes are unmapped chunks, blocks never
     /// written or punched, and anything past a chunk's length.
     fn lseek(&self, ino: InodeId, offset: u64, whence: u32) -> Result<Reply, ServiceError> {
-        let (size, mapped) = self.view(|ns| {
+        let (size, mapped) = self.view(ino, |ns| {
             let size = ns.getattr(ino)?.size;
             Ok((size, ns.extents(ino, offset, size.saturating_sub(offset))?))
         })?;
@@ -1248,14 +1337,18 @@ impl FsService {
     pub fn handle(&self, creds: &Creds, req: Request) -> Result<Reply, ServiceError> {
         let t = now();
         match req {
-            Request::Lookup { parent, name } => self
-                .view(|ns| ns.lookup(creds, parent, &name))
-                .map(Reply::Attr),
-            Request::GetAttr { ino } => self.view(|ns| ns.getattr(ino)).map(Reply::Attr),
+            Request::Lookup { parent, name } => {
+                match self.view(parent, |ns| ns.lookup_entry(creds, parent, &name))? {
+                    (_, Some(a)) => Ok(Reply::Attr(a)),
+                    // The entry names an inode of another shard.
+                    (ino, None) => self.sub_request(creds, Request::GetAttr { ino }),
+                }
+            }
+            Request::GetAttr { ino } => self.view(ino, |ns| ns.getattr(ino)).map(Reply::Attr),
             Request::SetAttr { ino, set } => {
                 if let Some(size) = set.size {
                     // Check every rule before cutting any data.
-                    let old = self.view(|ns| {
+                    let old = self.view(ino, |ns| {
                         ns.setattr_preview(creds, ino, &set, t)?;
                         ns.getattr(ino)
                     })?;
@@ -1326,7 +1419,7 @@ impl FsService {
                     flags,
                 },
             ),
-            Request::Readlink { ino } => self.view(|ns| ns.readlink(ino)).map(Reply::Data),
+            Request::Readlink { ino } => self.view(ino, |ns| ns.readlink(ino)).map(Reply::Data),
             Request::Open {
                 ino,
                 read,
@@ -1356,10 +1449,12 @@ impl FsService {
             // group every change is already committed.
             Request::Fsync { ino } => match self.backend {
                 Backend::Local { .. } => self.mutate(|ns| ns.getattr(ino)).map(|_| Reply::Unit),
-                Backend::Raft(_) => self.view(|ns| ns.getattr(ino)).map(|_| Reply::Unit),
+                Backend::Raft(_) => self.view(ino, |ns| ns.getattr(ino)).map(|_| Reply::Unit),
             },
             Request::ReadDir { ino, cookie, limit } => self
-                .view(|ns| ns.readdir(creds, ino, cookie, limit.min(4096) as usize))
+                .view(ino, |ns| {
+                    ns.readdir(creds, ino, cookie, limit.min(4096) as usize)
+                })
                 .map(Reply::Entries),
             Request::SetXattr {
                 ino,
@@ -1376,18 +1471,18 @@ impl FsService {
                 },
             ),
             Request::GetXattr { ino, name } => self
-                .view(|ns| ns.getxattr(creds, ino, &name))
+                .view(ino, |ns| ns.getxattr(creds, ino, &name))
                 .map(Reply::Data),
-            Request::ListXattr { ino } => {
-                self.view(|ns| ns.listxattr(creds, ino)).map(Reply::Names)
-            }
+            Request::ListXattr { ino } => self
+                .view(ino, |ns| ns.listxattr(creds, ino))
+                .map(Reply::Names),
             Request::RemoveXattr { ino, name } => {
                 self.exec_unit(creds, Op::RemoveXattr { ino, name })
             }
             Request::Access { ino, mask } => self
-                .view(|ns| ns.access(creds, ino, mask))
+                .view(ino, |ns| ns.access(creds, ino, mask))
                 .map(|()| Reply::Unit),
-            Request::Statfs => self.view(|ns| Ok(ns.stats())).map(Reply::Stats),
+            Request::Statfs => self.statfs().map(Reply::Stats),
             Request::Status => Ok(Reply::Data(self.status().into_bytes())),
             Request::Write { ino, offset, data } => self.write(creds, ino, offset, &data),
             Request::Read { ino, offset, len } => self.read(ino, offset, len),
@@ -1402,15 +1497,31 @@ impl FsService {
                 offset,
                 whence,
             } => self.lseek(ino, offset, whence),
-            Request::ReadDirPlus { ino, cookie, limit } => self.view(|ns| {
-                let entries = ns.readdir(creds, ino, cookie, limit.min(4096) as usize)?;
-                let mut out = Vec::with_capacity(entries.len());
-                for e in entries {
-                    let a = ns.getattr(e.ino)?;
+            Request::ReadDirPlus { ino, cookie, limit } => {
+                let part = self.view(ino, |ns| {
+                    let entries = ns.readdir(creds, ino, cookie, limit.min(4096) as usize)?;
+                    Ok(entries
+                        .into_iter()
+                        .map(|e| {
+                            let a = ns.getattr(e.ino).ok();
+                            (e, a)
+                        })
+                        .collect::<Vec<_>>())
+                })?;
+                let mut out = Vec::with_capacity(part.len());
+                for (e, a) in part {
+                    let a = match a {
+                        Some(a) => a,
+                        // An inode of another shard.
+                        None => match self.sub_request(creds, Request::GetAttr { ino: e.ino })? {
+                            Reply::Attr(a) => a,
+                            other => return Err(internal(format!("getattr gave {other:?}"))),
+                        },
+                    };
                     out.push((e, a));
                 }
                 Ok(Reply::EntriesPlus(out))
-            }),
+            }
         }
     }
 }
@@ -1453,7 +1564,7 @@ impl FsService {
     /// `resendable`: the request may run twice (a read, or a mutation with a session), so a
     /// forward lost on the way (e.g. on a connection to a leader that just restarted) is sent
     /// again rather than reported as an unknown outcome.
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         c: &Cluster,
         method: u32,
@@ -1590,7 +1701,7 @@ impl FsService {
     /// Adds a node at `addr` as a new member (a metadata learner; the placement starts moving
     /// chunk copies onto it) and answers the founding configuration it must start from.
     fn join(&self, addr: String, domain: String) -> Result<Vec<u8>, ServiceError> {
-        let Backend::Raft(c) = &self.backend else {
+        let Some(c) = self.cluster() else {
             return Err(ServiceError::new(
                 ErrorCode::BadRequest,
                 "not a cluster node",
@@ -1655,6 +1766,7 @@ impl FsService {
             node_id: id,
             replicas: cfg.replicas,
             meta_replicas: cfg.meta_replicas,
+            meta_shards: cfg.meta_shards,
             peers: strs(&cfg.peers),
             domains: strs(&cfg.domains),
         };
@@ -1667,16 +1779,19 @@ impl Service for FsService {
         let this = self.clone();
         Box::pin(async move {
             if method == crate::cluster::RAFT_METHOD {
-                let (Some(c), Some(msg)) =
-                    (this.cluster(), crate::cluster::decode_message(&payload))
+                let Some((c, msg)) = crate::cluster::decode_message(&payload)
+                    .and_then(|(shard, m)| Some((this.groups().get(shard as usize)?, m)))
                 else {
                     return Err(ServiceError::new(
                         ErrorCode::BadRequest,
-                        "not a raft message, or no raft group here",
+                        "not a raft message, or no such raft group here",
                     ));
                 };
                 c.deliver(msg);
                 return Ok(bytes::Bytes::new());
+            }
+            if method == crate::sharding::SHARD_METHOD {
+                return this.serve_shard_call(payload).await;
             }
             if method == replication::CHUNK_METHOD {
                 let Some((chunk, op, fence)) = this.cluster().and(replication::decode(&payload))
@@ -1715,8 +1830,14 @@ impl Service for FsService {
                     format!("malformed request for method {method}"),
                 )
             })?;
-            if let Some(c) = this.cluster().filter(|_| !matches!(req, Request::Status)) {
-                let (removed, leads) = c.removed_and_leading();
+            let shard = this.request_shard(&req) as usize;
+            if let Some(c) = this
+                .groups()
+                .get(shard)
+                .filter(|_| !matches!(req, Request::Status))
+            {
+                let removed = this.groups()[0].removed_and_leading().0;
+                let leads = c.replica().is_leader();
                 if removed {
                     // Its data and vote went elsewhere: the client must use another node.
                     return Err(ServiceError::new(

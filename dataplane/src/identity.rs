@@ -57,6 +57,9 @@ pub struct JoinReply {
     pub replicas: usize,
     /// Metadata voters.
     pub meta_replicas: usize,
+    /// Metadata shards (Raft groups), fixed when the cluster is made.
+    #[serde(default = "one_shard")]
+    pub meta_shards: u16,
     /// Founding members: id -> address.
     pub peers: BTreeMap<String, String>,
     /// Founding members' failure domains.
@@ -75,11 +78,18 @@ pub struct Identity {
     pub replicas: usize,
     /// Metadata voters.
     pub meta_replicas: usize,
+    /// Metadata shards (Raft groups), fixed when the cluster is made.
+    #[serde(default = "one_shard")]
+    pub meta_shards: u16,
     /// Founding members: id -> address.
     pub peers: BTreeMap<String, String>,
     /// Founding members' failure domains.
     #[serde(default)]
     pub domains: BTreeMap<String, String>,
+}
+
+fn one_shard() -> u16 {
+    1
 }
 
 fn ids(m: &BTreeMap<String, String>, path: &Path) -> Result<BTreeMap<u64, String>, IdentityError> {
@@ -127,6 +137,9 @@ impl Identity {
         }
         if id.peers_by_id()?.is_empty() {
             return Err(bad("no founding members"));
+        }
+        if !(1..=cfs_meta::shard::MAX_SHARDS).contains(&id.meta_shards) {
+            return Err(bad("meta_shards must be 1 to 64"));
         }
         Ok(Some(id))
     }
@@ -205,6 +218,7 @@ mod tests {
             secret: "ab".repeat(32),
             replicas: 3,
             meta_replicas: 3,
+            meta_shards: 2,
             peers: [("1".to_string(), "127.0.0.1:1".to_string())].into(),
             domains: BTreeMap::new(),
         };

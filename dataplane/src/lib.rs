@@ -18,5 +18,6 @@ pub mod meta_store;
 pub mod raft_store;
 pub mod reactor;
 pub mod replication;
+pub mod sharding;
 pub mod store;
 pub mod workload;

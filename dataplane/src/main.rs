@@ -116,6 +116,9 @@ enum Cmd {
         /// Voters of the metadata Raft group.
         #[arg(long, default_value_t = 3)]
         meta_replicas: usize,
+        /// Metadata shards, each its own Raft group (1 to 64; fixed for the cluster's life).
+        #[arg(long, default_value_t = 1)]
+        meta_shards: u16,
     },
     /// Join the cluster a token names: the cluster gives this node an id and starts moving
     /// chunk copies onto it once it runs. The node must be formatted; start it with `run`.
@@ -428,40 +431,59 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
                 .with_context(|| format!("cannot open the metadata database {}", db.display()))?
         }
         Some(cc) => {
-            let (node_id, members) = (cc.node_id, cc.peers.len());
-            let db = cfg.data_dir.join("raft.redb");
-            let eng = Arc::clone(&engine);
+            let (node_id, members, shards) = (cc.node_id, cc.peers.len(), cc.meta_shards);
             let fences = Arc::new(cfs_dataplane::replication::Fences::default());
-            let fences_freed = Arc::clone(&fences);
-            let freed = Box::new(move |chunks: Vec<cfs_meta::ChunkId>| {
-                for ch in chunks {
-                    fences_freed.forget(ch);
-                    if let Err(e) = eng.delete(ch.0) {
-                        if !matches!(e, cfs_dataplane::store::StoreError::NotFound { .. }) {
-                            tracing::warn!("cannot delete {ch}: {e}");
+            let mut groups = Vec::with_capacity(usize::from(shards));
+            for k in 0..shards {
+                // Shard 0 keeps the name a one-shard cluster always had.
+                let db = match k {
+                    0 => cfg.data_dir.join("raft.redb"),
+                    k => cfg.data_dir.join(format!("raft-{k}.redb")),
+                };
+                let eng = Arc::clone(&engine);
+                let fences_freed = Arc::clone(&fences);
+                let freed = Box::new(move |chunks: Vec<cfs_meta::ChunkId>| {
+                    for ch in chunks {
+                        fences_freed.forget(ch);
+                        if let Err(e) = eng.delete(ch.0) {
+                            if !matches!(e, cfs_dataplane::store::StoreError::NotFound { .. }) {
+                                tracing::warn!("cannot delete {ch}: {e}");
+                            }
                         }
                     }
-                }
-            });
-            let cluster =
-                cfs_dataplane::cluster::Cluster::start(cc, &db, rt.handle().clone(), freed)
-                    .with_context(|| {
-                        format!("cannot start the metadata replica ({})", db.display())
-                    })?;
+                });
+                let slot = cfs_meta::shard::ShardSlot::new(k, shards)
+                    .context("meta_shards must be 1 to 64")?;
+                let group = cfs_dataplane::cluster::Cluster::start(
+                    cc.clone(),
+                    slot,
+                    &db,
+                    rt.handle().clone(),
+                    freed,
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot start the metadata replica of shard {k} ({})",
+                        db.display()
+                    )
+                })?;
+                groups.push(group);
+            }
             tracing::info!(
                 node = node_id,
                 founding_members = members,
+                shards,
                 "metadata Raft group member"
             );
             cfs_dataplane::fs_service::FsService::open_cluster(
-                cluster,
+                groups,
                 Arc::clone(&engine),
                 fences,
                 rt.handle().clone(),
             )
         }
     };
-    let cluster_handle = service.cluster().cloned();
+    let groups = service.groups().to_vec();
     let server = rt
         .block_on(cfs_fabric::Server::bind(
             &cfg.server.listen,
@@ -503,8 +525,8 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
     }
     println!("stopping: closing connections, checkpointing shards");
     rt.block_on(server.stop());
-    if let Some(c) = cluster_handle {
-        c.stop();
+    for g in &groups {
+        g.stop();
     }
     drop(rt);
     // Background work (repair) notices the stop within a second and lets go of the engine.
@@ -656,11 +678,13 @@ fn main() -> Result<()> {
             advertise,
             replicas,
             meta_replicas,
+            meta_shards,
         } => cmd_init(
             &load_config(config, data_dir)?,
             advertise,
             replicas,
             meta_replicas,
+            meta_shards,
         ),
         Cmd::Join {
             token,
@@ -689,13 +713,14 @@ fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::Clus
         (Some(c), _) => c.clone(),
         (None, Some(_)) => toml::from_str("").context("default [cluster] settings")?,
     };
-    let (node_id, peers, domains, replicas, meta_replicas, secret) = match &identity {
+    let (node_id, peers, domains, replicas, meta_replicas, meta_shards, secret) = match &identity {
         Some(id) => (
             id.node_id,
             id.peers_by_id()?,
             id.domains_by_id()?,
             id.replicas,
             id.meta_replicas,
+            id.meta_shards,
             id.secret_bytes(),
         ),
         None => (
@@ -704,6 +729,7 @@ fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::Clus
             section.domain_map()?,
             section.replicas,
             section.meta_replicas,
+            section.meta_shards,
             section
                 .secret
                 .as_deref()
@@ -716,6 +742,7 @@ fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::Clus
         domains,
         replicas,
         meta_replicas,
+        meta_shards,
         secret,
         tick_ms: section.tick_ms,
         election_ticks: section.election_ticks,
@@ -739,7 +766,7 @@ fn check_joinable(cfg: &Config) -> Result<()> {
             cfs_dataplane::identity::Identity::path(&cfg.data_dir).display()
         );
     }
-    for db in ["raft.redb", "meta.redb"] {
+    for db in ["raft.redb", "raft-1.redb", "meta.redb"] {
         if cfg.data_dir.join(db).exists() {
             bail!(
                 "{} exists: this node already holds a file system; format it anew to make it a cluster member",
@@ -762,10 +789,14 @@ fn cmd_init(
     advertise: Option<String>,
     replicas: usize,
     meta_replicas: usize,
+    meta_shards: u16,
 ) -> Result<()> {
     check_joinable(cfg)?;
     if !(1..=5).contains(&replicas) || !(1..=7).contains(&meta_replicas) {
         bail!("--replicas must be 1 to 5 and --meta-replicas 1 to 7");
+    }
+    if !(1..=cfs_meta::shard::MAX_SHARDS).contains(&meta_shards) {
+        bail!("--meta-shards must be 1 to {}", cfs_meta::shard::MAX_SHARDS);
     }
     let addr = advertise.unwrap_or_else(|| cfg.server.listen.clone());
     if addr.starts_with("0.0.0.0") || addr.starts_with("[::]") {
@@ -778,6 +809,7 @@ fn cmd_init(
         secret: cfs_fabric::auth::to_hex(&secret),
         replicas,
         meta_replicas,
+        meta_shards,
         peers: [("1".to_string(), addr.clone())].into(),
         domains: domain.map(|d| ("1".to_string(), d)).into_iter().collect(),
     };
@@ -787,7 +819,7 @@ fn cmd_init(
         addrs: vec![addr],
     };
     eprintln!(
-        "new cluster: this node is member 1 (R={replicas}, {meta_replicas} metadata voters); start it with `cfs-dataplane run`"
+        "new cluster: this node is member 1 (R={replicas}, {meta_replicas} metadata voters, {meta_shards} metadata shard(s)); start it with `cfs-dataplane run`"
     );
     eprintln!("join other nodes with `cfs-dataplane join TOKEN`, mount with `cfs mount TOKEN DIR`; keep the token secret");
     println!("{token}");
@@ -847,6 +879,7 @@ fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> 
         secret: cfs_fabric::auth::to_hex(&t.secret),
         replicas: r.replicas,
         meta_replicas: r.meta_replicas,
+        meta_shards: r.meta_shards,
         peers: r.peers,
         domains: r.domains,
     };

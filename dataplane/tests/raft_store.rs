@@ -14,6 +14,7 @@ fn cfg() -> ReplicaConfig {
         voters: vec![1],
         learners: Vec::new(),
         initial: cfs_meta::placement::Placement::default(),
+        shard: cfs_meta::shard::ShardSlot::SINGLE,
         election_ticks: 10,
         heartbeat_ticks: 2,
         snapshot_every: 7,

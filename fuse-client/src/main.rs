@@ -246,7 +246,7 @@ fn print_cluster(v: &serde_json::Value) {
                 .map_or_else(|| "-".to_string(), |x| x.to_string()),
         );
     }
-    // One metadata shard today (sharding is planned): its Raft group and leader.
+    // Every shard's Raft group has the same members (shard 0's membership, mirrored).
     let count = |role: &str| {
         v["members"]
             .as_array()
@@ -255,13 +255,27 @@ fn print_cluster(v: &serde_json::Value) {
             .filter(|m| m["raft"] == role)
             .count()
     };
+    let shards = v["shards"].as_array().cloned().unwrap_or_default();
     println!(
-        "metadata shards: 1 (shard 0: {} voters, {} learners, leader node {}, term {})",
+        "metadata shards: {} ({} voters, {} learners each)",
+        shards.len().max(1),
         count("voter"),
         count("learner"),
-        v["leader"],
-        v["term"]
     );
+    for s in &shards {
+        println!(
+            "  shard {}: leader node {}, term {}, applied {}{}",
+            s["shard"],
+            s["leader"],
+            s["term"],
+            s["applied"],
+            if s["transactions_idle"] == false {
+                ", transactions in flight"
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(r) = v["removed"].as_array().filter(|r| !r.is_empty()) {
         let ids: Vec<String> = r.iter().map(|x| x.to_string()).collect();
         println!("removed members: {}", ids.join(", "));

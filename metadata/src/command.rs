@@ -389,7 +389,7 @@ impl Namespace {
                 if let Some(first) = op_session.and_then(|s| self.session_result(s)) {
                     return first;
                 }
-                self.txn_begin(reads, t)?
+                self.txn_begin(reads, c.session, t)?
             }
             Op::TxnPrepare { id, reads } => self.txn_prepare(*id, reads, t)?,
             Op::TxnDecide { id, writes, result } => {

@@ -556,6 +556,35 @@ impl Namespace {
         self.getattr(d.ino)
     }
 
+    /// [`Namespace::lookup`] on a shard: the inode the entry names, with its attributes when
+    /// it lives on this shard (`None`: ask the inode's shard).
+    pub fn lookup_entry(
+        &self,
+        creds: &Creds,
+        parent: InodeId,
+        name: &[u8],
+    ) -> Result<(InodeId, Option<Attr>), Errno> {
+        let p = self.dir(parent)?;
+        if !permitted(creds, &p.attr, access::X) {
+            return Err(Errno::Access);
+        }
+        let ino = match name {
+            b"." => parent,
+            b".." => p.parent,
+            _ => {
+                check_name(name)?;
+                self.dentries
+                    .get(&(parent, name.to_vec()))
+                    .ok_or(Errno::NoEnt)?
+                    .ino
+            }
+        };
+        if !self.slot.owns(ino) {
+            return Ok((ino, None));
+        }
+        Ok((ino, Some(self.getattr(ino)?)))
+    }
+
     /// Checks the caller may add or remove entries in `parent`.
     fn may_modify_dir(&self, creds: &Creds, parent: InodeId) -> Result<(), Errno> {
         let p = self.dir(parent)?;
@@ -1713,7 +1742,7 @@ impl Namespace {
 
     /// Checks every structural invariant; `Err` describes the first violation. Used by tests
     /// and the simulator after every step. A shard of a split namespace checks what it can see
-    /// alone ([`Namespace::check_shard`]); [`crate::txn::check_shards`] checks the whole.
+    /// alone (`Namespace::check_shard`); [`crate::txn::check_shards`] checks the whole.
     pub fn check_invariants(&self) -> Result<(), String> {
         if self.slot.is_sharded() {
             return self.check_shard();

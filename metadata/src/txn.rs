@@ -134,6 +134,9 @@ struct Prepared {
 enum Coord {
     InProgress {
         since: Timespec,
+        /// The `TxnBegin`'s session: who coordinates it (a server may recognise its own, or
+        /// a dead node's, and abort early).
+        by: Option<Session>,
     },
     Committed {
         since: Timespec,
@@ -161,6 +164,9 @@ pub struct TxnChores {
     pub abort: Vec<TxId>,
     /// Committed here, not yet acknowledged by these shards: send them `TxnCommit`.
     pub resend: Vec<(TxId, u16, Vec<TxnWrite>)>,
+    /// In progress here (as home) past `ask_after_ms` but not yet `abort_after_ms`, with who
+    /// began it: abort now if that coordinator is known to be gone.
+    pub undecided: Vec<(TxId, Option<Session>)>,
 }
 
 fn millis_between(from: Timespec, to: Timespec) -> i64 {
@@ -255,9 +261,12 @@ impl TxnState {
         for (id, c) in &self.coord {
             w.u64(id.0);
             match c {
-                Coord::InProgress { since } => {
+                Coord::InProgress { since, by } => {
                     w.u8(0);
                     w.time(*since);
+                    let by = by.unwrap_or(Session { client: 0, seq: 0 });
+                    w.u64(by.client);
+                    w.u64(by.seq);
                 }
                 Coord::Committed { since, pending } => {
                     w.u8(1);
@@ -311,7 +320,17 @@ impl TxnState {
         for _ in 0..r.u32()? {
             let id = TxId(r.u64()?);
             let c = match r.u8()? {
-                0 => Coord::InProgress { since: r.time()? },
+                0 => {
+                    let since = r.time()?;
+                    let by = Session {
+                        client: r.u64()?,
+                        seq: r.u64()?,
+                    };
+                    Coord::InProgress {
+                        since,
+                        by: (by.client != 0).then_some(by),
+                    }
+                }
                 1 => {
                     let since = r.time()?;
                     let mut pending = BTreeMap::new();
@@ -699,11 +718,18 @@ impl Namespace {
     }
 
     /// `TxnBegin` on the home shard.
-    pub(crate) fn txn_begin(&mut self, reads: &TxnReads, now: Timespec) -> Result<Outcome, Errno> {
+    pub(crate) fn txn_begin(
+        &mut self,
+        reads: &TxnReads,
+        by: Option<Session>,
+        now: Timespec,
+    ) -> Result<Outcome, Errno> {
         let id = TxId::new(self.slot.index, self.txn.next_seq);
         self.txn.next_seq += 1;
         let records = self.txn_lock_read(id, reads, now)?;
-        self.txn.coord.insert(id, Coord::InProgress { since: now });
+        self.txn
+            .coord
+            .insert(id, Coord::InProgress { since: now, by });
         Ok(Outcome::Txn { id, records })
     }
 
@@ -837,7 +863,10 @@ impl Namespace {
         }
         for (id, c) in &self.txn.coord {
             match c {
-                Coord::InProgress { since } if older(*since) => out.abort.push(*id),
+                Coord::InProgress { since, .. } if older(*since) => out.abort.push(*id),
+                Coord::InProgress { since, by } if old(*since) => {
+                    out.undecided.push((*id, *by));
+                }
                 Coord::Committed { since, pending } if old(*since) => {
                     for (s, w) in pending {
                         out.resend.push((*id, *s, w.clone()));

@@ -356,6 +356,7 @@ impl Sim {
             voters: ids(self.cfg.nodes),
             learners: Vec::new(),
             initial: initial_placement(&self.cfg),
+            shard: cfs_meta::shard::ShardSlot::SINGLE,
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_every: self.cfg.snapshot_every,

@@ -11,6 +11,7 @@
 use crate::storage::LogStore;
 use cfs_meta::command::{Command, Op, Outcome};
 use cfs_meta::placement::Placement;
+use cfs_meta::shard::ShardSlot;
 use cfs_meta::{ChunkId, Errno, Namespace, Timespec};
 use protobuf::Message as _;
 use raft::eraftpb::{
@@ -32,6 +33,8 @@ pub struct ReplicaConfig {
     /// Membership and replication factor the namespace starts with (empty: a namespace
     /// without cluster placement). Identical on every replica of a group.
     pub initial: Placement,
+    /// Which metadata shard the group serves ([`ShardSlot::SINGLE`]: the whole namespace).
+    pub shard: ShardSlot,
     /// Ticks without a leader before an election (randomised in [n, 2n)).
     pub election_ticks: usize,
     /// Ticks between leader heartbeats.
@@ -141,8 +144,8 @@ pub struct Replica {
 
 /// The namespace every group starts from (identical on every replica): the root directory
 /// and the initial membership.
-pub fn initial_namespace(placement: &Placement) -> Namespace {
-    let mut ns = Namespace::new(0, 0, 0o755, Timespec::new(0, 0));
+pub fn initial_namespace(placement: &Placement, shard: ShardSlot) -> Namespace {
+    let mut ns = Namespace::new_shard(shard, 0, 0, 0o755, Timespec::new(0, 0));
     ns.set_placement(placement.clone());
     ns.take_dirty();
     ns
@@ -179,7 +182,7 @@ impl Replica {
         let snap = store.latest_snapshot();
         let applied = snap.get_metadata().index;
         let ns = if snap.get_data().is_empty() {
-            initial_namespace(&cfg.initial)
+            initial_namespace(&cfg.initial, cfg.shard)
         } else {
             Namespace::from_snapshot(snap.get_data()).map_err(ReplicaError::Snapshot)?
         };
