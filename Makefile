@@ -25,6 +25,7 @@ test: deps
 	./scripts/test-partition.sh
 	NODES=5 ./scripts/test-partition.sh
 	./scripts/test-rebuild.sh
+	META_SHARDS=3 ./scripts/test-rebuild.sh
 
 test-hugepages: deps
 	$(CARGO) test -p cfs-hugepages
@@ -54,6 +55,7 @@ test-cluster: deps
 	./scripts/test-partition.sh
 	NODES=5 ./scripts/test-partition.sh
 	./scripts/test-rebuild.sh
+	META_SHARDS=3 ./scripts/test-rebuild.sh
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto

@@ -93,7 +93,7 @@ for line in sys.stdin:
 }
 field() { python3 -c "import json, sys; v = json.load(sys.stdin); print($1)"; }
 
-TOKEN=$("$BIN" init --config "$WORK/n1.toml" --replicas 3 --meta-replicas 3 2>"$WORK/init.err") || { cat "$WORK/init.err"; fail "init"; exit 1; }
+TOKEN=$("$BIN" init --config "$WORK/n1.toml" --replicas 3 --meta-replicas 3 --meta-shards "${META_SHARDS:-1}" 2>"$WORK/init.err") || { cat "$WORK/init.err"; fail "init"; exit 1; }
 start_node 1
 for i in 2 3; do
   "$BIN" join "$TOKEN" --config "$WORK/n$i.toml" >/dev/null 2>>"$WORK/join.err" || { cat "$WORK/join.err"; fail "join of node $i"; exit 1; }
@@ -278,6 +278,20 @@ if ((stored == total)); then
   pass "the survivors store $stored chunk copies, exactly the $total the placement records"
 else
   fail "survivors store $stored chunk copies but the placement records $total"
+fi
+
+# Every metadata shard's Raft group has the members shard 0 has (joins and the removal were
+# mirrored into the other groups; with META_SHARDS=1 there is only shard 0).
+same=""
+for _ in $(seq 1 50); do
+  same=$(leader_json | field 'all(sorted(s["voters"]) == sorted(v["shards"][0]["voters"]) and sorted(s["learners"]) == sorted(v["shards"][0]["learners"]) for s in v["shards"])' 2>/dev/null || true)
+  [[ $same == True ]] && break
+  sleep 0.2
+done
+if [[ $same == True ]]; then
+  pass "all ${META_SHARDS:-1} metadata shard group(s) have the same voters and learners"
+else
+  fail "metadata shard groups differ in membership: $(leader_json | field 'v["shards"]' 2>&1)"
 fi
 
 echo "$PASSED passed, $FAILED failed"

@@ -833,6 +833,8 @@ impl FsService {
                 let (mut stale, mut holders, mut shards) = (Vec::new(), Vec::new(), Vec::new());
                 let mut h = cfs_meta::placement::Health::default();
                 for g in groups.iter() {
+                    // Before the replica lock (conf_state takes it too).
+                    let gcs = g.conf_state();
                     let r = g.replica();
                     let ns = r.namespace();
                     let p = ns.placement();
@@ -861,6 +863,8 @@ impl FsService {
                         "term": r.term(),
                         "applied": r.applied(),
                         "transactions_idle": ns.txn_idle(),
+                        "voters": gcs.voters,
+                        "learners": gcs.learners,
                     }));
                 }
                 let r = c.replica();
