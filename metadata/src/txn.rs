@@ -551,16 +551,7 @@ impl Namespace {
                     }
                 }
             }
-            Op::SetAttr { ino, .. }
-            | Op::SetXattr { ino, .. }
-            | Op::RemoveXattr { ino, .. }
-            | Op::Open { ino, .. }
-            | Op::Release { ino }
-            | Op::MapChunks { ino, .. }
-            | Op::Wrote { ino, .. }
-            | Op::Fallocate { ino, .. }
-            | Op::Punched { ino, .. } => touch.push(*ino),
-            _ => {}
+            op => touch.extend(single_inode(op)),
         }
         if touch.iter().any(|i| !self.slot.owns(*i)) {
             return Err(Errno::XDev);
@@ -1093,6 +1084,22 @@ pub struct TxnDriver {
     rounds: usize,
 }
 
+/// The one inode a command about a single inode (attributes, xattrs, handles, data) names.
+fn single_inode(op: &Op) -> Option<InodeId> {
+    match op {
+        Op::SetAttr { ino, .. }
+        | Op::SetXattr { ino, .. }
+        | Op::RemoveXattr { ino, .. }
+        | Op::Open { ino, .. }
+        | Op::Release { ino }
+        | Op::MapChunks { ino, .. }
+        | Op::Wrote { ino, .. }
+        | Op::Fallocate { ino, .. }
+        | Op::Punched { ino, .. } => Some(*ino),
+        _ => None,
+    }
+}
+
 /// The shard a command is sent to first: where its parent directory (or inode) lives.
 pub fn home_shard(count: u16, op: &Op) -> u16 {
     let ino = match op {
@@ -1104,15 +1111,7 @@ pub fn home_shard(count: u16, op: &Op) -> u16 {
         | Op::Rename { parent, .. }
         | Op::Create { parent, .. } => *parent,
         Op::Link { newparent, .. } => *newparent,
-        Op::SetAttr { ino, .. }
-        | Op::SetXattr { ino, .. }
-        | Op::RemoveXattr { ino, .. }
-        | Op::Open { ino, .. }
-        | Op::Release { ino }
-        | Op::MapChunks { ino, .. }
-        | Op::Wrote { ino, .. }
-        | Op::Fallocate { ino, .. }
-        | Op::Punched { ino, .. } => *ino,
+
         Op::MarkStale { chunks, .. } => {
             return chunks.first().map_or(0, |c| shard_of_id(count, c.0))
         }
@@ -1125,6 +1124,7 @@ pub fn home_shard(count: u16, op: &Op) -> u16 {
         | Op::TxnCommit { id, .. }
         | Op::TxnAbort { id }
         | Op::TxnAcked { id, .. } => return id.home(),
+        op => single_inode(op).expect("every other op names one inode"),
     };
     shard_of_id(count, ino.0)
 }
