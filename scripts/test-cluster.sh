@@ -34,15 +34,19 @@ MOUNT2_PID=""
 
 cleanup() {
   set +e
-  for p in $MOUNT_PID $MOUNT2_PID; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  stop_watchdog
+  # shellcheck disable=SC2086 # either may be empty
+  stop_pids $MOUNT_PID $MOUNT2_PID
   for m in "$WORK/mnt" "$WORK/mnt2"; do
     if grep -q " $m fuse" /proc/mounts; then fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; fi
   done
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  stop_pids "${PIDS[@]}"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# shellcheck source=lib/watchdog.sh
+source "$ROOT/scripts/lib/watchdog.sh"
+start_watchdog test-cluster
 [[ -n ${KEEP_WORK:-} ]] && trap - EXIT
 
 N=${NODES:-3}

@@ -39,19 +39,21 @@ MOUNT_PIDS=()
 ns() { echo "$TAG-n$1"; }
 cleanup() {
   set +e
-  for p in "${MOUNT_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  for p in "${MOUNT_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  stop_watchdog
+  stop_pids "${MOUNT_PIDS[@]}"
   for m in "$WORK/mnt" "$WORK/mnt-minority"; do
     if grep -q " $m fuse" /proc/mounts; then fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; fi
   done
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  stop_pids "${PIDS[@]}"
   for ((n = 1; n <= N; n++)); do ip netns del "$(ns "$n")" 2>/dev/null; done
   ip netns del "$CL" 2>/dev/null
   ip netns del "$HUB" 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# shellcheck source=lib/watchdog.sh
+source "$ROOT/scripts/lib/watchdog.sh"
+start_watchdog test-partition
 
 # Namespaces: a hub with a bridge, three nodes and a client, each on a veth to the bridge.
 ip netns add "$HUB"

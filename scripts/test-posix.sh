@@ -36,16 +36,20 @@ MOUNT_PIDS=()
 
 cleanup() {
   set +e
+  stop_watchdog
   # cfs mount unmounts itself on SIGTERM; then make sure nothing is left mounted.
-  for p in "${MOUNT_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  for p in "${MOUNT_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  stop_pids "${MOUNT_PIDS[@]}"
   for m in "$WORK"/m1 "$WORK"/m2 "$WORK"/m3; do
     if grep -q " $m fuse" /proc/mounts; then fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; fi
   done
-  [[ -n $SERVER_PID ]] && { kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; }
+  # shellcheck disable=SC2086 # may be empty
+  stop_pids $SERVER_PID
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# shellcheck source=lib/watchdog.sh
+source "$ROOT/scripts/lib/watchdog.sh"
+start_watchdog test-posix
 [[ -n ${KEEP_WORK:-} ]] && trap - EXIT
 
 cat >"$WORK/cfs.toml" <<CONF

@@ -36,13 +36,17 @@ MOUNT_PID=""
 
 cleanup() {
   set +e
-  [[ -n $MOUNT_PID ]] && { kill -TERM "$MOUNT_PID" 2>/dev/null; wait "$MOUNT_PID" 2>/dev/null; }
+  stop_watchdog
+  # shellcheck disable=SC2086 # may be empty
+  stop_pids $MOUNT_PID
   if grep -q " $WORK/mnt fuse" /proc/mounts; then fusermount3 -u "$WORK/mnt" 2>/dev/null || umount -l "$WORK/mnt"; fi
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  stop_pids "${PIDS[@]}"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# shellcheck source=lib/watchdog.sh
+source "$ROOT/scripts/lib/watchdog.sh"
+start_watchdog test-rebuild
 [[ -n ${KEEP_WORK:-} ]] && trap - EXIT
 
 N=4
