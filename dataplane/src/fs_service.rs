@@ -70,6 +70,9 @@ pub struct FsService {
     pub(crate) txn_seq: Arc<std::sync::atomic::AtomicU64>,
     /// Begin sessions (seq) of the transactions this node is coordinating right now.
     pub(crate) running_txns: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// Client requests this node served by forwarding them to their shard's leader (shown by
+    /// status: a client that routes by shard keeps it near zero).
+    forwarded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn chunk_locks() -> Arc<Vec<std::sync::RwLock<()>>> {
@@ -151,13 +154,19 @@ pub(crate) fn read_error(e: ClusterError) -> ServiceError {
 }
 
 /// Service error code: this node does not lead the metadata group (the request was not run).
-pub const NOT_LEADER: u32 = 900;
+/// (Service codes travel as themselves only from 1000 up, and must stay clear of the errno
+/// codes: a code under 1000 once turned into "errno 0", i.e. EIO, on the wire, so a forwarder
+/// never saw NOT_LEADER and the client got EIO while a shard elected its leader.)
+pub const NOT_LEADER: u32 = 9_000;
 
 /// Service error code between nodes: the request may or may not have been applied (a proposal
 /// timed out, a forwarded request was lost). The node the client asked turns it into Busy
 /// when the request carries a session (resending it is safe: it applies once) and into EIO
 /// otherwise.
-pub const OUTCOME_UNKNOWN: u32 = 901;
+pub const OUTCOME_UNKNOWN: u32 = 9_001;
+
+const _: () = assert!(NOT_LEADER >= cfs_proto::ERRNO_BASE + cfs_proto::ERRNO_LIMIT);
+const _: () = assert!(OUTCOME_UNKNOWN >= cfs_proto::ERRNO_BASE + cfs_proto::ERRNO_LIMIT);
 
 thread_local! {
     /// The session of the client request this thread runs, and how many commands of each op
@@ -254,6 +263,7 @@ impl FsService {
             fences: Arc::default(),
             txn_seq: Arc::default(),
             running_txns: Arc::default(),
+            forwarded: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -302,6 +312,7 @@ impl FsService {
             chunk_locks: chunk_locks(),
             txn_seq: Arc::new(std::sync::atomic::AtomicU64::new(start)),
             running_txns: Arc::default(),
+            forwarded: Arc::default(),
         };
         let bg = svc.clone();
         let spawned = std::thread::Builder::new()
@@ -319,16 +330,19 @@ impl FsService {
     /// The leader's background work, twice a second: remove members silent for longer than
     /// `dead_after_ms` and hand their votes to learners, move chunk copies towards their
     /// target placement (re-replication after a removal, rebalancing after a join), and copy
-    /// current data over stale copies. Each step is a committed command, so a new leader picks
-    /// up where the old one stopped.
+    /// current data over stale copies, finish or undo transactions whose coordinator died, and
+    /// (with several shards) hand each group's leadership to its preferred node. Each step is
+    /// a committed command or a Raft transfer, so a new leader picks up where the old one
+    /// stopped.
     fn repair_loop(self) {
         let Backend::Raft(groups) = &self.backend else {
             return;
         };
         let mut cursors = vec![ChunkId(0); groups.len()];
+        let mut balanced = vec![None; groups.len()];
         while !groups[0].is_stopped() {
             std::thread::sleep(std::time::Duration::from_millis(500));
-            for (c, cursor) in groups.iter().zip(cursors.iter_mut()) {
+            for ((c, cursor), last) in groups.iter().zip(cursors.iter_mut()).zip(&mut balanced) {
                 if c.replica().is_leader() {
                     if c.shard().index == 0 {
                         self.check_members(c);
@@ -337,6 +351,7 @@ impl FsService {
                     }
                     self.txn_chores(c);
                     self.upkeep(c, cursor);
+                    self.balance_leader(c, last);
                 }
             }
         }
@@ -875,6 +890,7 @@ impl FsService {
                     "leader": r.leader(),
                     "term": r.term(),
                     "applied": r.applied(),
+                    "forwarded_requests": self.forwarded.load(std::sync::atomic::Ordering::Relaxed),
                     "shards": shards,
                     "members": members,
                     "removed": removed,
@@ -1488,6 +1504,7 @@ impl FsService {
                 .map(|()| Reply::Unit),
             Request::Statfs => self.statfs().map(Reply::Stats),
             Request::Status => Ok(Reply::Data(self.status().into_bytes())),
+            Request::Routes => Ok(Reply::Routes(self.routes())),
             Request::Write { ino, offset, data } => self.write(creds, ino, offset, &data),
             Request::Read { ino, offset, len } => self.read(ino, offset, len),
             Request::Fallocate {
@@ -1838,7 +1855,7 @@ impl Service for FsService {
             if let Some(c) = this
                 .groups()
                 .get(shard)
-                .filter(|_| !matches!(req, Request::Status))
+                .filter(|_| !matches!(req, Request::Status | Request::Routes))
             {
                 let removed = this.groups()[0].removed_and_leading().0;
                 let leads = c.replica().is_leader();
@@ -1857,6 +1874,8 @@ impl Service for FsService {
                         ));
                     }
                     let resendable = req.is_read_only() || session.is_some();
+                    this.forwarded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match this.forward(c, wire_method, &payload, resendable).await {
                         Err(e) if e.code == ErrorCode::Service(NOT_LEADER) => {}
                         Err(e) if e.code == ErrorCode::Service(OUTCOME_UNKNOWN) => {

@@ -17,11 +17,11 @@ use cfs_meta::codec::{Reader, Writer};
 use cfs_meta::command::{Command, Op, Outcome};
 use cfs_meta::namespace::FsStats;
 use cfs_meta::session::Session;
-use cfs_meta::shard::shard_of_id;
+use cfs_meta::shard::{preferred_leader, shard_of_id};
 use cfs_meta::txn::{decode_writes, encode_writes, home_shard, Action, TxId, TxnDriver, TxnStatus};
 use cfs_meta::{ChunkId, Creds, Errno, InodeId};
 use cfs_meta_replica::MemberChange;
-use cfs_proto::{Reply, Request};
+use cfs_proto::{Reply, Request, ShardRoute};
 use std::time::{Duration, Instant};
 
 /// RPC method between nodes for one shard's group: `u8 kind | u16 shard | body`, answered by
@@ -45,6 +45,10 @@ const ABORT_AFTER_MS: i64 = 60_000;
 const TXN_DEADLINE: Duration = Duration::from_secs(20);
 /// Session client ids of transaction begins: this bit and the node id.
 const TXN_CLIENT: u64 = 1 << 62;
+/// A group's leader hands leadership to the shard's preferred voter at most this often (a
+/// transfer costs a short pause in the group; a voter that keeps failing to take over must
+/// not stall it again and again).
+const BALANCE_EVERY: Duration = Duration::from_secs(10);
 
 fn encode_result(r: &Result<Outcome, Errno>) -> Vec<u8> {
     let mut w = Writer::default();
@@ -149,36 +153,25 @@ impl FsService {
     /// The shard whose leader serves `req`: that of the inode, or the parent directory, it
     /// names (shard 0 for requests about the whole file system).
     pub fn request_shard(&self, req: &Request) -> u16 {
-        let ino = match req {
-            Request::Lookup { parent, .. }
-            | Request::Mknod { parent, .. }
-            | Request::Mkdir { parent, .. }
-            | Request::Symlink { parent, .. }
-            | Request::Unlink { parent, .. }
-            | Request::Rmdir { parent, .. }
-            | Request::Rename { parent, .. }
-            | Request::Create { parent, .. } => *parent,
-            Request::Link { newparent, .. } => *newparent,
-            Request::GetAttr { ino }
-            | Request::SetAttr { ino, .. }
-            | Request::Readlink { ino }
-            | Request::Open { ino, .. }
-            | Request::Release { ino }
-            | Request::Fsync { ino }
-            | Request::ReadDir { ino, .. }
-            | Request::ReadDirPlus { ino, .. }
-            | Request::SetXattr { ino, .. }
-            | Request::GetXattr { ino, .. }
-            | Request::ListXattr { ino }
-            | Request::RemoveXattr { ino, .. }
-            | Request::Access { ino, .. }
-            | Request::Write { ino, .. }
-            | Request::Read { ino, .. }
-            | Request::Fallocate { ino, .. }
-            | Request::Lseek { ino, .. } => *ino,
-            Request::Statfs | Request::Status => return 0,
-        };
-        shard_of_id(self.shard_count(), ino.0)
+        req.shard(self.shard_count())
+    }
+
+    /// Each shard's leader as this node knows it ([`Request::Routes`]; empty without shards).
+    pub(crate) fn routes(&self) -> Vec<ShardRoute> {
+        self.groups()
+            .iter()
+            .map(|g| {
+                // (The replica lock is let go before `address` takes it again.)
+                let leader = g.replica().leader();
+                let leader = leader.unwrap_or(0);
+                let addr = if leader == 0 {
+                    String::new()
+                } else {
+                    g.address(leader).unwrap_or_default()
+                };
+                ShardRoute { leader, addr }
+            })
+            .collect()
     }
 
     /// A mutation in a cluster: proposed on its home shard, run as a transaction if it spans
@@ -566,6 +559,26 @@ impl FsService {
                 Ok(what) => tracing::warn!("{id}: coordinator gone; {what} on shard {me}"),
                 Err(e) => tracing::info!("{id}: cannot settle yet: {e}"),
             }
+        }
+    }
+
+    /// With several shards, the leader of `c` hands leadership to the shard's preferred voter
+    /// (`preferred_leader`: shards spread over the nodes) once that voter is caught up and
+    /// answering; at most once per [`BALANCE_EVERY`] (`last`: this group's last attempt).
+    pub(crate) fn balance_leader(&self, c: &Cluster, last: &mut Option<Instant>) {
+        if self.shard_count() < 2 || last.is_some_and(|t| t.elapsed() < BALANCE_EVERY) {
+            return;
+        }
+        let voters = c.conf_state().voters;
+        let shard = c.shard().index;
+        let Some(to) = preferred_leader(shard, &voters).filter(|v| *v != c.node_id()) else {
+            return;
+        };
+        // (The replica lock is taken for this statement only.)
+        let started = c.replica().transfer_leader(to);
+        if started {
+            *last = Some(Instant::now());
+            tracing::info!("shard {shard}: handing leadership to node {to} (its preferred leader)");
         }
     }
 

@@ -242,10 +242,14 @@ impl FailoverClient {
         }
     }
 
-    fn each<T>(&self, f: impl Fn(&BlockingClient) -> Result<T, RpcError>) -> Result<T, RpcError> {
+    fn each<T>(
+        &self,
+        first: Option<usize>,
+        f: impl Fn(&BlockingClient) -> Result<T, RpcError>,
+    ) -> Result<T, RpcError> {
         let n = self.clients.len();
         let start = Instant::now();
-        let mut i = self.current.load(Ordering::Relaxed) % n;
+        let mut i = first.unwrap_or_else(|| self.current.load(Ordering::Relaxed)) % n;
         let mut tried = 0;
         loop {
             match f(&self.clients[i]) {
@@ -283,11 +287,23 @@ impl FailoverClient {
 
     /// A two-sided call (see the type's documentation for failover).
     pub fn call(&self, method: u32, payload: &[u8]) -> Result<Bytes, RpcError> {
-        self.each(|c| c.call(method, payload))
+        self.each(None, |c| c.call(method, payload))
+    }
+
+    /// [`FailoverClient::call`] starting with server `first` (an index into the addresses, e.g.
+    /// the server known to lead what the request is about) instead of the last one that
+    /// answered; failover goes on from there.
+    pub fn call_at(&self, first: usize, method: u32, payload: &[u8]) -> Result<Bytes, RpcError> {
+        self.each(Some(first), |c| c.call(method, payload))
+    }
+
+    /// The index of the server at `addr`, if it is one of this client's.
+    pub fn index_of(&self, addr: &str) -> Option<usize> {
+        self.clients.iter().position(|c| c.addr == addr)
     }
 
     /// A round trip to whichever server answers.
     pub fn ping(&self) -> Result<(), RpcError> {
-        self.each(BlockingClient::ping)
+        self.each(None, BlockingClient::ping)
     }
 }

@@ -60,7 +60,11 @@ impl ErrorCode {
             ErrorCode::BadRegionKey => 6,
             ErrorCode::OutOfRange => 7,
             ErrorCode::Internal => 8,
-            ErrorCode::Service(c) => c.max(1000),
+            ErrorCode::Service(c) => {
+                // Below 1000 the wire value would decode as another code: a caller's bug.
+                assert!(c >= 1000, "service error codes start at 1000, got {c}");
+                c
+            }
         }
     }
     /// From the wire value.
@@ -189,5 +193,37 @@ pub(crate) fn reply_result(reply: frame::Frame, addr: &str) -> Result<bytes::Byt
             addr: addr.to_string(),
             reason: format!("unexpected {other:?} reply"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn error_codes_survive_the_wire() {
+        let codes = [
+            ErrorCode::UnknownMethod,
+            ErrorCode::BadRequest,
+            ErrorCode::TooLarge,
+            ErrorCode::Checksum,
+            ErrorCode::Busy,
+            ErrorCode::BadRegionKey,
+            ErrorCode::OutOfRange,
+            ErrorCode::Internal,
+            ErrorCode::Service(1000),
+            ErrorCode::Service(1005),
+            ErrorCode::Service(9_000),
+            ErrorCode::Service(u32::MAX),
+        ];
+        for c in codes {
+            assert_eq!(ErrorCode::from_u32(c.to_u32()), c);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "service error codes start at 1000")]
+    fn a_service_code_below_1000_is_a_bug() {
+        let _ = ErrorCode::Service(900).to_u32();
     }
 }

@@ -7,7 +7,7 @@ use cfs_meta::{
     Attr, Creds, FileType as MetaType, InodeId, RenameFlags as MetaRename, SetAttr, TimeSet,
     Timespec, XattrMode,
 };
-use cfs_proto::{Reply, Request as Req, ERRNO_BASE};
+use cfs_proto::{errno_of_code, Reply, Request as Req};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -29,9 +29,50 @@ pub struct FsOptions {
     pub writeback_cache: bool,
 }
 
+/// Where each metadata shard's leader is, as an index into the failover client's servers:
+/// requests go straight there instead of through whichever member answered last (which would
+/// forward them, one more hop). Learned from [`Req::Routes`] and refreshed in the background;
+/// a stale entry costs only that hop (the member asked forwards), never a wrong answer.
+#[derive(Default)]
+pub struct Router {
+    leaders: std::sync::RwLock<Vec<Option<usize>>>,
+}
+
+impl Router {
+    /// Asks the cluster where the shard leaders are. Returns how many shards have a leader
+    /// this client can reach directly.
+    pub fn refresh(&self, client: &FailoverClient) -> Result<usize, String> {
+        let req = Req::Routes;
+        let b = client
+            .call(req.method(), &req.encode(&Creds::root()))
+            .map_err(|e| e.to_string())?;
+        let Some(Reply::Routes(routes)) = Reply::decode(&b) else {
+            return Err("unexpected reply to a routes request".into());
+        };
+        let leaders: Vec<Option<usize>> = routes
+            .iter()
+            .map(|r| (r.leader != 0).then(|| client.index_of(&r.addr)).flatten())
+            .collect();
+        let known = leaders.iter().flatten().count();
+        *self.leaders.write().unwrap_or_else(|p| p.into_inner()) = leaders;
+        Ok(known)
+    }
+
+    /// The server that leads the shard of `req`, if known.
+    fn leader_for(&self, req: &Req) -> Option<usize> {
+        let leaders = self.leaders.read().unwrap_or_else(|p| p.into_inner());
+        let shards = u16::try_from(leaders.len()).ok().filter(|s| *s > 0)?;
+        leaders
+            .get(usize::from(req.shard(shards)))
+            .copied()
+            .flatten()
+    }
+}
+
 /// The mounted file system.
 pub struct CfsFs {
-    client: FailoverClient,
+    client: std::sync::Arc<FailoverClient>,
+    router: std::sync::Arc<Router>,
     opts: FsOptions,
     /// This mount's session id: mutations carry (id, sequence) so a resend after a lost
     /// reply applies once.
@@ -123,9 +164,15 @@ fn ino(i: INodeNo) -> InodeId {
 
 impl CfsFs {
     /// A file system talking to `client` (calls run on the FUSE worker threads themselves).
-    pub fn new(client: FailoverClient, opts: FsOptions, session_id: u64) -> CfsFs {
+    pub fn new(
+        client: std::sync::Arc<FailoverClient>,
+        router: std::sync::Arc<Router>,
+        opts: FsOptions,
+        session_id: u64,
+    ) -> CfsFs {
         CfsFs {
             client,
+            router,
             opts,
             session_id,
             next_seq: std::sync::atomic::AtomicU64::new(1),
@@ -152,7 +199,10 @@ impl CfsFs {
         // A read, or a mutation with its session, may be sent again after a lost reply or a
         // timeout (the cluster applies a mutation once); the failover client moves to the
         // next member. A few tries: each is bounded by the mount's timeout.
-        let mut res = self.client.call(method, &payload);
+        let mut res = match self.router.leader_for(&r) {
+            Some(leader) => self.client.call_at(leader, method, &payload),
+            None => self.client.call(method, &payload),
+        };
         for _ in 0..3 {
             if !matches!(
                 res,
@@ -170,8 +220,16 @@ impl CfsFs {
             }),
             Err(RpcError::Remote {
                 code: ErrorCode::Service(c),
-                ..
-            }) if c >= ERRNO_BASE => Err(Errno::from_i32((c - ERRNO_BASE) as i32)),
+                message,
+            }) if errno_of_code(c).is_some() => {
+                let e = Errno::from_i32(errno_of_code(c).unwrap_or(libc::EIO));
+                // An I/O error is worth a line with the server's reason (ENOENT and the
+                // like are ordinary answers).
+                if e == Errno::EIO {
+                    tracing::warn!("the server answered EIO: {message}");
+                }
+                Err(e)
+            }
             Err(e) => {
                 tracing::warn!("request failed: {e}");
                 Err(Errno::EIO)

@@ -350,10 +350,28 @@ fn main() -> Result<()> {
                 secret,
                 ..cfs_fabric::ClientConfig::default()
             };
-            let client = cfs_fabric::FailoverClient::new(&addrs, cfg, total);
+            let client = Arc::new(cfs_fabric::FailoverClient::new(&addrs, cfg, total));
             client
                 .ping()
                 .with_context(|| format!("cannot reach the server at {server}"))?;
+            // Shard leaders: learned now, then refreshed every second (one small request) so
+            // requests keep going straight to their shard's leader as leadership moves.
+            let router = Arc::new(fs::Router::default());
+            if let Err(e) = router.refresh(&client) {
+                tracing::info!("no shard routes yet ({e}); requests go through any member");
+            }
+            {
+                let (client, router) = (Arc::clone(&client), Arc::clone(&router));
+                std::thread::Builder::new()
+                    .name("cfs-routes".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(Duration::from_secs(1));
+                        if let Err(e) = router.refresh(&client) {
+                            tracing::debug!("refreshing shard routes: {e}");
+                        }
+                    })
+                    .context("cannot start the route refresher")?;
+            }
             let session_id = u64::from_le_bytes(
                 cfs_fabric::auth::random32().context("reading /dev/urandom")?[..8]
                     .try_into()
@@ -361,6 +379,7 @@ fn main() -> Result<()> {
             );
             let fs = fs::CfsFs::new(
                 client,
+                router,
                 fs::FsOptions {
                     cache_ttl: Duration::from_secs_f64(cache_ttl),
                     writeback_cache,

@@ -83,6 +83,16 @@ pub fn entry_hash(parent: InodeId, name: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The voter that should lead `shard`'s group when several shards share the nodes: the
+/// voters in id order, shard k on the (k mod n)-th, so S shards on n nodes spread their
+/// leaders (and so their proposals, reads and transaction work) over min(S, n) nodes.
+pub fn preferred_leader(shard: u16, voters: &[u64]) -> Option<u64> {
+    let mut v = voters.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    (!v.is_empty()).then(|| v[usize::from(shard) % v.len()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +152,17 @@ mod tests {
             prop_assert!(a - floor < u64::from(s.count));
             prop_assert!(s.owns(InodeId(a)));
         }
+    }
+
+    #[test]
+    fn preferred_leaders_spread_over_the_voters() {
+        assert_eq!(preferred_leader(0, &[]), None);
+        let voters = [7, 3, 5];
+        let leaders: Vec<u64> = (0..6)
+            .filter_map(|k| preferred_leader(k, &voters))
+            .collect();
+        assert_eq!(leaders, vec![3, 5, 7, 3, 5, 7]);
+        // The order of the list does not matter: every node computes the same.
+        assert_eq!(preferred_leader(4, &[5, 7, 3]), Some(5));
     }
 }

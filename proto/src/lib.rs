@@ -131,6 +131,19 @@ pub enum Request {
     /// This node's view of the cluster, as JSON text in [`Reply::Data`] (answered by the node
     /// asked, never forwarded).
     Status,
+    /// Where each metadata shard's leader is, as the node asked knows it ([`Reply::Routes`];
+    /// answered by that node, never forwarded): a client sends each request straight to the
+    /// leader of its shard ([`Request::shard`]) and saves the forwarding hop.
+    Routes,
+}
+
+/// One metadata shard's leader as a node knows it (index in [`Reply::Routes`] = shard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardRoute {
+    /// The leader's node id (0: no leader known).
+    pub leader: u64,
+    /// Its RPC address (empty when unknown).
+    pub addr: String,
 }
 
 /// `FALLOC_FL_KEEP_SIZE`: do not change the file size.
@@ -163,10 +176,22 @@ pub enum Reply {
     Offset(u64),
     /// Directory entries with attributes (readdirplus).
     EntriesPlus(Vec<(DirEntry, Attr)>),
+    /// Shard leaders (index = shard; empty on a server without shards).
+    Routes(Vec<ShardRoute>),
 }
 
-/// Error-frame code for an errno.
+/// Error-frame code for an errno: `ERRNO_BASE + errno`, for errno below [`ERRNO_LIMIT`].
 pub const ERRNO_BASE: u32 = 1000;
+
+/// Errno values are below this (Linux's are below 4096).
+pub const ERRNO_LIMIT: u32 = 4096;
+
+/// The errno an error-frame code carries, if it carries one.
+pub fn errno_of_code(code: u32) -> Option<i32> {
+    (ERRNO_BASE..ERRNO_BASE + ERRNO_LIMIT)
+        .contains(&code)
+        .then(|| (code - ERRNO_BASE) as i32)
+}
 
 /// Set on a request's method id when its payload starts with a session (`u64 client | u64
 /// seq`, then the request as usual): the client may resend it after a lost reply, and the
@@ -218,7 +243,49 @@ impl Request {
                 | Request::Read { .. }
                 | Request::Lseek { .. }
                 | Request::Status
+                | Request::Routes
         )
+    }
+
+    /// The inode whose metadata shard serves the request: the inode, or the parent directory,
+    /// it names (`None`: a request about the whole file system, served by shard 0 or by the
+    /// node asked).
+    pub fn route_ino(&self) -> Option<InodeId> {
+        match self {
+            Request::Lookup { parent, .. }
+            | Request::Mknod { parent, .. }
+            | Request::Mkdir { parent, .. }
+            | Request::Symlink { parent, .. }
+            | Request::Unlink { parent, .. }
+            | Request::Rmdir { parent, .. }
+            | Request::Rename { parent, .. }
+            | Request::Create { parent, .. } => Some(*parent),
+            Request::Link { newparent, .. } => Some(*newparent),
+            Request::GetAttr { ino }
+            | Request::SetAttr { ino, .. }
+            | Request::Readlink { ino }
+            | Request::Open { ino, .. }
+            | Request::Release { ino }
+            | Request::Fsync { ino }
+            | Request::ReadDir { ino, .. }
+            | Request::ReadDirPlus { ino, .. }
+            | Request::SetXattr { ino, .. }
+            | Request::GetXattr { ino, .. }
+            | Request::ListXattr { ino }
+            | Request::RemoveXattr { ino, .. }
+            | Request::Access { ino, .. }
+            | Request::Write { ino, .. }
+            | Request::Read { ino, .. }
+            | Request::Fallocate { ino, .. }
+            | Request::Lseek { ino, .. } => Some(*ino),
+            Request::Statfs | Request::Status | Request::Routes => None,
+        }
+    }
+
+    /// The metadata shard (of `shards`) whose leader serves the request.
+    pub fn shard(&self, shards: u16) -> u16 {
+        self.route_ino()
+            .map_or(0, |ino| cfs_meta::shard::shard_of_id(shards, ino.0))
     }
 
     /// The RPC method id.
@@ -252,6 +319,7 @@ impl Request {
             Request::Create { .. } => 26,
             Request::Fsync { .. } => 27,
             Request::Status => 28,
+            Request::Routes => 29,
         }
     }
 
@@ -344,7 +412,7 @@ impl Request {
                 w.u32(*perm);
             }
             Request::Fsync { ino } => w.ino(*ino),
-            Request::Status => {}
+            Request::Status | Request::Routes => {}
             Request::Fallocate {
                 ino,
                 offset,
@@ -531,6 +599,7 @@ impl Request {
             },
             27 => Request::Fsync { ino: r.ino()? },
             28 => Request::Status,
+            29 => Request::Routes,
             _ => return None,
         };
         r.end()?;
@@ -589,6 +658,15 @@ impl Reply {
                     w.attr(a);
                 }
             }
+            Reply::Routes(rs) => {
+                w.u8(8);
+                assert!(rs.len() <= usize::from(u16::MAX), "at most 65535 shards");
+                w.u16(rs.len() as u16);
+                for r in rs {
+                    w.u64(r.leader);
+                    w.bytes(r.addr.as_bytes());
+                }
+            }
         }
         w.0
     }
@@ -640,6 +718,17 @@ impl Reply {
                 }
                 Reply::EntriesPlus(es)
             }
+            8 => {
+                let n = usize::from(r.u16()?);
+                let mut rs = Vec::with_capacity(n.min(b.len() / 12));
+                for _ in 0..n {
+                    rs.push(ShardRoute {
+                        leader: r.u64()?,
+                        addr: String::from_utf8(r.bytes()?).ok()?,
+                    });
+                }
+                Reply::Routes(rs)
+            }
             _ => return None,
         };
         r.end()?;
@@ -652,6 +741,15 @@ mod tests {
     use super::*;
     use cfs_meta::{TimeSet, Timespec};
     use proptest::prelude::*;
+
+    #[test]
+    fn errno_codes() {
+        assert_eq!(errno_of_code(ERRNO_BASE + 5), Some(5));
+        assert_eq!(errno_of_code(ERRNO_BASE), Some(0));
+        assert_eq!(errno_of_code(ERRNO_BASE + ERRNO_LIMIT), None);
+        assert_eq!(errno_of_code(9_000), None);
+        assert_eq!(errno_of_code(999), None);
+    }
 
     fn name() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..40)
@@ -763,6 +861,7 @@ mod tests {
             }),
             ino.clone().prop_map(|ino| Request::Fsync { ino }),
             Just(Request::Status),
+            Just(Request::Routes),
         ]
     }
 
@@ -794,6 +893,7 @@ mod tests {
                 Reply::Entries(names.iter().enumerate().map(|(i, n)| DirEntry { name: n.clone(), ino: InodeId(i as u64), kind: FileType::Symlink, cookie: i as u64 * 3 }).collect()),
                 Reply::Offset(data.len() as u64 * 77),
                 Reply::EntriesPlus(names.iter().enumerate().map(|(i, n)| (DirEntry { name: n.clone(), ino: InodeId(i as u64), kind: FileType::Regular, cookie: i as u64 }, attr(i as u64))).collect()),
+                Reply::Routes(names.iter().enumerate().map(|(i, n)| ShardRoute { leader: i as u64, addr: String::from_utf8_lossy(n).into_owned() }).collect()),
             ] {
                 prop_assert_eq!(Reply::decode(&rep.encode()), Some(rep.clone()));
             }

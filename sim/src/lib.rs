@@ -90,6 +90,9 @@ pub struct SimConfig {
     /// Chance per tick that the leader proposes a membership change (add a spare as a
     /// learner, promote a learner, remove a member).
     pub member_change_per_mille: u64,
+    /// Chance per tick that the leader hands leadership to another voter (raft-rs leader
+    /// transfer, as the runtime does to balance shard leaders over nodes).
+    pub transfer_per_mille: u64,
     /// Chance per tick of a simulated write failure: the leader marks a current holder of a
     /// chunk stale (the repair driver must fix it).
     pub stale_per_mille: u64,
@@ -122,6 +125,7 @@ impl SimConfig {
             replicas: 3,
             spare_nodes: 0,
             member_change_per_mille: 0,
+            transfer_per_mille: 8,
             stale_per_mille: 15,
             repair_every: 4,
             quiet_end: false,
@@ -200,6 +204,8 @@ pub struct Report {
     /// Client commands applied a second time under the same session (resends), each checked to
     /// give the first result.
     pub resends_deduplicated: u64,
+    /// Leadership transfers started.
+    pub transfers: u64,
 }
 
 #[derive(Debug)]
@@ -875,6 +881,39 @@ impl Sim {
         Ok(())
     }
 
+    /// The leader hands leadership to a random other voter (when that voter is caught up;
+    /// the transfer may still fail under faults, and raft-rs aborts it after an election).
+    fn transfer_leadership(&mut self) {
+        let Some(l) = self.leader() else { return };
+        let Some(r) = self.nodes[l].replica.as_ref() else {
+            return;
+        };
+        let others: Vec<u64> = r
+            .conf_state()
+            .voters
+            .into_iter()
+            .filter(|&v| v != l as u64 + 1)
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let to = others[self.rng.below(others.len() as u64) as usize];
+        let started = self.nodes[l]
+            .replica
+            .as_mut()
+            .is_some_and(|r| r.transfer_leader(to));
+        if self.trace {
+            eprintln!(
+                "t={} leader {} transfers to {to}: {started}",
+                self.now,
+                l + 1
+            );
+        }
+        if started {
+            self.report.transfers += 1;
+        }
+    }
+
     /// A simulated write failure: a current holder of some chunk missed a write (only
     /// while the chunk has another current copy, so data is never lost by it alone).
     fn write_failure(&mut self) {
@@ -1096,6 +1135,9 @@ impl Sim {
             }
             if self.rng.chance(self.cfg.stale_per_mille, 1000) {
                 self.write_failure();
+            }
+            if self.rng.chance(self.cfg.transfer_per_mille, 1000) {
+                self.transfer_leadership();
             }
         }
         if self.clients && self.rng.chance(self.cfg.propose_per_mille, 1000) {

@@ -37,6 +37,7 @@ fn run_all(label: &str, default_seeds: u64, make: impl Fn(u64) -> SimConfig) -> 
                 total.stale_marks += r.stale_marks;
                 total.copies_dropped += r.copies_dropped;
                 total.resends_deduplicated += r.resends_deduplicated;
+                total.transfers += r.transfers;
                 total.chunks += r.chunks;
                 total.final_members += r.final_members;
             }
@@ -54,6 +55,8 @@ fn run_all(label: &str, default_seeds: u64, make: impl Fn(u64) -> SimConfig) -> 
     assert!(total.chunks > 0 && total.stale_marks > 0 && total.repairs > 0);
     // Clients resent commands, and the resends got the first result without a second effect.
     assert!(total.resends_deduplicated > 0);
+    // Leaders handed over to other voters (while everything else went on).
+    assert!(total.transfers > 0);
     total
 }
 

@@ -140,6 +140,13 @@ pub struct Replica {
     role_term: (StateRole, u64),
     /// Messages waiting for the persist job with this number.
     held: Vec<(u64, Vec<Message>)>,
+    /// Ticks since this replica opened (its logical clock).
+    ticks: u64,
+    /// Whether reads are confirmed by the leader's lease (configured).
+    lease_reads: bool,
+    /// Until this tick, reads take a quorum round even with `lease_reads` (see
+    /// [`Replica::transfer_leader`]).
+    lease_hold_until: u64,
 }
 
 /// The namespace every group starts from (identical on every replica): the root directory
@@ -214,6 +221,9 @@ impl Replica {
             timeout: cfg.election_ticks,
             cfg,
             held: Vec::new(),
+            ticks: 0,
+            lease_reads,
+            lease_hold_until: 0,
         };
         r.new_timeout();
         Ok(r)
@@ -247,8 +257,64 @@ impl Replica {
 
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.node.tick();
         self.fix_timeout();
+        self.restore_lease();
+    }
+
+    /// Hands leadership to the voter `to` when its log is complete and it answered lately
+    /// (raft-rs sends it MsgTimeoutNow: it campaigns at once and its peers vote without
+    /// waiting for the old leader's lease to run out). Returns whether a transfer started.
+    ///
+    /// That forced election is why lease reads pause here: from now until two election
+    /// timeouts have passed (the transfer ends or is aborted within one, and check_quorum
+    /// runs at the end of it), this leader confirms reads with a quorum round, which a
+    /// deposed leader can no longer win, so it never answers from a stale lease.
+    pub fn transfer_leader(&mut self, to: u64) -> bool {
+        if !self.is_leader() || to == self.cfg.id || self.node.raft.lead_transferee.is_some() {
+            return false;
+        }
+        if !self.conf_state().voters.contains(&to) {
+            return false;
+        }
+        let last = self.node.raft.raft_log.last_index();
+        let ready = self
+            .node
+            .raft
+            .prs()
+            .get(to)
+            .is_some_and(|p| p.matched == last && p.recent_active);
+        if !ready {
+            return false;
+        }
+        self.lease_hold_until = self.ticks + 2 * self.cfg.election_ticks as u64;
+        self.node.raft.read_only.option = raft::ReadOnlyOption::Safe;
+        self.node.transfer_leader(to);
+        true
+    }
+
+    /// Whether a leadership transfer from this replica is under way.
+    pub fn transferring(&self) -> bool {
+        self.node.raft.lead_transferee.is_some()
+    }
+
+    /// Lease reads again once the hold after a transfer is over and no read is waiting for
+    /// a quorum round (switching with reads pending would strand them).
+    fn restore_lease(&mut self) {
+        if self.lease_reads
+            && self.node.raft.read_only.option != raft::ReadOnlyOption::LeaseBased
+            && self.ticks >= self.lease_hold_until
+            && self.node.raft.lead_transferee.is_none()
+            && self.node.raft.read_only.pending_read_count() == 0
+        {
+            self.node.raft.read_only.option = raft::ReadOnlyOption::LeaseBased;
+        }
+    }
+
+    /// Whether reads are being confirmed by the lease (false: by a quorum round).
+    pub fn lease_active(&self) -> bool {
+        self.node.raft.read_only.option == raft::ReadOnlyOption::LeaseBased
     }
 
     /// Feeds a message from a peer. Messages from unknown peers or stale terms are ignored
