@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CRATES := hugepages nvme dataplane fabric metadata proto fuse-client sim
 
-.PHONY: all build release deps test check fmt clippy doc bench clean test-cluster $(addprefix test-,$(CRATES))
+.PHONY: all build release deps test check fmt clippy doc bench clean test-cluster test-vfio $(addprefix test-,$(CRATES))
 
 all: build
 
@@ -19,6 +19,7 @@ deps:
 test: deps
 	$(CARGO) test --workspace
 	./scripts/test-hugepages.sh
+	./scripts/test-vfio.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
 	./scripts/test-cluster.sh
 	NODES=5 READ_MODE=lease META_SHARDS=3 ./scripts/test-cluster.sh
@@ -33,6 +34,11 @@ test-hugepages: deps
 
 test-nvme: deps
 	$(CARGO) test -p cfs-nvme
+	./scripts/test-vfio.sh
+
+# Our userspace NVMe driver on an emulated controller behind VFIO, in a QEMU guest.
+test-vfio: deps
+	./scripts/test-vfio.sh
 
 test-dataplane: deps
 	$(CARGO) test -p cfs-dataplane

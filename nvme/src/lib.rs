@@ -6,9 +6,9 @@
 //! the buffers back. Nothing blocks; a full queue returns the command to the caller.
 //!
 //! Backends: [`uring`] (io_uring over an `O_DIRECT` file or block device, one ring per queue
-//! pair, registered buffers and file) and [`mem`] (in memory, with seeded fault injection and
-//! power loss, for tests and simulation). The VFIO userspace driver will be a third backend
-//! behind the same traits.
+//! pair, registered buffers and file), [`mem`] (in memory, with seeded fault injection and
+//! power loss, for tests and simulation) and [`vfio`] (our own userspace NVMe driver: the
+//! controller bound to vfio-pci, polled queue pairs, DMA through the IOMMU).
 
 #![deny(unsafe_code)]
 
@@ -17,6 +17,7 @@ pub mod rng;
 #[allow(unsafe_code)]
 mod sys;
 pub mod uring;
+pub mod vfio;
 
 pub use cfs_hugepages::DmaBuf;
 use std::fmt;
@@ -148,6 +149,15 @@ pub enum IoStatus {
     InjectedFault,
     /// The device lost power; commands fail until it is power-cycled (memory backend).
     PowerLost,
+    /// The transfer is larger than the device takes in one command (its limit, bytes).
+    TooLarge(u32),
+    /// The NVMe controller failed the command: status code type and status code.
+    Nvme {
+        /// Status code type (0 generic, 1 command specific, 2 media and data integrity).
+        sct: u8,
+        /// Status code.
+        sc: u8,
+    },
 }
 
 impl fmt::Display for IoStatus {
@@ -163,6 +173,8 @@ impl fmt::Display for IoStatus {
             IoStatus::InvalidBuffer => f.write_str("missing or too small data buffer"),
             IoStatus::InjectedFault => f.write_str("injected media error"),
             IoStatus::PowerLost => f.write_str("device lost power"),
+            IoStatus::TooLarge(max) => write!(f, "transfer larger than the device's {max} bytes"),
+            IoStatus::Nvme { sct, sc } => write!(f, "NVMe status type {sct:#x} code {sc:#04x}"),
         }
     }
 }
