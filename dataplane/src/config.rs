@@ -186,11 +186,37 @@ impl Default for ServerSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
-    /// Path of a regular file or block device; relative paths are under `data_dir`.
+    /// Path of a regular file or block device; relative paths are under `data_dir` (driven
+    /// with io_uring). Empty when `pci` is given.
+    #[serde(default)]
     pub path: PathBuf,
+    /// PCI address of an NVMe controller bound to vfio-pci (e.g. "0000:00:02.0"), driven by
+    /// our userspace driver; its namespace 1 is the device. Instead of `path`.
+    #[serde(default)]
+    pub pci: Option<String>,
     /// Size of a file device created by `format` (e.g. "4G"); ignored for block devices.
     #[serde(default = "default_device_size")]
     pub size: String,
+}
+
+/// A configured device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// A file or block device (path, size of a file `format` creates).
+    File(PathBuf, u64),
+    /// An NVMe controller bound to vfio-pci.
+    Pci(String),
+}
+
+/// `DDDD:BB:DD.F` in hex.
+fn is_pci_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && s.char_indices()
+            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
 }
 
 fn default_device_size() -> String {
@@ -472,6 +498,27 @@ impl Config {
             return Err(invalid("data_dir", "must not be empty"));
         }
         for (i, d) in self.devices.iter().enumerate() {
+            match (&d.pci, d.path.as_os_str().is_empty()) {
+                (Some(_), false) => {
+                    return Err(invalid(
+                        format!("devices[{i}]"),
+                        "give either `path` (a file or block device) or `pci` (an NVMe controller), not both",
+                    ))
+                }
+                (None, true) => {
+                    return Err(invalid(
+                        format!("devices[{i}]"),
+                        "needs `path` (a file or block device) or `pci` (an NVMe controller)",
+                    ))
+                }
+                (Some(p), true) if !is_pci_address(p) => {
+                    return Err(invalid(
+                        format!("devices[{i}].pci"),
+                        format!("`{p}` is not a PCI address like \"0000:00:02.0\""),
+                    ))
+                }
+                _ => {}
+            }
             if parse_size(&d.size).is_none_or(|b| b < 16 << 20) {
                 return Err(invalid(
                     format!("devices[{i}].size"),
@@ -577,15 +624,48 @@ impl Config {
         }
     }
 
-    /// Devices with paths resolved against `data_dir` and sizes in bytes.
-    pub fn resolved_devices(&self) -> Vec<(PathBuf, u64)> {
+    /// The devices in order: files and block devices with paths resolved against `data_dir`
+    /// and sizes in bytes, or NVMe controllers by PCI address.
+    pub fn device_specs(&self) -> Vec<DeviceSpec> {
         let list = if self.devices.is_empty() {
             vec![DeviceConfig {
                 path: "data0.img".into(),
+                pci: None,
                 size: default_device_size(),
             }]
         } else {
             self.devices.clone()
+        };
+        list.into_iter()
+            .map(|d| match d.pci {
+                Some(pci) => DeviceSpec::Pci(pci),
+                None => {
+                    let p = if d.path.is_absolute() {
+                        d.path
+                    } else {
+                        self.data_dir.join(d.path)
+                    };
+                    DeviceSpec::File(p, parse_size(&d.size).unwrap_or(4 << 30))
+                }
+            })
+            .collect()
+    }
+
+    /// The file and block devices (paths resolved against `data_dir`, sizes in bytes); NVMe
+    /// controllers given by PCI address are left out.
+    pub fn resolved_devices(&self) -> Vec<(PathBuf, u64)> {
+        let list = if self.devices.is_empty() {
+            vec![DeviceConfig {
+                path: "data0.img".into(),
+                pci: None,
+                size: default_device_size(),
+            }]
+        } else {
+            self.devices
+                .iter()
+                .filter(|d| d.pci.is_none())
+                .cloned()
+                .collect()
         };
         list.into_iter()
             .map(|d| {

@@ -2,9 +2,10 @@
 //! tools that drive the real engine.
 
 use anyhow::{anyhow, bail, Context, Result};
-use cfs_dataplane::config::Config;
+use cfs_dataplane::config::{Config, DeviceSpec};
 use cfs_dataplane::reactor::{self, Engine};
 use cfs_nvme::uring::UringDevice;
+use cfs_nvme::vfio::VfioNvme;
 use cfs_nvme::BlockDevice;
 use clap::{Parser, Subcommand};
 use std::fs::File;
@@ -85,6 +86,29 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         span: u64,
     },
+    /// Check a stopped store against the output of `load` (its `I`/`A`/`E` lines): every
+    /// sector of every chunk must hold the last acknowledged write to it, or (for sectors an
+    /// unacknowledged write touched) that write's data; zeros where nothing was written.
+    CheckLoad {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Data directory (instead of a config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The output of `load` (one or more runs, appended).
+        #[arg(long)]
+        log: PathBuf,
+        /// Chunks written (as given to `load`).
+        #[arg(long, default_value_t = 8)]
+        chunks: u64,
+        /// Bytes of each chunk written (as given to `load`).
+        #[arg(long, default_value_t = 1 << 20)]
+        span: u64,
+    },
+    /// List the NVMe controllers on this machine: PCI address, driver, IOMMU group, model and
+    /// whether the userspace driver can take them (`[[devices]] pci = "..."`).
+    Devices,
     /// Check a stopped node: recover every shard, load and check the namespace, and match the
     /// chunk store's chunks against the files that own them. Exit status 1 if anything is wrong.
     Fsck {
@@ -214,7 +238,18 @@ pub(crate) fn open_devices(cfg: &Config, create: bool) -> Result<LockedDevices> 
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     let mut devs: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut locks = Vec::new();
-    for (path, size) in cfg.resolved_devices() {
+    for spec in cfg.device_specs() {
+        let (path, size) = match spec {
+            DeviceSpec::Pci(pci) => {
+                // VFIO lets one process at a time hold the device's group: that is the lock.
+                let dev = VfioNvme::open(&pci).with_context(|| {
+                    format!("cannot take NVMe controller {pci} (is it bound to vfio-pci? see scripts/nvme-bind)")
+                })?;
+                devs.push(Arc::new(dev));
+                continue;
+            }
+            DeviceSpec::File(path, size) => (path, size),
+        };
         if create && !path.exists() {
             UringDevice::create_file(&path, size)?;
         }
@@ -663,6 +698,17 @@ fn main() -> Result<()> {
             data_dir,
             repair,
         } => cmd_fsck(&load_config(config, data_dir)?, repair),
+        Cmd::CheckLoad {
+            config,
+            data_dir,
+            log,
+            chunks,
+            span,
+        } => cmd_check_load(&load_config(config, data_dir)?, &log, chunks, span),
+        Cmd::Devices => {
+            cmd_devices();
+            Ok(())
+        }
         Cmd::Verify { servers } => cmd_verify(&servers),
         Cmd::Token { config, data_dir } => cmd_token(&load_config(config, data_dir)?),
         Cmd::Scrub { servers } => cmd_scrub(&servers),
@@ -915,6 +961,113 @@ fn cmd_scrub(servers: &str) -> Result<()> {
         bail!("bad copies found (recorded stale: repair rewrites them)");
     }
     Ok(())
+}
+
+/// See `Cmd::CheckLoad`.
+fn cmd_check_load(cfg: &Config, log: &std::path::Path, chunks: u64, span: u64) -> Result<()> {
+    use cfs_dataplane::workload::{sector_is, SECTOR};
+    use std::collections::HashMap;
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    // Writes issued (id -> chunk, first sector, sectors) and which were acknowledged.
+    let mut issued: HashMap<u64, (u64, u64, u64)> = HashMap::new();
+    let mut acked = std::collections::HashSet::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["I", id, c, s, n] => {
+                issued.insert(id.parse()?, (c.parse()?, s.parse()?, n.parse()?));
+            }
+            ["A", id] => {
+                acked.insert(id.parse::<u64>()?);
+            }
+            _ => {}
+        }
+    }
+    let sectors = span / SECTOR as u64;
+    // Per sector: the last acknowledged write (ids grow in issue order, and writes to the same
+    // sector are never in flight together), and any unacknowledged ones after it.
+    let mut want: HashMap<(u64, u64), (Option<u64>, Vec<u64>)> = HashMap::new();
+    let mut ids: Vec<&u64> = issued.keys().collect();
+    ids.sort();
+    for id in ids {
+        let (c, s, n) = issued[id];
+        for sector in s..s + n {
+            let e = want.entry((c, sector)).or_default();
+            if acked.contains(id) {
+                *e = (Some(*id), Vec::new());
+            } else {
+                e.1.push(*id);
+            }
+        }
+    }
+    let (engine, _locks) = start_engine(cfg)?;
+    let (mut checked, mut wrong, mut bad) = (0u64, 0u64, Vec::new());
+    for chunk in 1..=chunks {
+        let data = match engine.read(chunk, 0, span as usize) {
+            Ok(d) => d,
+            Err(cfs_dataplane::store::StoreError::NotFound { .. }) => vec![0u8; span as usize],
+            Err(e) => return Err(e).with_context(|| format!("reading chunk {chunk}")),
+        };
+        for sector in 0..sectors {
+            let bytes = &data[(sector as usize) * SECTOR..(sector as usize + 1) * SECTOR];
+            let ok = match want.get(&(chunk, sector)) {
+                None => bytes.iter().all(|b| *b == 0),
+                Some((last, later)) => {
+                    last.map_or_else(
+                        || bytes.iter().all(|b| *b == 0),
+                        |id| sector_is(id, sector, bytes),
+                    ) || later.iter().any(|id| sector_is(*id, sector, bytes))
+                }
+            };
+            checked += 1;
+            if !ok {
+                wrong += 1;
+                if bad.len() < 10 {
+                    bad.push(format!("chunk {chunk} sector {sector}"));
+                }
+            }
+        }
+    }
+    engine.shutdown().context("stopping the store")?;
+    if !bad.is_empty() {
+        bail!(
+            "{wrong} of {checked} sectors wrong, e.g. {}",
+            bad.join(", ")
+        );
+    }
+    println!(
+        "check-load: {checked} sectors of {chunks} chunks hold the last acknowledged write ({} writes issued, {} acknowledged)",
+        issued.len(),
+        acked.len()
+    );
+    Ok(())
+}
+
+/// See `Cmd::Devices`.
+fn cmd_devices() {
+    let list = cfs_nvme::vfio::list_controllers();
+    if list.is_empty() {
+        println!("no NVMe controllers");
+        return;
+    }
+    println!(
+        "{:<14} {:<10} {:>5}  {:<24} usable by cfs-dataplane ([[devices]] pci = ...)",
+        "pci", "driver", "group", "model"
+    );
+    for c in list {
+        println!(
+            "{:<14} {:<10} {:>5}  {:<24} {}",
+            c.pci,
+            if c.driver.is_empty() { "-" } else { &c.driver },
+            c.iommu_group.map_or("-".to_string(), |g| g.to_string()),
+            if c.model.is_empty() { "-" } else { &c.model },
+            match c.claimable {
+                Ok(()) => "yes".to_string(),
+                Err(why) => format!("no: {why}"),
+            }
+        );
+    }
 }
 
 /// See `Cmd::Damage`.

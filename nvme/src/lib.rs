@@ -151,6 +151,9 @@ pub enum IoStatus {
     PowerLost,
     /// The transfer is larger than the device takes in one command (its limit, bytes).
     TooLarge(u32),
+    /// The controller was reset (after a command timed out, a fatal status, or on request)
+    /// while the command was in flight: it may or may not have been carried out.
+    Reset,
     /// The NVMe controller failed the command: status code type and status code.
     Nvme {
         /// Status code type (0 generic, 1 command specific, 2 media and data integrity).
@@ -174,6 +177,7 @@ impl fmt::Display for IoStatus {
             IoStatus::InjectedFault => f.write_str("injected media error"),
             IoStatus::PowerLost => f.write_str("device lost power"),
             IoStatus::TooLarge(max) => write!(f, "transfer larger than the device's {max} bytes"),
+            IoStatus::Reset => f.write_str("controller reset while the command was in flight"),
             IoStatus::Nvme { sct, sc } => write!(f, "NVMe status type {sct:#x} code {sc:#04x}"),
         }
     }

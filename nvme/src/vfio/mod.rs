@@ -22,6 +22,7 @@ use cfs_hugepages::{DmaBuf, RegionInfo};
 use regs::{admin, nvm, Capabilities, ControllerId, Cqe, NamespaceId, Sqe};
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sys::{Container, Device, DmaMem, Group, Mmio};
@@ -36,6 +37,25 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const WANT_IO_QUEUES: u16 = 16;
 /// The largest transfer this driver builds PRP lists for.
 const MAX_TRANSFER_CAP: usize = 2 << 20;
+/// A queue pair checks its oldest command's age and the controller's status every this many
+/// polls (one MMIO read), not on every poll.
+const HEALTH_EVERY_POLLS: u32 = 1024;
+
+/// Driver options.
+#[derive(Clone, Debug)]
+pub struct VfioOptions {
+    /// A command not completed after this long makes the controller reset (every command in
+    /// flight then fails with [`IoStatus::Reset`]).
+    pub command_timeout_ms: u64,
+}
+
+impl Default for VfioOptions {
+    fn default() -> VfioOptions {
+        VfioOptions {
+            command_timeout_ms: 30_000,
+        }
+    }
+}
 
 /// Why the controller could not be opened or driven.
 #[derive(Debug, thiserror::Error)]
@@ -65,11 +85,33 @@ pub enum VfioError {
     },
 }
 
+/// A queue pair's state that a reset on another thread reads.
+#[derive(Default)]
+struct QpShared {
+    /// Odd while the pair writes a doorbell.
+    ringing: AtomicU64,
+    /// Commands the pair has in flight on the device.
+    in_flight: AtomicU64,
+}
+
+/// How long a reset lets commands in flight finish before it disables the controller
+/// (at most half the command timeout).
+const RESET_DRAIN: Duration = Duration::from_secs(1);
+
+/// A buffer-pool region mapped for the device.
+struct MappedRegion {
+    base: usize,
+    len: usize,
+    iova: u64,
+    /// Queue pairs using it: the mapping goes with the last (a pool freed and another mapped
+    /// at the same address later must get a mapping of its own pages, not the old ones).
+    users: u32,
+}
+
 /// The bus addresses handed out and the memory mapped at them.
 struct IovaSpace {
     next: u64,
-    /// Buffer-pool regions mapped: (virtual base, length, IOVA).
-    regions: Vec<(usize, usize, u64)>,
+    regions: Vec<MappedRegion>,
 }
 
 impl IovaSpace {
@@ -112,6 +154,19 @@ struct Ctrl {
     iova: Mutex<IovaSpace>,
     /// Which I/O queue ids are in use (index = qid - 1).
     qids: Mutex<Vec<bool>>,
+    /// Bumped twice by every controller reset: odd while it runs (queue pairs ring no doorbell
+    /// then: touching a controller's queues while it resets can wedge real drives), even
+    /// after; a queue pair that sees a new even value fails what it had in flight and creates
+    /// its queues again.
+    epoch: AtomicU64,
+    /// What each queue pair shows a reset: whether it is writing a doorbell, and how many
+    /// commands it has in flight.
+    ringers: Mutex<Vec<Arc<QpShared>>>,
+    /// One reset at a time.
+    resetting: Mutex<()>,
+    command_timeout: Duration,
+    /// Resets so far.
+    resets: AtomicU64,
 }
 
 fn os<'a>(pci: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> VfioError + 'a {
@@ -243,17 +298,136 @@ impl Ctrl {
         Ok(iova)
     }
 
-    /// Maps a buffer-pool region once; returns the table of mapped regions.
-    fn map_region(&self, r: &RegionInfo) -> Result<Vec<(usize, usize, u64)>, VfioError> {
+    /// Maps a buffer-pool region (once while queue pairs use it); returns its IOVA.
+    fn map_region(&self, r: &RegionInfo) -> Result<u64, VfioError> {
         let mut space = self.iova.lock().unwrap_or_else(|p| p.into_inner());
-        if !space.regions.iter().any(|(b, _, _)| *b == r.base) {
-            let iova = space.take(r.len);
-            self.container
-                .map_dma(r.base, iova, r.len)
-                .map_err(os(&self.pci, "mapping the buffer pool for DMA"))?;
-            space.regions.push((r.base, r.len, iova));
+        if let Some(m) = space
+            .regions
+            .iter_mut()
+            .find(|m| m.base == r.base && m.len == r.len)
+        {
+            m.users += 1;
+            return Ok(m.iova);
         }
-        Ok(space.regions.clone())
+        let iova = space.take(r.len);
+        self.container
+            .map_dma(r.base, iova, r.len)
+            .map_err(os(&self.pci, "mapping the buffer pool for DMA"))?;
+        space.regions.push(MappedRegion {
+            base: r.base,
+            len: r.len,
+            iova,
+            users: 1,
+        });
+        Ok(iova)
+    }
+
+    /// A queue pair stops using a region: the last one unmaps it.
+    fn unmap_region(&self, base: usize, len: usize) {
+        let mut space = self.iova.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = space
+            .regions
+            .iter()
+            .position(|m| m.base == base && m.len == len)
+        else {
+            return;
+        };
+        space.regions[i].users -= 1;
+        if space.regions[i].users == 0 {
+            let m = space.regions.swap_remove(i);
+            if let Err(e) = self.container.unmap_dma(m.iova, m.len) {
+                tracing::warn!("{}: unmapping a buffer pool: {e}", self.pci);
+            }
+        }
+    }
+
+    /// Disables the controller, starts the admin queue afresh and enables it again. Every
+    /// I/O queue is gone afterwards (the queue pairs re-create theirs).
+    fn restart(&self) -> Result<(), VfioError> {
+        if self.bar.read32(regs::CC) & 1 != 0 {
+            self.bar.write32(regs::CC, 0);
+        }
+        // Once RDY is clear the controller has stopped: nothing in flight touches memory.
+        self.wait_csts(|c| c & regs::CSTS_READY == 0, "the controller to stop")?;
+        let (sq_iova, cq_iova) = {
+            let mut q = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+            q.sq.zero();
+            q.cq.zero();
+            q.tail = 0;
+            q.head = 0;
+            q.phase = true;
+            (q.sq_iova, q.cq_iova)
+        };
+        self.bar.write32(regs::AQA, regs::aqa(ADMIN_ENTRIES));
+        self.bar.write64(regs::ASQ, sq_iova);
+        self.bar.write64(regs::ACQ, cq_iova);
+        self.bar.write32(regs::INTMS, u32::MAX);
+        self.bar.write32(regs::CC, regs::CC_ENABLE);
+        self.wait_csts(
+            |c| c & regs::CSTS_READY != 0,
+            "the controller to become ready",
+        )
+    }
+
+    /// Asks for I/O queues; returns how many were granted (at most [`WANT_IO_QUEUES`]).
+    fn ask_queues(&self) -> Result<u16, VfioError> {
+        let granted = self.admin(
+            Sqe::new(admin::SET_FEATURES, 0, 0)
+                .cdw(10, admin::FEATURE_NUM_QUEUES)
+                .cdw(
+                    11,
+                    u32::from(WANT_IO_QUEUES - 1) | (u32::from(WANT_IO_QUEUES - 1) << 16),
+                ),
+        )?;
+        Ok(((granted & 0xFFFF) as u16)
+            .min((granted >> 16) as u16)
+            .saturating_add(1)
+            .min(WANT_IO_QUEUES))
+    }
+
+    /// Controller reset and recovery: restart, ask for the same queues, and tell the queue
+    /// pairs (they fail their commands in flight, with [`IoStatus::Reset`], and create their
+    /// queues again on their next poll).
+    fn reset(&self, why: &str) -> Result<(), VfioError> {
+        let _one = self.resetting.lock().unwrap_or_else(|p| p.into_inner());
+        tracing::warn!("{}: resetting the controller: {why}", self.pci);
+        // Quiesce: no new doorbell from now on; wait out those under way; give commands in
+        // flight a moment to complete (the pairs keep reaping). Disabling a controller with
+        // I/O outstanding is what a hung command needs, but it is also what QEMU's emulated
+        // controller mishandles (use-after-free in its completion callback, seen here).
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let qps = self
+            .ringers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for q in &qps {
+            while q.ringing.load(Ordering::SeqCst) % 2 == 1 {
+                std::hint::spin_loop();
+            }
+        }
+        let drain_until = Instant::now() + RESET_DRAIN.min(self.command_timeout / 2);
+        while qps.iter().any(|q| q.in_flight.load(Ordering::SeqCst) > 0)
+            && Instant::now() < drain_until
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // On failure the epoch stays odd: the queue pairs keep failing commands rather than
+        // touch a controller in an unknown state.
+        self.restart()?;
+        let granted = self.ask_queues()?;
+        if granted < self.io_queues {
+            return Err(VfioError::Controller(
+                format!(
+                    "after a reset only {granted} of {} I/O queues",
+                    self.io_queues
+                ),
+                self.pci.clone(),
+            ));
+        }
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Orderly shutdown (CC.SHN): the controller finishes writing its cache.
@@ -307,6 +481,11 @@ impl VfioNvme {
     /// Takes the controller at PCI address `pci` (bound to vfio-pci), resets and enables it,
     /// identifies it and namespace 1, and asks for I/O queues.
     pub fn open(pci: &str) -> Result<VfioNvme, VfioError> {
+        VfioNvme::open_with(pci, &VfioOptions::default())
+    }
+
+    /// [`VfioNvme::open`] with options.
+    pub fn open_with(pci: &str, opts: &VfioOptions) -> Result<VfioNvme, VfioError> {
         let group = iommu_group(pci).map_err(os(pci, "finding the IOMMU group"))?;
         let container = Container::open().map_err(os(pci, "opening /dev/vfio/vfio"))?;
         let group = container
@@ -384,12 +563,14 @@ impl VfioNvme {
                 regions: Vec::new(),
             }),
             qids: Mutex::new(Vec::new()),
+            epoch: AtomicU64::new(0),
+            ringers: Mutex::new(Vec::new()),
+            resetting: Mutex::new(()),
+            command_timeout: Duration::from_millis(opts.command_timeout_ms.max(1)),
+            resets: AtomicU64::new(0),
         };
-        // Disable (a previous owner may have left it running), then set up the admin queue.
-        if ctrl.bar.read32(regs::CC) & 1 != 0 {
-            ctrl.bar.write32(regs::CC, 0);
-        }
-        ctrl.wait_csts(|c| c & regs::CSTS_READY == 0, "the controller to stop")?;
+        // Map the admin memory, then disable (a previous owner may have left it running) and
+        // enable with our admin queue.
         {
             let (sq_iova, cq_iova, data_iova) = {
                 let q = ctrl.admin.lock().unwrap_or_else(|p| p.into_inner());
@@ -400,19 +581,7 @@ impl VfioNvme {
             q.cq_iova = cq_iova;
             q.data_iova = data_iova;
         }
-        let (sq_iova, cq_iova) = {
-            let q = ctrl.admin.lock().unwrap_or_else(|p| p.into_inner());
-            (q.sq_iova, q.cq_iova)
-        };
-        ctrl.bar.write32(regs::AQA, regs::aqa(ADMIN_ENTRIES));
-        ctrl.bar.write64(regs::ASQ, sq_iova);
-        ctrl.bar.write64(regs::ACQ, cq_iova);
-        ctrl.bar.write32(regs::INTMS, u32::MAX);
-        ctrl.bar.write32(regs::CC, regs::CC_ENABLE);
-        ctrl.wait_csts(
-            |c| c & regs::CSTS_READY != 0,
-            "the controller to become ready",
-        )?;
+        ctrl.restart()?;
 
         let id = ControllerId::decode(&ctrl.identify(admin::CNS_CONTROLLER, 0)?)
             .expect("4096 bytes decode");
@@ -429,18 +598,7 @@ impl VfioNvme {
                 pci.into(),
             ));
         }
-        let granted = ctrl.admin(
-            Sqe::new(admin::SET_FEATURES, 0, 0)
-                .cdw(10, admin::FEATURE_NUM_QUEUES)
-                .cdw(
-                    11,
-                    u32::from(WANT_IO_QUEUES - 1) | (u32::from(WANT_IO_QUEUES - 1) << 16),
-                ),
-        )?;
-        let io_queues = ((granted & 0xFFFF) as u16)
-            .min((granted >> 16) as u16)
-            .saturating_add(1)
-            .min(WANT_IO_QUEUES);
+        let io_queues = ctrl.ask_queues()?;
         ctrl.max_transfer = id.max_transfer_bytes(caps.min_page_bytes, MAX_TRANSFER_CAP);
         ctrl.id = id;
         ctrl.ns = ns;
@@ -458,6 +616,18 @@ impl VfioNvme {
             name: format!("vfio:{pci}"),
             ctrl: Arc::new(ctrl),
         })
+    }
+
+    /// Resets the controller now (recovery, or a test): commands in flight on every queue
+    /// pair fail with [`IoStatus::Reset`]; the queue pairs go on after re-creating their
+    /// queues.
+    pub fn reset(&self) -> Result<(), VfioError> {
+        self.ctrl.reset("requested")
+    }
+
+    /// Controller resets so far.
+    pub fn resets(&self) -> u64 {
+        self.ctrl.resets.load(Ordering::Relaxed)
     }
 
     /// What the controller reported.
@@ -497,6 +667,7 @@ impl BlockDevice for VfioNvme {
 /// One command in flight.
 struct Slot {
     tag: u64,
+    submitted: Instant,
     opcode: Opcode,
     lba: u64,
     nlb: u32,
@@ -532,8 +703,17 @@ pub struct VfioQueuePair {
     free: Vec<u16>,
     /// Commands that failed before reaching the device.
     failed: VecDeque<Completion>,
-    regions: Vec<(usize, usize, u64)>,
+    /// The buffer-pool region mapped for this pair: (virtual base, length, IOVA).
+    region: Option<(usize, usize, u64)>,
     ns: Namespace,
+    /// The controller epoch this pair's queues were created in.
+    epoch: u64,
+    /// What a reset on another thread reads (see `Ctrl::ringers`).
+    shared: Arc<QpShared>,
+    /// Polls until the next health check.
+    health_in: u32,
+    /// The queues could not be re-created after a reset: every command fails.
+    broken: bool,
 }
 
 impl VfioQueuePair {
@@ -564,30 +744,49 @@ impl VfioQueuePair {
             let max_pages = ctrl.max_transfer / regs::PAGE_BYTES + 1;
             let list_pages = max_pages.div_ceil(regs::PAGE_BYTES / 8 - 1).max(1);
             let lists = alloc(depth as usize * list_pages * regs::PAGE_BYTES)?;
-            let (sq_iova, cq_iova, lists_iova) =
-                (ctrl.map(&sq)?, ctrl.map(&cq)?, ctrl.map(&lists)?);
-            let regions = match &cfg.region {
-                Some(r) => ctrl.map_region(r)?,
-                None => ctrl
-                    .iova
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .regions
-                    .clone(),
+            // Map everything, then create the queues; on a failure undo the mappings made.
+            let mut mapped: Vec<(u64, usize)> = Vec::new();
+            let mut region = None;
+            let made = (|| -> Result<(u64, u64, u64, u64), VfioError> {
+                let mut map = |m: &DmaMem| -> Result<u64, VfioError> {
+                    let iova = ctrl.map(m)?;
+                    mapped.push((iova, m.len()));
+                    Ok(iova)
+                };
+                let (sq_iova, cq_iova, lists_iova) = (map(&sq)?, map(&cq)?, map(&lists)?);
+                // Data buffers must come from this region (mapped while the pair lives).
+                if let Some(r) = &cfg.region {
+                    region = Some((r.base, r.len, ctrl.map_region(r)?));
+                }
+                let created_in = ctrl.epoch.load(Ordering::SeqCst);
+                if created_in % 2 == 1 {
+                    return Err(VfioError::Controller(
+                        "the controller is being reset".into(),
+                        pci.clone(),
+                    ));
+                }
+                create_queues(&ctrl, qid, entries, sq_iova, cq_iova)?;
+                Ok((sq_iova, cq_iova, lists_iova, created_in))
+            })();
+            let (sq_iova, cq_iova, lists_iova, created_in) = match made {
+                Ok(m) => m,
+                Err(e) => {
+                    for (iova, len) in mapped {
+                        if let Err(u) = ctrl.container.unmap_dma(iova, len) {
+                            tracing::warn!("{pci}: unmapping after a failed queue pair: {u}");
+                        }
+                    }
+                    if let Some((base, len, _)) = region {
+                        ctrl.unmap_region(base, len);
+                    }
+                    return Err(e);
+                }
             };
-            let size = (entries - 1) << 16;
-            ctrl.admin(
-                Sqe::new(admin::CREATE_CQ, 0, 0)
-                    .prps(cq_iova, 0)
-                    .cdw(10, u32::from(qid) | size)
-                    .cdw(11, 1), // physically contiguous, interrupts off
-            )?;
-            ctrl.admin(
-                Sqe::new(admin::CREATE_SQ, 0, 0)
-                    .prps(sq_iova, 0)
-                    .cdw(10, u32::from(qid) | size)
-                    .cdw(11, 1 | (u32::from(qid) << 16)),
-            )?;
+            let shared = Arc::new(QpShared::default());
+            ctrl.ringers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Arc::clone(&shared));
             Ok(VfioQueuePair {
                 ns: Namespace {
                     lba_size: ctrl.ns.lba_bytes,
@@ -609,7 +808,11 @@ impl VfioQueuePair {
                 slots: (0..depth).map(|_| None).collect(),
                 free: (0..depth as u16).rev().collect(),
                 failed: VecDeque::new(),
-                regions,
+                region,
+                epoch: created_in,
+                shared,
+                health_in: HEALTH_EVERY_POLLS,
+                broken: false,
             })
         };
         setup().inspect_err(|_| release(&ctrl))
@@ -621,9 +824,8 @@ impl VfioQueuePair {
 
     fn iova_of(&self, buf: &DmaBuf) -> Option<u64> {
         let a = buf.addr();
-        self.regions
-            .iter()
-            .find(|(base, len, _)| a >= *base && a + buf.len() <= base + len)
+        self.region
+            .filter(|(base, len, _)| a >= *base && a + buf.len() <= base + len)
             .map(|(base, _, iova)| iova + (a - base) as u64)
     }
 
@@ -661,8 +863,119 @@ impl VfioQueuePair {
     }
 }
 
+/// Creates I/O queue pair `qid` on the controller: the completion queue (physically
+/// contiguous, interrupts off), then the submission queue bound to it.
+fn create_queues(
+    ctrl: &Ctrl,
+    qid: u16,
+    entries: u32,
+    sq_iova: u64,
+    cq_iova: u64,
+) -> Result<(), VfioError> {
+    let size = (entries - 1) << 16;
+    ctrl.admin(
+        Sqe::new(admin::CREATE_CQ, 0, 0)
+            .prps(cq_iova, 0)
+            .cdw(10, u32::from(qid) | size)
+            .cdw(11, 1),
+    )?;
+    ctrl.admin(
+        Sqe::new(admin::CREATE_SQ, 0, 0)
+            .prps(sq_iova, 0)
+            .cdw(10, u32::from(qid) | size)
+            .cdw(11, 1 | (u32::from(qid) << 16)),
+    )?;
+    Ok(())
+}
+
+impl VfioQueuePair {
+    /// After a controller reset: every command in flight fails (the controller was disabled,
+    /// so none of their buffers is touched any more) and the queues start afresh.
+    fn recover(&mut self, epoch: u64) {
+        for cid in 0..self.slots.len() {
+            if let Some(s) = self.slots[cid].take() {
+                self.free.push(cid as u16);
+                self.failed.push_back(Completion {
+                    tag: s.tag,
+                    result: Err(IoError {
+                        device: Arc::clone(&self.name),
+                        opcode: s.opcode,
+                        lba: s.lba,
+                        nlb: s.nlb,
+                        status: IoStatus::Reset,
+                    }),
+                    buf: s.buf,
+                });
+            }
+        }
+        self.publish_in_flight();
+        let mem = self.mem();
+        mem.sq.zero();
+        mem.cq.zero();
+        self.tail = 0;
+        self.head = 0;
+        self.phase = true;
+        self.unrung = false;
+        self.epoch = epoch;
+        match create_queues(
+            &self.ctrl,
+            self.qid,
+            self.entries,
+            self.sq_iova,
+            self.cq_iova,
+        ) {
+            Ok(()) => self.broken = false,
+            Err(e) => {
+                tracing::error!("{}: queue {} lost after a reset: {e}", self.name, self.qid);
+                self.broken = true;
+            }
+        }
+    }
+
+    /// Tells a resetting thread how many commands are on the device.
+    fn publish_in_flight(&self) {
+        let n = (self.slots.len() - self.free.len()) as u64;
+        self.shared.in_flight.store(n, Ordering::SeqCst);
+    }
+
+    /// Every [`HEALTH_EVERY_POLLS`] polls: a command in flight for longer than the timeout,
+    /// or a controller reporting fatal status, resets the controller.
+    fn check_health(&mut self) {
+        let oldest = self.slots.iter().flatten().map(|s| s.submitted).min();
+        let why = if oldest.is_some_and(|t| t.elapsed() > self.ctrl.command_timeout) {
+            Some(format!(
+                "a command on queue {} took over {} ms",
+                self.qid,
+                self.ctrl.command_timeout.as_millis()
+            ))
+        } else {
+            let csts = self.ctrl.bar.read32(regs::CSTS);
+            (csts & regs::CSTS_FATAL != 0).then(|| format!("fatal status (CSTS {csts:#x})"))
+        };
+        if let Some(why) = why {
+            if let Err(e) = self.ctrl.reset(&why) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+}
+
 impl QueuePair for VfioQueuePair {
     fn submit(&mut self, cmd: Command) -> Result<(), SubmitError> {
+        // A reset since the last poll: re-create the queues first, so this command goes to
+        // them (during a reset it fails at once).
+        let epoch = self.ctrl.epoch.load(Ordering::SeqCst);
+        if epoch != self.epoch {
+            if epoch % 2 == 1 {
+                self.fail(cmd, IoStatus::Reset);
+                return Ok(());
+            }
+            self.recover(epoch);
+        }
+        if self.broken {
+            self.fail(cmd, IoStatus::Reset);
+            return Ok(());
+        }
         if let Some(status) = validate(&self.ns, &cmd) {
             self.fail(cmd, status);
             return Ok(());
@@ -712,8 +1025,10 @@ impl QueuePair for VfioQueuePair {
         }
         self.tail = (self.tail + 1) % self.entries;
         self.unrung = true;
+        self.publish_in_flight();
         self.slots[usize::from(cid)] = Some(Slot {
             tag: cmd.tag,
+            submitted: Instant::now(),
             opcode: cmd.opcode,
             lba: cmd.lba,
             nlb: cmd.nlb,
@@ -723,14 +1038,33 @@ impl QueuePair for VfioQueuePair {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.health_in -= 1;
+        if self.health_in == 0 {
+            self.health_in = HEALTH_EVERY_POLLS;
+            if self.slots.iter().any(Option::is_some) {
+                self.check_health();
+            }
+        }
+        // During a reset (odd epoch) completions are still reaped, but no doorbell is written.
+        let epoch = self.ctrl.epoch.load(Ordering::SeqCst);
+        if epoch != self.epoch && epoch.is_multiple_of(2) {
+            self.recover(epoch);
+        }
         if self.unrung {
             sys::dma_wmb();
-            self.ctrl
-                .bar
-                .write32(self.ctrl.caps.sq_tail_doorbell(self.qid), self.tail);
-            self.unrung = false;
+            self.shared.ringing.fetch_add(1, Ordering::SeqCst);
+            // Checked again inside the ring section: a reset that began meanwhile waits for
+            // this section to end, or this doorbell is skipped.
+            if self.ctrl.epoch.load(Ordering::SeqCst) == self.epoch {
+                self.ctrl
+                    .bar
+                    .write32(self.ctrl.caps.sq_tail_doorbell(self.qid), self.tail);
+                self.unrung = false;
+            }
+            self.shared.ringing.fetch_add(1, Ordering::SeqCst);
         }
         let mut n = 0;
+        let mut reaped = false;
         while n < max {
             if let Some(c) = self.failed.pop_front() {
                 out.push(c);
@@ -782,10 +1116,18 @@ impl QueuePair for VfioQueuePair {
                 buf: s.buf,
             });
             n += 1;
-            // Tell the controller as we go, so it can reuse the entries.
-            self.ctrl
-                .bar
-                .write32(self.ctrl.caps.cq_head_doorbell(self.qid), self.head);
+            reaped = true;
+        }
+        if reaped {
+            self.publish_in_flight();
+            // Tell the controller which entries it may reuse (once per poll).
+            self.shared.ringing.fetch_add(1, Ordering::SeqCst);
+            if self.ctrl.epoch.load(Ordering::SeqCst) == self.epoch {
+                self.ctrl
+                    .bar
+                    .write32(self.ctrl.caps.cq_head_doorbell(self.qid), self.head);
+            }
+            self.shared.ringing.fetch_add(1, Ordering::SeqCst);
         }
         n
     }
@@ -841,6 +1183,81 @@ impl Drop for VfioQueuePair {
             }
         }
         drop(mem);
+        if let Some((base, len, _)) = self.region {
+            self.ctrl.unmap_region(base, len);
+        }
+        self.ctrl
+            .ringers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r| !Arc::ptr_eq(r, &self.shared));
         self.ctrl.qids.lock().unwrap_or_else(|p| p.into_inner())[usize::from(self.qid) - 1] = false;
     }
+}
+
+/// An NVMe controller as sysfs shows it (`cfs-dataplane devices`).
+#[derive(Clone, Debug)]
+pub struct ControllerEntry {
+    /// PCI address.
+    pub pci: String,
+    /// The driver it is bound to ("nvme", "vfio-pci", or empty).
+    pub driver: String,
+    /// Its IOMMU group, if the IOMMU is on.
+    pub iommu_group: Option<u32>,
+    /// Model (while the kernel's nvme driver has it).
+    pub model: String,
+    /// Whether this driver can take it now, or why not.
+    pub claimable: Result<(), String>,
+}
+
+/// The NVMe controllers (PCI class 0x010802) on this machine.
+pub fn list_controllers() -> Vec<ControllerEntry> {
+    let read = |p: String| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let link_name = |p: String| {
+        std::fs::read_link(p)
+            .ok()
+            .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    let mut out: Vec<ControllerEntry> = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|pci| {
+            read(format!("/sys/bus/pci/devices/{pci}/class")).is_ok_and(|c| c == "0x010802")
+        })
+        .map(|pci| {
+            let dev = format!("/sys/bus/pci/devices/{pci}");
+            let driver = link_name(format!("{dev}/driver")).unwrap_or_default();
+            let iommu_group = iommu_group(&pci).ok();
+            let model = std::fs::read_dir(format!("{dev}/nvme"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find_map(|c| read(format!("{}/model", c.path().display())).ok())
+                .unwrap_or_default();
+            let claimable = match (driver.as_str(), iommu_group) {
+                (_, None) => Err("no IOMMU group (enable the IOMMU)".to_string()),
+                ("vfio-pci", Some(g))
+                    if std::path::Path::new(&format!("/dev/vfio/{g}")).exists() =>
+                {
+                    Ok(())
+                }
+                ("vfio-pci", Some(g)) => Err(format!("/dev/vfio/{g} missing")),
+                (d, Some(_)) => Err(format!(
+                    "bound to {}: run scripts/nvme-bind {pci}",
+                    if d.is_empty() { "no driver" } else { d }
+                )),
+            };
+            ControllerEntry {
+                pci,
+                driver,
+                iommu_group,
+                model,
+                claimable,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.pci.cmp(&b.pci));
+    out
 }

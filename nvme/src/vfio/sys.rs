@@ -423,6 +423,13 @@ impl DmaMem {
         }
     }
 
+    /// Zeroes the whole memory (a queue started afresh after a reset).
+    pub fn zero(&self) {
+        for o in (0..self.len).step_by(8) {
+            self.write64(o, 0);
+        }
+    }
+
     fn read8(&self, offset: usize) -> u8 {
         // SAFETY: in bounds of a live mapping (checked by `at`).
         unsafe { std::ptr::read_volatile(self.at::<u8>(offset)) }
