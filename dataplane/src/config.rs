@@ -698,6 +698,33 @@ mod tests {
     }
 
     #[test]
+    fn nvme_controllers_by_pci_address() {
+        let c = parse("data_dir = \"/x\"\n[[devices]]\npci = \"0000:00:02.0\"\n[[devices]]\npath = \"b.img\"\n")
+            .unwrap();
+        assert_eq!(
+            c.device_specs(),
+            vec![
+                DeviceSpec::Pci("0000:00:02.0".into()),
+                DeviceSpec::File("/x/b.img".into(), 4 << 30)
+            ]
+        );
+        // Files only: what damage and the like look at.
+        assert_eq!(c.resolved_devices().len(), 1);
+        let both = parse("data_dir = \"/x\"\n[[devices]]\npci = \"0000:00:02.0\"\npath = \"a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("not both"), "{both}");
+        let neither = parse("data_dir = \"/x\"\n[[devices]]\nsize = \"1G\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(neither.contains("needs `path`"), "{neither}");
+        let bad = parse("data_dir = \"/x\"\n[[devices]]\npci = \"00:02.0\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("not a PCI address"), "{bad}");
+    }
+
+    #[test]
     fn minimal_config_is_just_a_data_dir() {
         let c = parse("data_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.reactors.cores, vec![0]);
