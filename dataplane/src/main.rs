@@ -106,6 +106,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         span: u64,
     },
+    /// For tests: through a running node's file-system RPC, create `files` files of `size`
+    /// bytes in the root directory with seeded contents and read them back (`--verify-only`:
+    /// only read back files an earlier run wrote, e.g. after the node restarted).
+    RpcCheck {
+        /// The node's address.
+        #[arg(long)]
+        server: String,
+        /// Files to write and check.
+        #[arg(long, default_value_t = 8)]
+        files: u32,
+        /// Bytes per file.
+        #[arg(long, default_value_t = 3 << 20)]
+        size: u64,
+        /// Only read back and compare.
+        #[arg(long)]
+        verify_only: bool,
+    },
     /// List the NVMe controllers on this machine: PCI address, driver, IOMMU group, model and
     /// whether the userspace driver can take them (`[[devices]] pci = "..."`).
     Devices,
@@ -705,6 +722,12 @@ fn main() -> Result<()> {
             chunks,
             span,
         } => cmd_check_load(&load_config(config, data_dir)?, &log, chunks, span),
+        Cmd::RpcCheck {
+            server,
+            files,
+            size,
+            verify_only,
+        } => cmd_rpc_check(&server, files, size, verify_only),
         Cmd::Devices => {
             cmd_devices();
             Ok(())
@@ -1040,6 +1063,96 @@ fn cmd_check_load(cfg: &Config, log: &std::path::Path, chunks: u64, span: u64) -
         "check-load: {checked} sectors of {chunks} chunks hold the last acknowledged write ({} writes issued, {} acknowledged)",
         issued.len(),
         acked.len()
+    );
+    Ok(())
+}
+
+/// See `Cmd::RpcCheck`.
+fn cmd_rpc_check(server: &str, files: u32, size: u64, verify_only: bool) -> Result<()> {
+    use cfs_meta::{Creds, InodeId};
+    use cfs_proto::{Reply, Request};
+    let client = cfs_fabric::BlockingClient::new(
+        server,
+        cfs_fabric::ClientConfig {
+            connect_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(60),
+            ..cfs_fabric::ClientConfig::default()
+        },
+    );
+    let call = |r: Request| -> Result<Reply> {
+        let b = client
+            .call(r.method(), &r.encode(&Creds::root()))
+            .map_err(|e| anyhow!("{server}: {e}"))?;
+        Reply::decode(&b).ok_or_else(|| anyhow!("malformed reply"))
+    };
+    let content = |i: u32, off: u64, len: usize| -> Vec<u8> {
+        (0..len as u64)
+            .map(|k| {
+                let x = (off + k).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(i);
+                (x >> 29) as u8
+            })
+            .collect()
+    };
+    const PIECE: u64 = 1 << 20;
+    for i in 0..files {
+        let name = format!("rpc-check-{i}").into_bytes();
+        let ino = if verify_only {
+            match call(Request::Lookup {
+                parent: InodeId::ROOT,
+                name,
+            })? {
+                Reply::Attr(a) => a.ino,
+                other => bail!("lookup of file {i}: unexpected reply {other:?}"),
+            }
+        } else {
+            let ino = match call(Request::Create {
+                parent: InodeId::ROOT,
+                name,
+                perm: 0o644,
+            })? {
+                Reply::Attr(a) => a.ino,
+                other => bail!("create of file {i}: unexpected reply {other:?}"),
+            };
+            let mut off = 0;
+            while off < size {
+                let len = (size - off).min(PIECE) as usize;
+                call(Request::Write {
+                    ino,
+                    offset: off,
+                    data: content(i, off, len),
+                })?;
+                off += len as u64;
+            }
+            call(Request::Fsync { ino })?;
+            ino
+        };
+        let mut off = 0;
+        while off < size {
+            let len = (size - off).min(PIECE) as u32;
+            let got = match call(Request::Read {
+                ino,
+                offset: off,
+                len,
+            })? {
+                Reply::Data(d) => d,
+                other => bail!("read of file {i}: unexpected reply {other:?}"),
+            };
+            if got != content(i, off, len as usize) {
+                bail!(
+                    "file {i} differs at offset {off} ({} bytes read)",
+                    got.len()
+                );
+            }
+            off += u64::from(len);
+        }
+    }
+    println!(
+        "rpc-check: {files} files of {size} bytes {} through {server}",
+        if verify_only {
+            "read back"
+        } else {
+            "written, fsync'd and read back"
+        }
     );
     Ok(())
 }

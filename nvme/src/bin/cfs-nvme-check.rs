@@ -5,6 +5,11 @@
 //! in-memory model. Without an address it takes the first NVMe controller bound to vfio-pci.
 //! Prints `ok`/`FAIL` lines and `N passed, M failed`; exits non-zero on a failure.
 //!
+//! `cfs-nvme-check bench vfio PCI_ADDR | bench uring /dev/nvmeXnY [SECONDS]`: 4 KiB random
+//! reads, 32 in flight, from one thread that submits and polls without sleeping, through the
+//! same `QueuePair` loop on either backend; prints IOPS and CPU time per I/O (the thread's own,
+//! and the whole machine's from /proc/stat, which includes interrupts and kernel helpers).
+//!
 //! Destroys the data on the device. Run by `scripts/test-vfio.sh` inside a QEMU guest.
 
 use cfs_hugepages::{BufferPool, DmaBuf, PageSize, PoolConfig, PoolCore};
@@ -142,7 +147,134 @@ fn round_trip(
     }
 }
 
+/// CPU time this thread has run, in nanoseconds (/proc/thread-self/schedstat).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Busy and total CPU time of the machine, in clock ticks (/proc/stat's `cpu` line).
+fn machine_cpu_ticks() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// 4 KiB random reads at queue depth 32 for `seconds` on `dev`, one thread, no sleeping.
+fn bench(dev: &dyn BlockDevice, seconds: u64) -> Result<String, String> {
+    let ns = dev.namespace();
+    let mut pool = BufferPool::new(&PoolConfig {
+        total_bytes: 64 * 4096,
+        buf_bytes: 4096,
+        cores: 1,
+        page_size: PageSize::Huge2M,
+        require_hugepages: false,
+    })
+    .map_err(|e| e.to_string())?;
+    let mut core = pool.take_core(0).ok_or("pool share")?;
+    let mut qp = dev
+        .create_queue_pair(QueuePairConfig {
+            depth: 32,
+            region: Some(pool.region()),
+            ..QueuePairConfig::default()
+        })
+        .map_err(|e| e.to_string())?;
+    let nlb = (4096 / ns.lba_size).max(1);
+    let slots = ns.lba_count / u64::from(nlb);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut out = Vec::new();
+    let (mut done, mut in_flight) = (0u64, 0u32);
+    let (busy0, total0) = machine_cpu_ticks();
+    let cpu0 = thread_cpu_ns();
+    let start = Instant::now();
+    let end = start + std::time::Duration::from_secs(seconds);
+    while Instant::now() < end || in_flight > 0 {
+        while in_flight < 32 && Instant::now() < end {
+            let Some(buf) = core.alloc() else { break };
+            let lba = (next() % slots) * u64::from(nlb);
+            match qp.submit(Command::read(lba, nlb, buf, 0)) {
+                Ok(()) => in_flight += 1,
+                Err(SubmitError::QueueFull(c)) => {
+                    if let Some(b) = c.buf {
+                        core.free(b);
+                    }
+                    break;
+                }
+            }
+        }
+        out.clear();
+        qp.poll(&mut out, 64);
+        for c in out.drain(..) {
+            in_flight -= 1;
+            c.result.map_err(|e| e.to_string())?;
+            if let Some(b) = c.buf {
+                core.free(b);
+            }
+            done += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_ns = thread_cpu_ns().saturating_sub(cpu0);
+    let (busy1, total1) = machine_cpu_ticks();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // The machine's busy share of all its CPUs over the run, as CPU-seconds.
+    let machine_cpu_s = if total1 > total0 {
+        (busy1 - busy0) as f64 / (total1 - total0) as f64 * cpus * secs
+    } else {
+        0.0
+    };
+    Ok(format!(
+        "BENCH {} iops={:.0} thread_cpu_us_per_io={:.2} machine_cpu_us_per_io={:.2} ios={done} seconds={secs:.1}",
+        dev.name(),
+        done as f64 / secs,
+        cpu_ns as f64 / 1000.0 / done.max(1) as f64,
+        machine_cpu_s * 1e6 / done.max(1) as f64,
+    ))
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("bench") {
+        let seconds = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(5);
+        let r = match (args.get(2).map(String::as_str), args.get(3)) {
+            (Some("vfio"), Some(pci)) => VfioNvme::open(pci)
+                .map_err(|e| e.to_string())
+                .and_then(|d| bench(&d, seconds)),
+            (Some("uring"), Some(path)) => {
+                cfs_nvme::uring::UringDevice::open(std::path::Path::new(path))
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| bench(&d, seconds))
+            }
+            _ => Err(
+                "usage: cfs-nvme-check bench vfio PCI_ADDR | bench uring DEVICE [SECONDS]".into(),
+            ),
+        };
+        match r {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                println!("BENCH failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let pci = match std::env::args().nth(1).or_else(find_controller) {
         Some(p) => p,
         None => {
