@@ -694,6 +694,12 @@ pub struct VfioQueuePair {
     lists_iova: u64,
     list_pages: usize,
     entries: u32,
+    /// Completion queue entries (2 x depth + 1).
+    cq_entries: u32,
+    /// Completions reaped since the head doorbell was last written.
+    cq_unacked: u32,
+    /// When the last poll began (submission times of commands, for the timeout).
+    now: Instant,
     tail: u32,
     head: u32,
     phase: bool,
@@ -721,8 +727,12 @@ impl VfioQueuePair {
         let pci = ctrl.pci.clone();
         let depth = cfg
             .depth
-            .clamp(1, ctrl.caps.max_queue_entries.min(4096) - 1);
+            .clamp(1, (ctrl.caps.max_queue_entries.min(4096) - 1) / 2);
+        // The completion queue is twice as deep as the commands in flight, so its head
+        // doorbell can be written once per depth/2 completions instead of after every poll
+        // (an MMIO write each, and the controller never finds it full: see `poll`).
         let entries = depth + 1;
+        let cq_entries = 2 * depth + 1;
         let qid = {
             let mut q = ctrl.qids.lock().unwrap_or_else(|p| p.into_inner());
             let i = q.iter().position(|u| !u).ok_or_else(|| {
@@ -740,7 +750,7 @@ impl VfioQueuePair {
         let alloc = |len: usize| DmaMem::new(len).map_err(os(&pci, "allocating DMA memory"));
         let setup = || -> Result<VfioQueuePair, VfioError> {
             let sq = alloc(entries as usize * regs::SQE_BYTES)?;
-            let cq = alloc(entries as usize * regs::CQE_BYTES)?;
+            let cq = alloc(cq_entries as usize * regs::CQE_BYTES)?;
             let max_pages = ctrl.max_transfer / regs::PAGE_BYTES + 1;
             let list_pages = max_pages.div_ceil(regs::PAGE_BYTES / 8 - 1).max(1);
             let lists = alloc(depth as usize * list_pages * regs::PAGE_BYTES)?;
@@ -765,7 +775,7 @@ impl VfioQueuePair {
                         pci.clone(),
                     ));
                 }
-                create_queues(&ctrl, qid, entries, sq_iova, cq_iova)?;
+                create_queues(&ctrl, qid, entries, cq_entries, sq_iova, cq_iova)?;
                 Ok((sq_iova, cq_iova, lists_iova, created_in))
             })();
             let (sq_iova, cq_iova, lists_iova, created_in) = match made {
@@ -801,6 +811,9 @@ impl VfioQueuePair {
                 lists_iova,
                 list_pages,
                 entries,
+                cq_entries,
+                cq_unacked: 0,
+                now: Instant::now(),
                 tail: 0,
                 head: 0,
                 phase: true,
@@ -868,21 +881,21 @@ impl VfioQueuePair {
 fn create_queues(
     ctrl: &Ctrl,
     qid: u16,
-    entries: u32,
+    sq_entries: u32,
+    cq_entries: u32,
     sq_iova: u64,
     cq_iova: u64,
 ) -> Result<(), VfioError> {
-    let size = (entries - 1) << 16;
     ctrl.admin(
         Sqe::new(admin::CREATE_CQ, 0, 0)
             .prps(cq_iova, 0)
-            .cdw(10, u32::from(qid) | size)
+            .cdw(10, u32::from(qid) | ((cq_entries - 1) << 16))
             .cdw(11, 1),
     )?;
     ctrl.admin(
         Sqe::new(admin::CREATE_SQ, 0, 0)
             .prps(sq_iova, 0)
-            .cdw(10, u32::from(qid) | size)
+            .cdw(10, u32::from(qid) | ((sq_entries - 1) << 16))
             .cdw(11, 1 | (u32::from(qid) << 16)),
     )?;
     Ok(())
@@ -916,11 +929,13 @@ impl VfioQueuePair {
         self.head = 0;
         self.phase = true;
         self.unrung = false;
+        self.cq_unacked = 0;
         self.epoch = epoch;
         match create_queues(
             &self.ctrl,
             self.qid,
             self.entries,
+            self.cq_entries,
             self.sq_iova,
             self.cq_iova,
         ) {
@@ -935,7 +950,8 @@ impl VfioQueuePair {
     /// Tells a resetting thread how many commands are on the device.
     fn publish_in_flight(&self) {
         let n = (self.slots.len() - self.free.len()) as u64;
-        self.shared.in_flight.store(n, Ordering::SeqCst);
+        // A hint for the reset's bounded wait, not a synchronisation point.
+        self.shared.in_flight.store(n, Ordering::Release);
     }
 
     /// Every [`HEALTH_EVERY_POLLS`] polls: a command in flight for longer than the timeout,
@@ -1028,7 +1044,8 @@ impl QueuePair for VfioQueuePair {
         self.publish_in_flight();
         self.slots[usize::from(cid)] = Some(Slot {
             tag: cmd.tag,
-            submitted: Instant::now(),
+            // The time of the last poll: one clock read per poll, not per command.
+            submitted: self.now,
             opcode: cmd.opcode,
             lba: cmd.lba,
             nlb: cmd.nlb,
@@ -1038,6 +1055,7 @@ impl QueuePair for VfioQueuePair {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.now = Instant::now();
         self.health_in -= 1;
         if self.health_in == 0 {
             self.health_in = HEALTH_EVERY_POLLS;
@@ -1080,10 +1098,11 @@ impl QueuePair for VfioQueuePair {
             sys::dma_rmb();
             let cqe = Cqe::decode([cq.read32(at), cq.read32(at + 4), cq.read32(at + 8), dw3]);
             self.head += 1;
-            if self.head == self.entries {
+            if self.head == self.cq_entries {
                 self.head = 0;
                 self.phase = !self.phase;
             }
+            self.cq_unacked += 1;
             let slot = self
                 .slots
                 .get_mut(usize::from(cqe.cid))
@@ -1120,12 +1139,17 @@ impl QueuePair for VfioQueuePair {
         }
         if reaped {
             self.publish_in_flight();
-            // Tell the controller which entries it may reuse (once per poll).
+        }
+        // Tell the controller which entries it may reuse once half a depth has piled up. The
+        // controller sees at most that many too few free entries, plus at most `depth`
+        // completions of commands in flight: fewer than the 2 x depth entries it has.
+        if self.cq_unacked >= (self.slots.len() as u32 / 2).max(1) {
             self.shared.ringing.fetch_add(1, Ordering::SeqCst);
             if self.ctrl.epoch.load(Ordering::SeqCst) == self.epoch {
                 self.ctrl
                     .bar
                     .write32(self.ctrl.caps.cq_head_doorbell(self.qid), self.head);
+                self.cq_unacked = 0;
             }
             self.shared.ringing.fetch_add(1, Ordering::SeqCst);
         }
