@@ -337,6 +337,8 @@ fn main() {
     };
     let mut core0 = pool.take_core(0).expect("core 0");
     let mut core1 = pool.take_core(1).expect("core 1");
+    // The first queue pair describes data with PRPs.
+    dev.set_sgls(false);
     let mut qp = match dev.create_queue_pair(qcfg.clone()) {
         Ok(q) => q,
         Err(e) => {
@@ -367,25 +369,17 @@ fn main() {
         max_nlb,
     ];
     sizes.retain(|n| *n >= 1 && *n <= max_nlb);
-    let mut bad = Vec::new();
-    let mut n = 0;
-    for (i, nlb) in sizes.iter().enumerate() {
-        for lba in [0u64, 1, 3, 8, 4095, ns.lba_count - u64::from(*nlb)] {
-            n += 1;
-            if let Err(e) = round_trip(
-                qp.as_mut(),
-                &mut core0,
-                lba_bytes,
-                lba,
-                *nlb,
-                (i as u64) << 32 | lba,
-            ) {
-                bad.push(e);
+    let trips = |qp: &mut dyn QueuePair, core: &mut PoolCore| -> Result<String, String> {
+        let mut bad = Vec::new();
+        let mut n = 0;
+        for (i, nlb) in sizes.iter().enumerate() {
+            for lba in [0u64, 1, 3, 8, 4095, ns.lba_count - u64::from(*nlb)] {
+                n += 1;
+                if let Err(e) = round_trip(qp, core, lba_bytes, lba, *nlb, (i as u64) << 32 | lba) {
+                    bad.push(e);
+                }
             }
         }
-    }
-    rep.check(
-        "read/write round trips (1 block to the largest transfer, at offsets incl. the last block)",
         if bad.is_empty() {
             Ok(format!(
                 "{n} round trips, largest {} KiB",
@@ -393,8 +387,29 @@ fn main() {
             ))
         } else {
             Err(bad.join("; "))
-        },
+        }
+    };
+    rep.check(
+        "read/write round trips with PRPs (1 block to the largest transfer, PRP lists, at offsets incl. the last block)",
+        trips(qp.as_mut(), &mut core0),
     );
+    // The same with one SGL data block descriptor per command, on a queue pair of its own; the
+    // queue pairs made from here on use SGLs.
+    if dev.set_sgls(true) {
+        let r = match dev.create_queue_pair(qcfg.clone()) {
+            Ok(mut qs) => trips(qs.as_mut(), &mut core0),
+            Err(e) => Err(e.to_string()),
+        };
+        rep.check("read/write round trips with SGLs", r);
+    } else {
+        rep.check(
+            "read/write round trips with SGLs",
+            Err(format!(
+                "the controller offers no SGLs (SGLS {:#x})",
+                info.id.sgls
+            )),
+        );
+    }
 
     // Bad requests fail cleanly: past the end, too large.
     let past = run(

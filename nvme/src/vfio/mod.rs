@@ -47,12 +47,16 @@ pub struct VfioOptions {
     /// A command not completed after this long makes the controller reset (every command in
     /// flight then fails with [`IoStatus::Reset`]).
     pub command_timeout_ms: u64,
+    /// Describe data with one SGL descriptor when the controller supports SGLs (else, or
+    /// when false, with PRPs).
+    pub use_sgls: bool,
 }
 
 impl Default for VfioOptions {
     fn default() -> VfioOptions {
         VfioOptions {
             command_timeout_ms: 30_000,
+            use_sgls: true,
         }
     }
 }
@@ -165,6 +169,8 @@ struct Ctrl {
     /// One reset at a time.
     resetting: Mutex<()>,
     command_timeout: Duration,
+    /// New queue pairs describe data with SGLs (controller supports them and options allow).
+    use_sgls: std::sync::atomic::AtomicBool,
     /// Resets so far.
     resets: AtomicU64,
 }
@@ -475,6 +481,8 @@ pub struct ControllerInfo {
     pub max_transfer_bytes: usize,
     /// I/O queue pairs granted.
     pub io_queues: u16,
+    /// New queue pairs describe data with SGLs.
+    pub sgls: bool,
 }
 
 impl VfioNvme {
@@ -567,6 +575,7 @@ impl VfioNvme {
             ringers: Mutex::new(Vec::new()),
             resetting: Mutex::new(()),
             command_timeout: Duration::from_millis(opts.command_timeout_ms.max(1)),
+            use_sgls: std::sync::atomic::AtomicBool::new(false),
             resets: AtomicU64::new(0),
         };
         // Map the admin memory, then disable (a previous owner may have left it running) and
@@ -600,6 +609,7 @@ impl VfioNvme {
         }
         let io_queues = ctrl.ask_queues()?;
         ctrl.max_transfer = id.max_transfer_bytes(caps.min_page_bytes, MAX_TRANSFER_CAP);
+        ctrl.use_sgls = std::sync::atomic::AtomicBool::new(opts.use_sgls && id.sgl_supported());
         ctrl.id = id;
         ctrl.ns = ns;
         ctrl.io_queues = io_queues;
@@ -625,6 +635,14 @@ impl VfioNvme {
         self.ctrl.reset("requested")
     }
 
+    /// Whether queue pairs created from now on describe data with SGLs (`on` only takes effect
+    /// if the controller supports them). Returns what new queue pairs will use.
+    pub fn set_sgls(&self, on: bool) -> bool {
+        let on = on && self.ctrl.id.sgl_supported();
+        self.ctrl.use_sgls.store(on, Ordering::Relaxed);
+        on
+    }
+
     /// Controller resets so far.
     pub fn resets(&self) -> u64 {
         self.ctrl.resets.load(Ordering::Relaxed)
@@ -638,6 +656,7 @@ impl VfioNvme {
             caps: self.ctrl.caps,
             max_transfer_bytes: self.ctrl.max_transfer,
             io_queues: self.ctrl.io_queues,
+            sgls: self.ctrl.use_sgls.load(Ordering::Relaxed),
         }
     }
 }
@@ -698,6 +717,8 @@ pub struct VfioQueuePair {
     cq_entries: u32,
     /// Completions reaped since the head doorbell was last written.
     cq_unacked: u32,
+    /// Data described by one SGL descriptor instead of PRPs.
+    sgl: bool,
     /// When the last poll began (submission times of commands, for the timeout).
     now: Instant,
     tail: u32,
@@ -813,6 +834,7 @@ impl VfioQueuePair {
                 entries,
                 cq_entries,
                 cq_unacked: 0,
+                sgl: ctrl.use_sgls.load(Ordering::Relaxed),
                 now: Instant::now(),
                 tail: 0,
                 head: 0,
@@ -1012,13 +1034,18 @@ impl QueuePair for VfioQueuePair {
                     self.fail(cmd, IoStatus::InvalidBuffer);
                     return Ok(());
                 };
-                let (prp1, prp2) = self.prps(cid, iova, bytes);
                 let op = if cmd.opcode == Opcode::Read {
                     nvm::READ
                 } else {
                     nvm::WRITE
                 };
-                Sqe::rw(op, cid, nsid, cmd.lba, cmd.nlb).prps(prp1, prp2)
+                let sqe = Sqe::rw(op, cid, nsid, cmd.lba, cmd.nlb);
+                if self.sgl {
+                    sqe.sgl(iova, bytes as u32)
+                } else {
+                    let (prp1, prp2) = self.prps(cid, iova, bytes);
+                    sqe.prps(prp1, prp2)
+                }
             }
             Opcode::Flush => Sqe::new(nvm::FLUSH, cid, nsid),
             Opcode::WriteZeroes => Sqe::rw(nvm::WRITE_ZEROES, cid, nsid, cmd.lba, cmd.nlb),

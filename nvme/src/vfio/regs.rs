@@ -156,6 +156,22 @@ impl Sqe {
         self
     }
 
+    /// Sets the data pointer to one SGL Data Block descriptor (PSDT = 01b): `len` bytes at
+    /// `addr`, contiguous in the bus address space (which every buffer of ours is).
+    ///
+    /// ```text
+    /// DPTR (SQE bytes 24..39): 0 u64 address | 8 u32 length | 12 3 bytes reserved |
+    ///                          15 u8 descriptor type 0 (data block) << 4 | subtype 0 (address)
+    /// ```
+    pub fn sgl(mut self, addr: u64, len: u32) -> Sqe {
+        self.0[0] = (self.0[0] & !(3 << 14)) | (1 << 14);
+        self.0[6] = addr as u32;
+        self.0[7] = (addr >> 32) as u32;
+        self.0[8] = len;
+        self.0[9] = 0;
+        self
+    }
+
     /// Sets command dword `n` (10 to 15).
     pub fn cdw(mut self, n: usize, v: u32) -> Sqe {
         assert!((10..=15).contains(&n), "command dwords are 10 to 15");
@@ -367,6 +383,12 @@ impl ControllerId {
         self.oncs & (1 << 3) != 0
     }
 
+    /// SGLs are supported for the NVM command set (SGLS bits 1:0; 10b also wants dword
+    /// aligned descriptors and lengths, which ours are).
+    pub fn sgl_supported(&self) -> bool {
+        self.sgls & 0x3 != 0
+    }
+
     /// Dataset Management (deallocate) is supported.
     pub fn dataset_management(&self) -> bool {
         self.oncs & (1 << 2) != 0
@@ -455,6 +477,16 @@ mod tests {
         assert_eq!(c.status_parts(), (0, 2));
         assert!(Cqe::decode([0, 0, 0, 1 << 16]).ok());
         assert!(Cqe::decode([0, 0, 0, 1 << 31]).do_not_retry());
+        let g = Sqe::rw(nvm::READ, 3, 1, 0, 8).sgl(0x1_0000_2000, 4096);
+        let b = g.to_bytes();
+        assert_eq!(b[1] >> 6, 0b01, "PSDT: SGL");
+        assert_eq!(
+            u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            0x1_0000_2000
+        );
+        assert_eq!(u32::from_le_bytes(b[32..36].try_into().unwrap()), 4096);
+        assert_eq!(b[39], 0, "data block descriptor");
+        assert_eq!(g.cid(), 3);
     }
 
     #[test]
