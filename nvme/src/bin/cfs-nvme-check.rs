@@ -424,9 +424,12 @@ fn main() {
     } else {
         None
     };
-    let clean = past.result.is_err() && big.as_ref().is_none_or(|c| c.result.is_err());
+    let zeros = run(qp.as_mut(), Command::write_zeroes(0, (1 << 16) + 1, 3));
+    let clean = past.result.is_err()
+        && big.as_ref().is_none_or(|c| c.result.is_err())
+        && zeros.result.is_err();
     rep.check(
-        "out-of-range and oversized commands fail without I/O",
+        "out-of-range and oversized commands (read, write zeroes) fail without I/O",
         if clean {
             Ok(past
                 .result

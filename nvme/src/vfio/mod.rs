@@ -1023,6 +1023,12 @@ impl QueuePair for VfioQueuePair {
             self.fail(cmd, IoStatus::TooLarge(self.ctrl.max_transfer as u32));
             return Ok(());
         }
+        // Write Zeroes counts blocks in 16 bits (DSM ranges in 32: any `nlb` fits).
+        if cmd.opcode == Opcode::WriteZeroes && cmd.nlb > 1 << 16 {
+            let max = (1u64 << 16) * u64::from(self.ns.lba_size);
+            self.fail(cmd, IoStatus::TooLarge(max.min(u64::from(u32::MAX)) as u32));
+            return Ok(());
+        }
         let Some(cid) = self.free.pop() else {
             return Err(SubmitError::QueueFull(cmd));
         };
