@@ -270,16 +270,67 @@ impl Device {
             return Err(io::Error::last_os_error());
         }
         Ok(Mmio {
-            base: p.cast(),
-            len,
+            map: Mapping {
+                base: p.cast(),
+                len,
+            },
         })
     }
 }
 
-/// A mapped MMIO region: registers read and written with volatile accesses only.
-pub struct Mmio {
+/// A mapping of this process (BAR0, or DMA memory) reached only by volatile loads and stores
+/// of aligned, bounds-checked little-endian words: never a Rust reference, since the device
+/// reads and writes it behind the compiler's back. Unmapped on drop.
+struct Mapping {
     base: *mut u8,
     len: usize,
+}
+
+impl Mapping {
+    fn at<T>(&self, offset: usize) -> *mut T {
+        let size = std::mem::size_of::<T>();
+        assert!(
+            offset.is_multiple_of(size) && offset + size <= self.len,
+            "access at {offset:#x} outside a {}-byte device mapping, or unaligned",
+            self.len
+        );
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.base.add(offset).cast() }
+    }
+
+    fn read8(&self, offset: usize) -> u8 {
+        // SAFETY: in bounds of a live mapping (checked by `at`).
+        unsafe { std::ptr::read_volatile(self.at::<u8>(offset)) }
+    }
+
+    fn read32(&self, offset: usize) -> u32 {
+        // SAFETY: aligned and in bounds of a live mapping (checked by `at`).
+        u32::from_le(unsafe { std::ptr::read_volatile(self.at::<u32>(offset)) })
+    }
+
+    fn write32(&self, offset: usize, v: u32) {
+        // SAFETY: aligned and in bounds of a live mapping (checked by `at`).
+        unsafe { std::ptr::write_volatile(self.at::<u32>(offset), v.to_le()) }
+    }
+
+    fn write64(&self, offset: usize, v: u64) {
+        // SAFETY: aligned and in bounds of a live mapping (checked by `at`).
+        unsafe { std::ptr::write_volatile(self.at::<u64>(offset), v.to_le()) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value was made for (`Device::map`,
+        // `DmaMem::new`); no pointer into it outlives it. DMA memory is unmapped from the
+        // IOMMU (the device stopped using it) before its owner drops it.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// A mapped MMIO region (BAR0): registers read and written with volatile accesses only.
+pub struct Mmio {
+    map: Mapping,
 }
 
 // SAFETY: the mapping is process-wide and has no thread affinity; the driver decides which
@@ -289,27 +340,14 @@ unsafe impl Send for Mmio {}
 unsafe impl Sync for Mmio {}
 
 impl Mmio {
-    fn at<T>(&self, offset: usize) -> *mut T {
-        let size = std::mem::size_of::<T>();
-        assert!(
-            offset.is_multiple_of(size) && offset + size <= self.len,
-            "register {offset:#x} outside BAR0 ({} bytes) or unaligned",
-            self.len
-        );
-        // SAFETY: in bounds of the mapping (checked above).
-        unsafe { self.base.add(offset).cast() }
-    }
-
     /// Reads a 32-bit register.
     pub fn read32(&self, offset: usize) -> u32 {
-        // SAFETY: an aligned, in-bounds register of a live mapping (checked by `at`).
-        u32::from_le(unsafe { std::ptr::read_volatile(self.at::<u32>(offset)) })
+        self.map.read32(offset)
     }
 
     /// Writes a 32-bit register.
     pub fn write32(&self, offset: usize, v: u32) {
-        // SAFETY: an aligned, in-bounds register of a live mapping (checked by `at`).
-        unsafe { std::ptr::write_volatile(self.at::<u32>(offset), v.to_le()) }
+        self.map.write32(offset, v)
     }
 
     /// Reads a 64-bit register as two 32-bit halves (low first), as the spec allows.
@@ -324,19 +362,10 @@ impl Mmio {
     }
 }
 
-impl Drop for Mmio {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `Device::map`; no pointer into it
-        // outlives `self`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
-
 /// Anonymous, locked memory for the device to read and write (queues, PRP lists, identify
 /// data). Accessed only through volatile reads and writes at offsets, never as a slice.
 pub struct DmaMem {
-    base: *mut u8,
-    len: usize,
+    map: Mapping,
 }
 
 // SAFETY: plain memory with no thread affinity; the owner (a queue pair, the admin queue)
@@ -361,86 +390,57 @@ impl DmaMem {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: locks the mapping just made (VFIO pins it too; this keeps it resident
-        // before the mapping is made).
-        if unsafe { libc::mlock(p, len) } != 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: unmaps the mapping just made.
-            unsafe { libc::munmap(p, len) };
-            return Err(e);
-        }
-        Ok(DmaMem {
+        let map = Mapping {
             base: p.cast(),
             len,
-        })
+        };
+        // SAFETY: locks the mapping just made (VFIO pins it too; this keeps it resident
+        // before the mapping is made). On failure `map` unmaps it.
+        if unsafe { libc::mlock(p, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DmaMem { map })
     }
 
     /// Virtual address (what VFIO maps).
     pub fn addr(&self) -> usize {
-        self.base as usize
+        self.map.base as usize
     }
 
     /// Bytes.
     pub fn len(&self) -> usize {
-        self.len
-    }
-
-    fn at<T>(&self, offset: usize) -> *mut T {
-        let size = std::mem::size_of::<T>();
-        assert!(
-            offset.is_multiple_of(size) && offset + size <= self.len,
-            "DMA memory access at {offset:#x} outside {} bytes or unaligned",
-            self.len
-        );
-        // SAFETY: in bounds (checked above).
-        unsafe { self.base.add(offset).cast() }
+        self.map.len
     }
 
     /// Reads a little-endian u32 the device may have written.
     pub fn read32(&self, offset: usize) -> u32 {
-        // SAFETY: aligned and in bounds of a live mapping (checked by `at`).
-        u32::from_le(unsafe { std::ptr::read_volatile(self.at::<u32>(offset)) })
+        self.map.read32(offset)
     }
 
     /// Writes a little-endian u32 for the device.
     pub fn write32(&self, offset: usize, v: u32) {
-        // SAFETY: aligned and in bounds of a live mapping (checked by `at`).
-        unsafe { std::ptr::write_volatile(self.at::<u32>(offset), v.to_le()) }
+        self.map.write32(offset, v)
     }
 
     /// Writes a little-endian u64 for the device.
     pub fn write64(&self, offset: usize, v: u64) {
-        // SAFETY: aligned and in bounds of a live mapping (checked by `at`).
-        unsafe { std::ptr::write_volatile(self.at::<u64>(offset), v.to_le()) }
+        self.map.write64(offset, v)
     }
 
     /// Copies `out.len()` bytes at `offset` out (byte-wise volatile: the device wrote them).
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset + out.len() <= self.len, "DMA read out of bounds");
+        assert!(offset + out.len() <= self.map.len, "DMA read out of bounds");
         fence(Ordering::Acquire);
         for (i, b) in out.iter_mut().enumerate() {
-            *b = self.read8(offset + i);
+            *b = self.map.read8(offset + i);
         }
     }
 
     /// Zeroes the whole memory (a queue started afresh after a reset).
     pub fn zero(&self) {
-        for o in (0..self.len).step_by(8) {
-            self.write64(o, 0);
+        for o in (0..self.map.len).step_by(8) {
+            self.map.write64(o, 0);
         }
-    }
-
-    fn read8(&self, offset: usize) -> u8 {
-        // SAFETY: in bounds of a live mapping (checked by `at`).
-        unsafe { std::ptr::read_volatile(self.at::<u8>(offset)) }
-    }
-}
-
-impl Drop for DmaMem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`. The owner unmaps it from the
-        // IOMMU (and stops the device using it) before dropping it.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
