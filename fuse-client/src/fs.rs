@@ -59,7 +59,7 @@ impl Router {
     }
 
     /// The server that leads the shard of `req`, if known.
-    fn leader_for(&self, req: &Req) -> Option<usize> {
+    pub fn leader_for(&self, req: &Req) -> Option<usize> {
         let leaders = self.leaders.read().unwrap_or_else(|p| p.into_inner());
         let shards = u16::try_from(leaders.len()).ok().filter(|s| *s > 0)?;
         leaders

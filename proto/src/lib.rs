@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod resolve;
+
 use cfs_meta::codec::{Reader, Writer};
 use cfs_meta::namespace::{DirEntry, FsStats};
 use cfs_meta::{Attr, Creds, FileType, InodeId, RenameFlags, SetAttr, XattrMode};
