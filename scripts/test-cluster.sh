@@ -23,7 +23,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 command -v fusermount3 >/dev/null || { echo "missing fusermount3: run 'make deps'" >&2; exit 1; }
 
-(cd "$ROOT" && cargo build --release -q -p cfs-dataplane -p cfs-fuse-client -p cfs-sim --bin cfs-lincheck)
+# (Two builds: `--bin` would limit the first to that one binary.)
+(cd "$ROOT" && cargo build --release -q -p cfs-dataplane -p cfs-fuse-client &&
+  cargo build --release -q -p cfs-sim --bin cfs-lincheck)
 BIN=$ROOT/target/release/cfs-dataplane
 CFS=$ROOT/target/release/cfs
 WORK=$(mktemp -d /tmp/cfs-cluster.XXXXXX)
@@ -370,9 +372,10 @@ forwarded() {
     python3 -c 'import json, sys; print(sum(json.loads(l).get("forwarded_requests", 0) for l in sys.stdin))'
 }
 leaders=$(json '" ".join("%d:%s" % (s["shard"], s["leader"]) for s in v["shards"])' 2>/dev/null || true)
-sleep 2 # the mount refreshes its routes every second
-f0=$(forwarded)
-ops=$(python3 - "$WORK/mnt/routed" <<'PY'
+# A burst of metadata operations; up to three tries (a leadership change during one, e.g. a
+# transfer to a node that just caught up, legitimately costs forwards).
+burst() { # burst N: prints the operations done
+  python3 - "$WORK/mnt/routed$1" <<'PY'
 import os, sys
 d, n = sys.argv[1], 0
 os.mkdir(d); n += 1
@@ -388,10 +391,24 @@ for i in range(6):
 os.rmdir(d); n += 1
 print(n)
 PY
-)
-f1=$(forwarded)
-if [[ $settled == True ]] && [[ -n $ops ]] && (((f1 - f0) * 20 <= ops)); then
-  pass "shard leaders settled (shard:leader $leaders); $ops metadata operations through the mount, $((f1 - f0)) of its requests forwarded by a node (the client routes by shard)"
+}
+routed=""
+for try in 1 2 3; do
+  sleep 2 # the mount refreshes its routes every second
+  f0=$(forwarded)
+  ops=$(burst "$try")
+  f1=$(forwarded)
+  if [[ -n $ops ]] && (((f1 - f0) * 20 <= ops)); then routed=$try; break; fi
+  echo "  try $try: $ops operations, $((f1 - f0)) requests forwarded; each node's shard leaders:"
+  "$CFS" status "$ADDRS" --json 2>/dev/null | grep ' {' |
+    python3 -c 'import json, sys
+for l in sys.stdin:
+    a, v = l.split(" ", 1)
+    v = json.loads(v)
+    print("   ", a, "node", v.get("node"), [(s["shard"], s["leader"], s["role"]) for s in v.get("shards", [])])'
+done
+if [[ $settled == True ]] && [[ -n $routed ]]; then
+  pass "shard leaders settled (shard:leader $leaders); $ops metadata operations through the mount, $((f1 - f0)) of its requests forwarded by a node (the client routes by shard; try $routed)"
 else
   fail "routing: leaders settled=$settled ($leaders), $ops operations, $((f1 - f0)) requests forwarded"
 fi

@@ -136,9 +136,10 @@ if [ -n "$bdf" ]; then
   if grep -q "^$bdf *vfio-pci .* yes" /tmp/dev2; then ok "devices after nvme-bind: usable"; else fail "devices after binding: $(cat /tmp/dev2)"; fi
   RUST_BACKTRACE=1 /cfs-nvme-check "$bdf" || true
 
-  # The data plane's chunk store on the userspace driver: format, write (acknowledged
-  # writes logged), stop; each check-load is a new process that recovers the store from the
-  # device and compares every sector with the log.
+  # The data plane's chunk store on the userspace driver (two reactors, each with its own
+  # queue pair on the controller): format, write (acknowledged writes logged), stop; each
+  # check-load is a new process that recovers the store from the device and compares every
+  # sector with the log.
   mkdir -p /tmp/cfs
   cat >/tmp/cfs.toml <<CONF
 data_dir = "/tmp/cfs"
@@ -148,7 +149,7 @@ pci = "$bdf"
 pool_mib = 16
 buf_kib = 128
 [reactors]
-cores = [0]
+cores = [0, 1]
 [server]
 listen = "127.0.0.1:7411"
 [format]
