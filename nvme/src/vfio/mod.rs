@@ -1029,6 +1029,11 @@ impl QueuePair for VfioQueuePair {
             self.fail(cmd, IoStatus::TooLarge(max.min(u64::from(u32::MAX)) as u32));
             return Ok(());
         }
+        // Submission times come from the last poll's clock read; a pair with nothing in flight
+        // may not have polled for a while (its reactor sleeps when idle), so read it afresh.
+        if self.free.len() == self.slots.len() {
+            self.now = Instant::now();
+        }
         let Some(cid) = self.free.pop() else {
             return Err(SubmitError::QueueFull(cmd));
         };
