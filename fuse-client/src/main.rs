@@ -362,7 +362,10 @@ fn resolve(servers: &str, paths: &[String]) -> Result<()> {
             std::thread::scope(|s| {
                 let hs: Vec<_> = plan.iter().map(|l| s.spawn(|| lookup(l))).collect();
                 hs.into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err("lookup thread panicked".into())))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("lookup thread panicked".into()))
+                    })
                     .collect()
             })
         });

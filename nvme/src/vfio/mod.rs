@@ -37,9 +37,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const WANT_IO_QUEUES: u16 = 16;
 /// The largest transfer this driver builds PRP lists for.
 const MAX_TRANSFER_CAP: usize = 2 << 20;
-/// A queue pair checks its oldest command's age and the controller's status every this many
-/// polls (one MMIO read), not on every poll.
-const HEALTH_EVERY_POLLS: u32 = 1024;
+/// A queue pair checks its oldest command's age and the controller's status (one MMIO read)
+/// at most this often, not on every poll.
+const HEALTH_EVERY: Duration = Duration::from_millis(100);
 
 /// Driver options.
 #[derive(Clone, Debug)]
@@ -737,8 +737,8 @@ pub struct VfioQueuePair {
     epoch: u64,
     /// What a reset on another thread reads (see `Ctrl::ringers`).
     shared: Arc<QpShared>,
-    /// Polls until the next health check.
-    health_in: u32,
+    /// When the health check last ran.
+    last_health: Instant,
     /// The queues could not be re-created after a reset: every command fails.
     broken: bool,
 }
@@ -846,7 +846,7 @@ impl VfioQueuePair {
                 region,
                 epoch: created_in,
                 shared,
-                health_in: HEALTH_EVERY_POLLS,
+                last_health: Instant::now(),
                 broken: false,
             })
         };
@@ -976,7 +976,7 @@ impl VfioQueuePair {
         self.shared.in_flight.store(n, Ordering::Release);
     }
 
-    /// Every [`HEALTH_EVERY_POLLS`] polls: a command in flight for longer than the timeout,
+    /// Every [`HEALTH_EVERY`]: a command in flight for longer than the timeout,
     /// or a controller reporting fatal status, resets the controller.
     fn check_health(&mut self) {
         let oldest = self.slots.iter().flatten().map(|s| s.submitted).min();
@@ -1094,9 +1094,8 @@ impl QueuePair for VfioQueuePair {
 
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> usize {
         self.now = Instant::now();
-        self.health_in -= 1;
-        if self.health_in == 0 {
-            self.health_in = HEALTH_EVERY_POLLS;
+        if self.now.duration_since(self.last_health) >= HEALTH_EVERY {
+            self.last_health = self.now;
             if self.slots.iter().any(Option::is_some) {
                 self.check_health();
             }
