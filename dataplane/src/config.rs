@@ -654,27 +654,11 @@ impl Config {
     /// The file and block devices (paths resolved against `data_dir`, sizes in bytes); NVMe
     /// controllers given by PCI address are left out.
     pub fn resolved_devices(&self) -> Vec<(PathBuf, u64)> {
-        let list = if self.devices.is_empty() {
-            vec![DeviceConfig {
-                path: "data0.img".into(),
-                pci: None,
-                size: default_device_size(),
-            }]
-        } else {
-            self.devices
-                .iter()
-                .filter(|d| d.pci.is_none())
-                .cloned()
-                .collect()
-        };
-        list.into_iter()
-            .map(|d| {
-                let p = if d.path.is_absolute() {
-                    d.path
-                } else {
-                    self.data_dir.join(d.path)
-                };
-                (p, parse_size(&d.size).unwrap_or(4 << 30))
+        self.device_specs()
+            .into_iter()
+            .filter_map(|d| match d {
+                DeviceSpec::File(p, size) => Some((p, size)),
+                DeviceSpec::Pci(_) => None,
             })
             .collect()
     }
