@@ -73,6 +73,9 @@ pub struct FsService {
     /// Client requests this node served by forwarding them to their shard's leader (shown by
     /// status: a client that routes by shard keeps it near zero).
     forwarded: Arc<std::sync::atomic::AtomicU64>,
+    /// Cluster mode: this node's chunk changes in flight as a leader, by epoch (see
+    /// [`replication::Epochs`]).
+    epochs: Arc<replication::Epochs>,
 }
 
 fn chunk_locks() -> Arc<Vec<std::sync::RwLock<()>>> {
@@ -213,6 +216,41 @@ fn next_session_step(code: u8) -> Option<cfs_meta::session::Session> {
     Some(s)
 }
 
+/// Most chunk ids one `Unsettled` answer carries (the leader asks again next round).
+const UNSETTLED_BATCH: u64 = 4096;
+
+/// Answers a leader's `Unsettled` question for `shard`: first raises the shard's term floor
+/// (no change of an older leader lands after this), then lists the chunks, u64 LE each.
+fn unsettled_answer(
+    fences: &replication::Fences,
+    shards: u16,
+    (shard, below_term, max): (u16, u64, u64),
+    epochs: (u64, u64),
+) -> Vec<u8> {
+    fences.raise_floor(shard, below_term);
+    fences
+        .unsettled(
+            shard,
+            below_term,
+            epochs,
+            max.min(UNSETTLED_BATCH) as usize,
+            |c| cfs_meta::shard::shard_of_id(shards, c.0) == shard,
+        )
+        .iter()
+        .flat_map(|c| c.0.to_le_bytes())
+        .collect()
+}
+
+/// Test fault (`CFS_TEST_ABORT_PARTIAL_WRITE=PATH`, armed while PATH exists): a leader's
+/// next write to a chunk reaches this node's copy and one other holder's, then the process
+/// aborts, leaving the copies different with nothing recorded stale.
+fn partial_write_fault_armed() -> bool {
+    static PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::var_os("CFS_TEST_ABORT_PARTIAL_WRITE").map(Into::into))
+        .as_ref()
+        .is_some_and(|p| p.exists())
+}
+
 pub(crate) fn errno(e: Errno) -> ServiceError {
     ServiceError::new(
         ErrorCode::Service(ERRNO_BASE + e.errno() as u32),
@@ -264,6 +302,7 @@ impl FsService {
             txn_seq: Arc::default(),
             running_txns: Arc::default(),
             forwarded: Arc::default(),
+            epochs: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -305,6 +344,20 @@ impl FsService {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
+        match engine.boot_suspects() {
+            Ok(chunks) => {
+                let chunks: Vec<ChunkId> = chunks.into_iter().map(ChunkId).collect();
+                if !chunks.is_empty() {
+                    tracing::info!(
+                        "{} chunks changed last before this start: their copies are compared \
+                         by their shard leaders before this node serves them",
+                        chunks.len()
+                    );
+                }
+                fences.note_restart(&chunks);
+            }
+            Err(e) => tracing::error!("cannot list the chunks changed before this start: {e}"),
+        }
         let svc = FsService {
             backend: Backend::Raft(Arc::new(groups)),
             engine,
@@ -313,6 +366,7 @@ impl FsService {
             txn_seq: Arc::new(std::sync::atomic::AtomicU64::new(start)),
             running_txns: Arc::default(),
             forwarded: Arc::default(),
+            epochs: Arc::default(),
         };
         let bg = svc.clone();
         let spawned = std::thread::Builder::new()
@@ -359,6 +413,7 @@ impl FsService {
 
     /// Placement moves and repairs of the chunks of `c`'s shard.
     fn upkeep(&self, c: &Cluster, cursor: &mut ChunkId) {
+        self.reconcile(c);
         {
             let moves = c.read_local(|ns| ns.placement().plan(*cursor, 16));
             for mv in moves {
@@ -510,7 +565,7 @@ impl FsService {
         if node == c.node_id() {
             return self
                 .fences
-                .apply(&self.engine, chunk, op, fence)
+                .apply(&self.engine, chunk, c.shard().index, op, fence)
                 .map_err(|e| (true, e.to_string()));
         }
         let client = c
@@ -660,6 +715,189 @@ impl FsService {
         self.exec(&Creds::root(), Op::Repaired { chunk, node })
             .map_err(|e| e.to_string())?;
         Ok(len)
+    }
+
+    /// Asks a member (this node directly) a bookkeeping question about `c`'s shard.
+    fn ask_member(&self, c: &Cluster, node: u64, op: ChunkOp) -> Result<Vec<u8>, String> {
+        if node == c.node_id() {
+            return match op {
+                ChunkOp::Unsettled {
+                    shard,
+                    below_term,
+                    max,
+                    mark,
+                    settle_below,
+                } => Ok(unsettled_answer(
+                    &self.fences,
+                    self.shard_count(),
+                    (shard, below_term, max),
+                    (mark, settle_below),
+                )),
+                ChunkOp::Settle {
+                    below_term, chunks, ..
+                } => {
+                    self.fences.settle(below_term, &chunks);
+                    Ok(Vec::new())
+                }
+                other => Err(format!("not a bookkeeping question: {other:?}")),
+            };
+        }
+        let client = c.client(node).ok_or("unknown member")?;
+        let payload = replication::encode(ChunkId(0), &op, Fence::default());
+        tokio::runtime::Handle::current()
+            .block_on(client.call_timeout(replication::CHUNK_METHOD, &payload, c.replica_timeout()))
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reconciliation (see [`crate::replication`]): asks every member which chunks of this
+    /// shard it changed under an older term (or found changed last at its restart), compares
+    /// the copies of each, records the ones that differ from the chosen copy stale (repair
+    /// rewrites them), and tells the members those chunks are settled. Returns how many
+    /// chunks were settled.
+    fn reconcile(&self, c: &Cluster) -> usize {
+        let term = c.replica().term();
+        let shard = c.shard().index;
+        let mut asked: Vec<(u64, Vec<ChunkId>)> = Vec::new();
+        let (mark, settle_below) = self.epochs.round(shard, term);
+        let members = c.members();
+        let alive = c.election_timeout() * 4;
+        for &m in &members {
+            // A member not heard from lately is asked once it is heard again (its lists
+            // wait), rather than holding every round up for a timeout.
+            if m != c.node_id() && c.silent_for(m).is_none_or(|d| d > alive) {
+                continue;
+            }
+            let q = ChunkOp::Unsettled {
+                shard,
+                below_term: term,
+                max: UNSETTLED_BATCH,
+                mark,
+                settle_below,
+            };
+            match self.ask_member(c, m, q) {
+                Ok(b) => asked.push((
+                    m,
+                    b.chunks_exact(8)
+                        .filter_map(|x| x.try_into().ok())
+                        .map(|x| ChunkId(u64::from_le_bytes(x)))
+                        .collect(),
+                )),
+                Err(e) => tracing::debug!("member {m}: unsettled chunks not known yet: {e}"),
+            }
+        }
+        if asked.len() == members.len() {
+            self.epochs.marked(shard, term, mark);
+        }
+        let suspects: std::collections::BTreeSet<ChunkId> =
+            asked.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+        let mut settled = std::collections::BTreeSet::new();
+        for chunk in suspects {
+            if c.is_stopped() || c.replica().term() != term {
+                break;
+            }
+            match self.reconcile_chunk(c, chunk) {
+                Ok(()) => {
+                    settled.insert(chunk);
+                }
+                Err(e) => tracing::info!("copies of {chunk} not compared yet: {e}"),
+            }
+        }
+        for (m, listed) in asked {
+            let chunks: Vec<ChunkId> = listed
+                .into_iter()
+                .filter(|ch| settled.contains(ch))
+                .collect();
+            if chunks.is_empty() {
+                continue;
+            }
+            let op = ChunkOp::Settle {
+                shard,
+                below_term: term,
+                chunks,
+            };
+            if let Err(e) = self.ask_member(c, m, op) {
+                tracing::debug!("member {m}: settling failed ({e}); asked again next round");
+            }
+        }
+        settled.len()
+    }
+
+    /// Compares the current copies of `chunk` (digests of their block checksums, then of
+    /// their data if those differ) and records stale every copy that differs from the most
+    /// common one (ties: this node's, else the lowest node's) and every copy that could not
+    /// be compared.
+    fn reconcile_chunk(&self, c: &Cluster, chunk: ChunkId) -> Result<(), String> {
+        use replication::Digest;
+        let _order = self
+            .chunk_lock(chunk)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if c.read_local(|ns| ns.placement().holders(chunk).is_none()) {
+            return Ok(()); // deleted (or never given holders): nothing to compare
+        }
+        let (current, _) = self.current_holders(c, chunk);
+        let me = c.node_id();
+        let digests = |op: ChunkOp, nodes: &[u64]| -> (Vec<(u64, Digest)>, Vec<u64>) {
+            let (mut got, mut missing) = (Vec::new(), Vec::new());
+            for &n in nodes {
+                match self.chunk_op_on(c, n, chunk, op.clone(), Fence::default()) {
+                    Ok(b) => match Digest::decode(&b) {
+                        Some(d) => got.push((n, d)),
+                        None => missing.push(n),
+                    },
+                    Err((_, e)) => {
+                        tracing::warn!("copy of {chunk} on member {n} not comparable: {e}");
+                        missing.push(n);
+                    }
+                }
+            }
+            (got, missing)
+        };
+        let (mut got, mut missing) = digests(ChunkOp::MapDigest, &current);
+        let distinct: std::collections::HashSet<Digest> = got.iter().map(|(_, d)| *d).collect();
+        if distinct.len() > 1 {
+            let reachable: Vec<u64> = got.iter().map(|(n, _)| *n).collect();
+            let (g, m) = digests(ChunkOp::DataDigest, &reachable);
+            got = g;
+            missing.extend(m);
+        }
+        let mut groups: std::collections::HashMap<Digest, Vec<u64>> = Default::default();
+        for (n, d) in &got {
+            groups.entry(*d).or_default().push(*n);
+        }
+        let chosen = groups
+            .values()
+            .max_by_key(|nodes| {
+                (
+                    nodes.len(),
+                    nodes.contains(&me),
+                    std::cmp::Reverse(nodes.iter().min().copied()),
+                )
+            })
+            .cloned()
+            .ok_or("no copy reachable")?;
+        let stale: Vec<u64> = current
+            .iter()
+            .copied()
+            .filter(|n| !chosen.contains(n))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "{chunk}: copies on {stale:?} differ from those on {chosen:?} or could not be compared \
+             (a change whose leader stopped half-way): recorded stale, repair rewrites them"
+        );
+        self.exec(
+            &Creds::root(),
+            Op::MarkStale {
+                chunks: vec![chunk],
+                nodes: stale,
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// The Raft group of shard 0, if this is a cluster node: it holds the membership.
@@ -932,9 +1170,24 @@ impl FsService {
             .filter(|m| !targets.contains(m))
             .collect();
         let fence = self.fence_of(c, chunk);
+        // Counted in flight until the copies agree or the ones that missed it are stale.
+        let _in_flight = self.epochs.start(c.shard().index, fence.term);
         let payload = bytes::Bytes::from(replication::encode(chunk, &op, fence));
         let rt = tokio::runtime::Handle::current();
         let timeout = c.replica_timeout();
+        if matches!(op, ChunkOp::Write { .. }) && partial_write_fault_armed() {
+            let other = members.iter().find(|m| **m != me && !stale.contains(m));
+            if let Some(client) = other.and_then(|m| c.client(*m)) {
+                let r =
+                    rt.block_on(client.call_timeout(replication::CHUNK_METHOD, &payload, timeout));
+                tracing::error!("test fault: change to {chunk} sent to member {other:?}: {r:?}");
+            }
+            let r = self
+                .fences
+                .apply(&self.engine, chunk, c.shard().index, op, fence);
+            tracing::error!("test fault: change to {chunk} applied here ({r:?}); aborting");
+            std::process::abort();
+        }
         let mut calls = tokio::task::JoinSet::new();
         for m in members
             .iter()
@@ -959,7 +1212,10 @@ impl FsService {
         let mut ok = Vec::new();
         // Only a current holder applies the change here (the leader need not hold the chunk).
         if targets.contains(&me) {
-            match self.fences.apply(&self.engine, chunk, op, fence) {
+            match self
+                .fences
+                .apply(&self.engine, chunk, c.shard().index, op.clone(), fence)
+            {
                 Ok(_) => ok.push(me),
                 Err(e) => tracing::error!("local change to {chunk} failed: {e}"),
             }
@@ -1004,29 +1260,64 @@ impl FsService {
     /// holder's. A local copy that fails its checksums is recorded stale (repair rewrites it)
     /// and the read goes to another holder.
     fn chunk_read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Vec<u8>, ServiceError> {
-        let op = ChunkOp::Read { offset, len };
         let c = match &self.backend {
             Backend::Raft(_) => self.group_for_chunk(chunk),
             Backend::Local { .. } => {
-                return replication::apply(&self.engine, chunk, op).map_err(io_error)
+                return replication::apply(&self.engine, chunk, ChunkOp::Read { offset, len })
+                    .map_err(io_error)
             }
         };
+        let mut unsettled = false;
+        match self.chunk_read_once(c, chunk, offset, len, &mut unsettled) {
+            Err(_) if unsettled => {
+                // Copies changed under an older leader and not compared yet: compare them
+                // now (not under the chunk's read lock) and read once more.
+                self.reconcile(c);
+                let mut again = false;
+                self.chunk_read_once(c, chunk, offset, len, &mut again)
+                    .map_err(|e| match again {
+                        true => ServiceError::new(ErrorCode::Busy, e.message),
+                        false => e,
+                    })
+            }
+            r => r,
+        }
+    }
+
+    /// One try of [`FsService::chunk_read`]; sets `unsettled` when a copy was refused because
+    /// it is not reconciled yet.
+    fn chunk_read_once(
+        &self,
+        c: &Cluster,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+        unsettled: &mut bool,
+    ) -> Result<Vec<u8>, ServiceError> {
+        let op = ChunkOp::Read { offset, len };
         let _order = self
             .chunk_lock(chunk)
             .read()
             .unwrap_or_else(|p| p.into_inner());
         let me = c.node_id();
         let (current, _) = self.current_holders(c, chunk);
+        // Reads carry this leader's term: a copy changed under an older one and not compared
+        // since refuses them (see [`crate::replication`]).
+        let fence = self.fence_of(c, chunk);
         if current.contains(&me) {
-            match replication::apply(&self.engine, chunk, op.clone()) {
+            match self
+                .fences
+                .apply(&self.engine, chunk, c.shard().index, op.clone(), fence)
+            {
                 Ok(d) => return Ok(d),
+                Err(replication::ApplyError::Unsettled { .. }) => *unsettled = true,
                 Err(e) => {
                     tracing::error!("local copy of {chunk} unreadable ({e}): reading another");
                     self.record_bad_copies(chunk, vec![me]);
                 }
             }
         }
-        let payload = replication::encode(chunk, &op, Fence::default());
+        let payload = replication::encode(chunk, &op, fence);
         let rt = tokio::runtime::Handle::current();
         // Holders whose store answered with an error (a failed checksum): their copies are
         // bad, unlike those of holders that could not be reached.
@@ -1048,6 +1339,10 @@ impl FsService {
                         return Ok(b.to_vec());
                     }
                     Ok(b) => tracing::warn!("member {m} returned {} of {len} bytes", b.len()),
+                    Err(cfs_fabric::RpcError::Remote {
+                        code: ErrorCode::Busy,
+                        ..
+                    }) => *unsettled = true,
                     Err(e @ cfs_fabric::RpcError::Remote { .. }) => {
                         tracing::error!("copy of {chunk} on member {m} unreadable: {e}");
                         bad.push(m);
@@ -1822,15 +2117,41 @@ impl Service for FsService {
                         "not a chunk operation, or no cluster here",
                     ));
                 };
+                let shards = this.shard_count();
                 let (engine, fences) = (Arc::clone(&this.engine), Arc::clone(&this.fences));
-                return tokio::task::spawn_blocking(move || {
-                    fences.apply(&engine, chunk, op, fence)
+                return tokio::task::spawn_blocking(move || match op {
+                    ChunkOp::Unsettled {
+                        shard,
+                        below_term,
+                        max,
+                        mark,
+                        settle_below,
+                    } => Ok(unsettled_answer(
+                        &fences,
+                        shards,
+                        (shard, below_term, max),
+                        (mark, settle_below),
+                    )),
+                    ChunkOp::Settle {
+                        below_term, chunks, ..
+                    } => {
+                        fences.settle(below_term, &chunks);
+                        Ok(Vec::new())
+                    }
+                    op => {
+                        let shard = cfs_meta::shard::shard_of_id(shards, chunk.0);
+                        fences.apply(&engine, chunk, shard, op, fence)
+                    }
                 })
                 .await
                 .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?
                 .map(bytes::Bytes::from)
                 .map_err(|e| match e {
                     replication::ApplyError::Store(s) => io_error(s),
+                    // Not a bad copy: the reader tries another and the leader reconciles.
+                    e @ replication::ApplyError::Unsettled { .. } => {
+                        ServiceError::new(ErrorCode::Busy, e.to_string())
+                    }
                     fenced => ServiceError::new(ErrorCode::BadRequest, fenced.to_string()),
                 });
             }

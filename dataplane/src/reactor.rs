@@ -103,6 +103,18 @@ pub enum Request {
         /// Where the answer goes.
         reply: Reply<Option<(String, u64)>>,
     },
+    /// A chunk's map digest (`Shard::map_digest`).
+    MapDigest {
+        /// Chunk.
+        chunk: ChunkId,
+        /// Where the answer goes.
+        reply: Reply<Option<(u64, [u8; 32])>>,
+    },
+    /// The chunks every shard of the reactor found changed last when it recovered.
+    BootSuspects {
+        /// Where the answer goes.
+        reply: Reply<Vec<ChunkId>>,
+    },
     /// Every chunk of every shard of the reactor.
     List {
         /// Where the answer goes.
@@ -465,6 +477,26 @@ impl Engine {
         })
     }
 
+    /// A digest of a chunk's length and block checksums (`None` if it does not exist).
+    pub fn map_digest(&self, chunk: ChunkId) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        self.call(self.reactor_of(chunk), |reply| Request::MapDigest {
+            chunk,
+            reply,
+        })
+    }
+
+    /// The chunks recovery found changed last in every shard (possibly by writes the cluster
+    /// never acknowledged).
+    pub fn boot_suspects(&self) -> Result<Vec<ChunkId>, StoreError> {
+        let mut all = Vec::new();
+        for r in 0..self.inboxes.len() {
+            all.extend(self.call(r, |reply| Request::BootSuspects { reply })?);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
     /// Every chunk in the store.
     pub fn list_chunks(&self) -> Result<Vec<ChunkId>, StoreError> {
         let mut all = Vec::new();
@@ -762,6 +794,20 @@ fn dispatch(ctx: &Rc<ReactorCtx>, req: Request, stop: &Rc<std::cell::Cell<bool>>
                 })
             });
             let _ = reply.send(r);
+        }
+        Request::MapDigest { chunk, reply } => {
+            let r = ctx
+                .shard_for(chunk)
+                .ok_or_else(|| missing(chunk))
+                .map(|s| s.map_digest(chunk));
+            let _ = reply.send(r);
+        }
+        Request::BootSuspects { reply } => {
+            let _ = reply.send(Ok(ctx
+                .shards
+                .values()
+                .flat_map(|s| s.boot_suspects())
+                .collect()));
         }
         Request::List { reply } => {
             let _ = reply.send(Ok(ctx.shards.values().flat_map(|s| s.list()).collect()));

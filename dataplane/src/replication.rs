@@ -45,6 +45,60 @@ pub enum ChunkOp {
     Read { offset: u64, len: u64 },
     /// The chunk's length (8 bytes, little-endian; 0 if it does not exist).
     Len,
+    /// Length and digest of block checksums (see [`Digest`]): cheap, no data read.
+    MapDigest,
+    /// Length and digest of the data itself, holes read as zeros: the whole chunk is read.
+    DataDigest,
+    /// Chunks of metadata shard `shard` this node changed under a Raft term below
+    /// `below_term` (or found changed last at its restart) and not yet reconciled: at most
+    /// `max` ids, u64 LE each.
+    /// The question also marks epoch `mark` of the asking leader's term (changes it starts
+    /// from then on are noted after the mark) and settles this term's changes noted before
+    /// the mark of epoch `settle_below` (the leader has none of them in flight any more); see
+    /// [`Epochs`].
+    Unsettled {
+        shard: u16,
+        below_term: u64,
+        max: u64,
+        mark: u64,
+        settle_below: u64,
+    },
+    /// The leader of `shard`'s group (term `below_term`) compared these chunks' copies:
+    /// forget them.
+    Settle {
+        shard: u16,
+        below_term: u64,
+        chunks: Vec<ChunkId>,
+    },
+}
+
+/// A copy's length and digest, as `MapDigest` and `DataDigest` answer (40 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Digest {
+    /// Length in bytes (0 if the chunk does not exist).
+    pub len: u64,
+    /// BLAKE3 of the map or of the data (all zeros for a chunk that does not exist).
+    pub hash: [u8; 32],
+}
+
+impl Digest {
+    /// The 40-byte wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.len.to_le_bytes().to_vec();
+        v.extend_from_slice(&self.hash);
+        v
+    }
+
+    /// Parses the wire form; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<Digest> {
+        if b.len() != 40 {
+            return None;
+        }
+        Some(Digest {
+            len: u64::from_le_bytes(b[..8].try_into().ok()?),
+            hash: b[8..].try_into().ok()?,
+        })
+    }
 }
 
 /// The order of changes to a chunk (see the module documentation): compared by term, then
@@ -63,6 +117,14 @@ pub enum ApplyError {
     /// The store failed (or the data failed its checksum).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A newer leader may not read this copy before it compared it with the others.
+    #[error("{chunk}: copy changed under an older term, not yet reconciled by the leader of term {term}")]
+    Unsettled {
+        /// The chunk.
+        chunk: ChunkId,
+        /// The reader's term.
+        term: u64,
+    },
     /// The change is older than one already applied to this chunk.
     #[error("{chunk}: change fenced off ({got:?} is older than {seen:?})")]
     Fenced {
@@ -80,29 +142,306 @@ pub enum ApplyError {
 /// the check and the write).
 pub struct Fences {
     stripes: Vec<std::sync::Mutex<std::collections::HashMap<ChunkId, Fence>>>,
+    unsettled: std::sync::Mutex<Unsettled>,
+    /// Per metadata shard: the term below which changes are refused (raised when a leader
+    /// asks for the unsettled chunks, so none of an older leader's changes lands after its
+    /// copies were compared).
+    floors: std::sync::Mutex<std::collections::HashMap<u16, u64>>,
 }
 
 impl Default for Fences {
     fn default() -> Fences {
         Fences {
             stripes: (0..64).map(|_| Default::default()).collect(),
+            unsettled: Default::default(),
+            floors: Default::default(),
         }
     }
 }
 
+/// Most chunks [`Unsettled`] remembers; beyond it the least recently changed are forgotten
+/// (long finished in practice: a change is in flight for a replica timeout at most).
+pub const UNSETTLED_MAX: usize = 1 << 20;
+
+/// The chunks this node changed and no leader has compared since (see
+/// [`crate::replication`]'s reconciliation): chunk -> (oldest term a change came under, order
+/// of the last change), and the order index for forgetting the least recent.
+#[derive(Default)]
+struct Unsettled {
+    by_chunk: std::collections::HashMap<ChunkId, (u64, u64)>,
+    by_order: std::collections::BTreeMap<u64, ChunkId>,
+    next: u64,
+    forgotten: u64,
+    /// Per shard: the asking leader's term and where its epochs began (epoch -> order).
+    marks: std::collections::HashMap<u16, (u64, std::collections::BTreeMap<u64, u64>)>,
+}
+
+impl Unsettled {
+    fn note(&mut self, chunk: ChunkId, term: u64) {
+        let order = self.next;
+        self.next += 1;
+        let term = match self.by_chunk.get(&chunk) {
+            Some(&(t, o)) => {
+                self.by_order.remove(&o);
+                t.min(term)
+            }
+            None => term,
+        };
+        self.by_chunk.insert(chunk, (term, order));
+        self.by_order.insert(order, chunk);
+        while self.by_chunk.len() > UNSETTLED_MAX {
+            let Some((_, old)) = self.by_order.pop_first() else {
+                break;
+            };
+            self.by_chunk.remove(&old);
+            self.forgotten += 1;
+            if self.forgotten.is_power_of_two() {
+                tracing::warn!(
+                    "{} changed chunks forgotten unreconciled (over {UNSETTLED_MAX} since the last leader change)",
+                    self.forgotten
+                );
+            }
+        }
+    }
+
+    fn forget(&mut self, chunk: ChunkId) {
+        if let Some((_, o)) = self.by_chunk.remove(&chunk) {
+            self.by_order.remove(&o);
+        }
+    }
+
+    /// Marks where epoch `mark` of `shard`'s leader of `term` begins, and forgets that term's
+    /// changes (to chunks `in_shard` picks) noted before epoch `settle_below` began.
+    fn mark(
+        &mut self,
+        shard: u16,
+        term: u64,
+        mark: u64,
+        settle_below: u64,
+        in_shard: impl Fn(ChunkId) -> bool,
+    ) {
+        let next = self.next;
+        self.next += 1;
+        let (t, marks) = self.marks.entry(shard).or_default();
+        if *t != term {
+            *t = term;
+            marks.clear();
+        }
+        marks.insert(mark, next);
+        let Some(&below) = marks.get(&settle_below) else {
+            return;
+        };
+        marks.retain(|e, _| *e >= settle_below);
+        let done: Vec<ChunkId> = self
+            .by_order
+            .range(..below)
+            .map(|(_, c)| *c)
+            .filter(|c| self.by_chunk.get(c).is_some_and(|(t, _)| *t == term) && in_shard(*c))
+            .collect();
+        for c in done {
+            self.forget(c);
+        }
+    }
+}
+
+/// A leader's side of settling its own term's changes (see [`ChunkOp::Unsettled`]): every
+/// change it starts belongs to the current epoch of its shard; a new epoch begins once every
+/// member has marked it, and the changes of a member noted before epoch `e` began are
+/// settled once no change of an epoch below `e` is in flight.
+#[derive(Default)]
+pub struct Epochs {
+    shards: std::sync::Mutex<std::collections::HashMap<u16, EpochState>>,
+}
+
+#[derive(Default)]
+struct EpochState {
+    term: u64,
+    current: u64,
+    in_flight: std::collections::BTreeMap<u64, usize>,
+}
+
+impl EpochState {
+    fn for_term(&mut self, term: u64) -> &mut EpochState {
+        if self.term != term {
+            *self = EpochState {
+                term,
+                current: 1,
+                in_flight: Default::default(),
+            };
+        }
+        self
+    }
+}
+
+/// A change in flight, counted in its epoch until dropped.
+pub struct InFlight<'a> {
+    epochs: &'a Epochs,
+    shard: u16,
+    term: u64,
+    epoch: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut g = self.epochs.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = g.get_mut(&self.shard).filter(|st| st.term == self.term) else {
+            return;
+        };
+        if let Some(n) = st.in_flight.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                st.in_flight.remove(&self.epoch);
+            }
+        }
+    }
+}
+
+impl Epochs {
+    /// Counts a change of `shard`'s leader of `term` starting now.
+    pub fn start(&self, shard: u16, term: u64) -> InFlight<'_> {
+        let mut g = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let st = g.entry(shard).or_default().for_term(term);
+        let epoch = st.current;
+        *st.in_flight.entry(epoch).or_default() += 1;
+        InFlight {
+            epochs: self,
+            shard,
+            term,
+            epoch,
+        }
+    }
+
+    /// The next round's (mark, settle_below): the epoch to mark and the oldest epoch with a
+    /// change in flight (the current one if none is).
+    pub fn round(&self, shard: u16, term: u64) -> (u64, u64) {
+        let mut g = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let st = g.entry(shard).or_default().for_term(term);
+        let oldest = st.in_flight.keys().next().copied().unwrap_or(st.current);
+        (st.current + 1, oldest)
+    }
+
+    /// Every member marked `mark`: changes started from now on belong to it.
+    pub fn marked(&self, shard: u16, term: u64, mark: u64) {
+        let mut g = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let st = g.entry(shard).or_default().for_term(term);
+        st.current = st.current.max(mark);
+    }
+}
+
 impl Fences {
-    /// Applies `op` if `fence` admits it (reads and lengths are always admitted).
+    /// Applies `op` to `chunk` (of metadata shard `shard`) if `fence` admits it; reads by a
+    /// leader (`fence.term > 0`) are refused while the copy is unsettled below its term.
     pub fn apply(
         &self,
         engine: &Engine,
         chunk: ChunkId,
+        shard: u16,
         op: ChunkOp,
         fence: Fence,
     ) -> Result<Vec<u8>, ApplyError> {
-        if matches!(op, ChunkOp::Read { .. } | ChunkOp::Len) {
-            return Ok(apply(engine, chunk, op)?);
+        match op {
+            ChunkOp::Read { .. } if fence.term > 0 && self.unsettled_below(chunk, fence.term) => {
+                Err(ApplyError::Unsettled {
+                    chunk,
+                    term: fence.term,
+                })
+            }
+            ChunkOp::Read { .. } | ChunkOp::Len => Ok(apply(engine, chunk, op)?),
+            // Under the chunk's stripe lock: no admitted change is half-applied meanwhile.
+            ChunkOp::MapDigest | ChunkOp::DataDigest => {
+                let _stripe = self.stripe(chunk).lock().unwrap_or_else(|p| p.into_inner());
+                Ok(apply(engine, chunk, op)?)
+            }
+            ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } => Err(ApplyError::Store(
+                StoreError::Layout("not an operation on a chunk".into()),
+            )),
+            ChunkOp::Write { .. } | ChunkOp::Truncate { .. } | ChunkOp::Punch { .. } => {
+                let floor = self.floor(shard);
+                if fence.term < floor {
+                    return Err(ApplyError::Fenced {
+                        chunk,
+                        got: fence,
+                        seen: Fence {
+                            term: floor,
+                            gen: 0,
+                        },
+                    });
+                }
+                self.run(chunk, fence, || apply(engine, chunk, op))
+            }
         }
-        self.run(chunk, fence, || apply(engine, chunk, op))
+    }
+
+    fn stripe(
+        &self,
+        chunk: ChunkId,
+    ) -> &std::sync::Mutex<std::collections::HashMap<ChunkId, Fence>> {
+        &self.stripes[(chunk.0 % self.stripes.len() as u64) as usize]
+    }
+
+    fn floor(&self, shard: u16) -> u64 {
+        let f = self.floors.lock().unwrap_or_else(|p| p.into_inner());
+        f.get(&shard).copied().unwrap_or(0)
+    }
+
+    /// Refuses changes to `shard`'s chunks under terms below `term` from now on, and waits
+    /// for those admitted before to finish (each holds its stripe lock until applied).
+    pub fn raise_floor(&self, shard: u16, term: u64) {
+        {
+            let mut f = self.floors.lock().unwrap_or_else(|p| p.into_inner());
+            let e = f.entry(shard).or_default();
+            *e = (*e).max(term);
+        }
+        for s in &self.stripes {
+            drop(s.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Whether `chunk` was changed under a term below `term` (or found changed at restart)
+    /// and no leader has compared its copies since: a leader of `term` must not read it yet.
+    pub fn unsettled_below(&self, chunk: ChunkId, term: u64) -> bool {
+        let u = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        u.by_chunk.get(&chunk).is_some_and(|(t, _)| *t < term)
+    }
+
+    /// Records chunks found changed last at restart: unsettled under any term.
+    pub fn note_restart(&self, chunks: &[ChunkId]) {
+        let mut u = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        for c in chunks {
+            u.note(*c, 0);
+        }
+    }
+
+    /// Up to `max` unsettled chunks that `pick` selects with a term below `below_term`, after
+    /// marking epoch `mark` of shard `shard`'s leader of `below_term` and settling its changes
+    /// from before epoch `settle_below` (see [`Epochs`]).
+    pub fn unsettled(
+        &self,
+        shard: u16,
+        below_term: u64,
+        (mark, settle_below): (u64, u64),
+        max: usize,
+        pick: impl Fn(ChunkId) -> bool,
+    ) -> Vec<ChunkId> {
+        let mut u = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        u.mark(shard, below_term, mark, settle_below, &pick);
+        u.by_order
+            .values()
+            .filter(|c| u.by_chunk.get(c).is_some_and(|(t, _)| *t < below_term) && pick(**c))
+            .take(max)
+            .copied()
+            .collect()
+    }
+
+    /// Forgets `chunks` whose oldest unsettled change came under a term below `below_term`
+    /// (a leader of that term compared their copies).
+    pub fn settle(&self, below_term: u64, chunks: &[ChunkId]) {
+        let mut u = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        for c in chunks {
+            if u.by_chunk.get(c).is_some_and(|(t, _)| *t < below_term) {
+                u.forget(*c);
+            }
+        }
     }
 
     /// Runs the change `f` to `chunk` if `fence` admits it, under the chunk's stripe lock.
@@ -112,8 +451,7 @@ impl Fences {
         fence: Fence,
         f: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, ApplyError> {
-        let stripe = &self.stripes[(chunk.0 % self.stripes.len() as u64) as usize];
-        let mut seen = stripe.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.stripe(chunk).lock().unwrap_or_else(|p| p.into_inner());
         let newest = seen.entry(chunk).or_default();
         if fence < *newest {
             return Err(ApplyError::Fenced {
@@ -123,28 +461,75 @@ impl Fences {
             });
         }
         *newest = fence;
+        // Noted before the change: a change that fails half-way may have changed the copy.
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(chunk, fence.term);
         Ok(f()?)
     }
 
     /// Forgets a deleted chunk's fence (ids are never reused).
     pub fn forget(&self, chunk: ChunkId) {
-        let stripe = &self.stripes[(chunk.0 % self.stripes.len() as u64) as usize];
-        stripe
+        self.stripe(chunk)
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&chunk);
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(chunk);
     }
 }
 
 /// Encodes a request.
 pub fn encode(chunk: ChunkId, op: &ChunkOp, fence: Fence) -> Vec<u8> {
     let mut w = Writer::default();
-    let (code, offset, len, data): (u8, u64, u64, &[u8]) = match op {
-        ChunkOp::Write { offset, data } => (1, *offset, data.len() as u64, data),
-        ChunkOp::Truncate { len } => (2, *len, 0, &[]),
-        ChunkOp::Punch { offset, len } => (3, *offset, *len, &[]),
-        ChunkOp::Read { offset, len } => (4, *offset, *len, &[]),
-        ChunkOp::Len => (5, 0, 0, &[]),
+    let ids: Vec<u8>;
+    let (code, chunk, fence, offset, len, data): (u8, ChunkId, Fence, u64, u64, &[u8]) = match op {
+        ChunkOp::Write { offset, data } => (1, chunk, fence, *offset, data.len() as u64, data),
+        ChunkOp::Truncate { len } => (2, chunk, fence, *len, 0, &[]),
+        ChunkOp::Punch { offset, len } => (3, chunk, fence, *offset, *len, &[]),
+        ChunkOp::Read { offset, len } => (4, chunk, fence, *offset, *len, &[]),
+        ChunkOp::Len => (5, chunk, fence, 0, 0, &[]),
+        ChunkOp::MapDigest => (6, chunk, fence, 0, 0, &[]),
+        ChunkOp::DataDigest => (7, chunk, fence, 0, 0, &[]),
+        ChunkOp::Unsettled {
+            shard,
+            below_term,
+            max,
+            mark,
+            settle_below,
+        } => (
+            8,
+            ChunkId(u64::from(*shard)),
+            Fence {
+                term: *below_term,
+                gen: *mark,
+            },
+            *settle_below,
+            *max,
+            &[],
+        ),
+        ChunkOp::Settle {
+            shard,
+            below_term,
+            chunks,
+        } => {
+            ids = chunks.iter().flat_map(|c| c.0.to_le_bytes()).collect();
+            let n = chunks.len() as u64;
+            (
+                9,
+                ChunkId(u64::from(*shard)),
+                Fence {
+                    term: *below_term,
+                    gen: 0,
+                },
+                0,
+                n,
+                &ids,
+            )
+        }
     };
     w.u8(code);
     w.u64(chunk.0);
@@ -174,6 +559,24 @@ pub fn decode(b: &[u8]) -> Option<(ChunkId, ChunkOp, Fence)> {
         3 => ChunkOp::Punch { offset, len },
         4 => ChunkOp::Read { offset, len },
         5 => ChunkOp::Len,
+        6 => ChunkOp::MapDigest,
+        7 => ChunkOp::DataDigest,
+        8 => ChunkOp::Unsettled {
+            shard: u16::try_from(chunk.0).ok()?,
+            below_term: fence.term,
+            max: len,
+            mark: fence.gen,
+            settle_below: offset,
+        },
+        9 if data.len() as u64 == len.checked_mul(8)? => ChunkOp::Settle {
+            shard: u16::try_from(chunk.0).ok()?,
+            below_term: fence.term,
+            chunks: data
+                .chunks_exact(8)
+                .map(|b| b.try_into().map(|a| ChunkId(u64::from_le_bytes(a))))
+                .collect::<Result<_, _>>()
+                .ok()?,
+        },
         _ => return None,
     };
     Some((chunk, op, fence))
@@ -192,6 +595,18 @@ pub fn apply(engine: &Engine, chunk: ChunkId, op: ChunkOp) -> Result<Vec<u8>, St
             Ok(()) | Err(StoreError::NotFound { .. }) => Ok(Vec::new()),
             Err(e) => Err(e),
         },
+        ChunkOp::MapDigest => Ok(match engine.map_digest(chunk.0)? {
+            Some((len, hash)) => Digest { len, hash },
+            None => Digest {
+                len: 0,
+                hash: [0; 32],
+            },
+        }
+        .encode()),
+        ChunkOp::DataDigest => data_digest(engine, chunk).map(|d| d.encode()),
+        ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } => {
+            Err(StoreError::Layout("not an operation on a chunk".into()))
+        }
         ChunkOp::Len => Ok(engine
             .stat(chunk.0)?
             .map(|i| i.len)
@@ -208,6 +623,32 @@ pub fn apply(engine: &Engine, chunk: ChunkId, op: ChunkOp) -> Result<Vec<u8>, St
             }
         }
     }
+}
+
+/// Length and BLAKE3 of a chunk's data (holes as zeros), read in 4 MiB pieces.
+fn data_digest(engine: &Engine, chunk: ChunkId) -> Result<Digest, StoreError> {
+    let len = engine.stat(chunk.0)?.map(|i| i.len).unwrap_or(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&len.to_le_bytes());
+    let piece = 4u64 << 20;
+    let mut off = 0;
+    while off < len {
+        let n = piece.min(len - off);
+        let data = apply(
+            engine,
+            chunk,
+            ChunkOp::Read {
+                offset: off,
+                len: n,
+            },
+        )?;
+        h.update(&data);
+        off += n;
+    }
+    Ok(Digest {
+        len,
+        hash: *h.finalize().as_bytes(),
+    })
 }
 
 #[cfg(test)]
@@ -255,19 +696,132 @@ mod tests {
         assert!(f.run(c, at(0, 0), || Ok(())).is_ok());
     }
 
+    #[test]
+    fn copies_changed_under_an_older_term_stay_unsettled_until_a_leader_settles_them() {
+        let f = Fences::default();
+        let (a, b) = (ChunkId(1), ChunkId(2));
+        let at = |term| Fence { term, gen: 0 };
+        let all = |_| true;
+        assert!(f.run(a, at(3), || Ok(())).is_ok());
+        assert!(
+            !f.unsettled_below(a, 3),
+            "the same leader reads its own changes"
+        );
+        assert!(f.unsettled_below(a, 4), "a newer leader must compare first");
+        assert!(!f.unsettled_below(b, 4), "an unchanged chunk is settled");
+        f.note_restart(&[b]);
+        assert!(
+            f.unsettled_below(b, 1),
+            "found changed at restart: unsettled for any term"
+        );
+        assert_eq!(f.unsettled(0, 4, (2, 1), 10, all), vec![a, b]);
+        assert_eq!(f.unsettled(0, 4, (2, 1), 1, all), vec![a], "at most max");
+        assert_eq!(f.unsettled(0, 3, (2, 1), 10, all), vec![b]);
+        assert!(f.unsettled(0, 4, (2, 1), 10, |c| c != a).eq(&[b]));
+        // A change under the new term does not hide the older one.
+        assert!(f.run(a, at(4), || Ok(())).is_ok());
+        assert!(f.unsettled_below(a, 4));
+        f.settle(4, &[a, b]);
+        assert!(!f.unsettled_below(a, 4) && !f.unsettled_below(b, 4));
+        assert!(f.unsettled(0, 9, (2, 1), 10, all).is_empty());
+    }
+
+    #[test]
+    fn a_raised_floor_refuses_older_leaders_changes() {
+        let f = Fences::default();
+        f.raise_floor(0, 7);
+        assert_eq!(f.floor(0), 7);
+        assert_eq!(f.floor(1), 0, "per shard");
+        f.raise_floor(0, 5);
+        assert_eq!(f.floor(0), 7, "never lowered");
+    }
+
+    #[test]
+    fn a_leaders_own_changes_settle_once_no_older_epoch_is_in_flight() {
+        let (leader, member) = (Epochs::default(), Fences::default());
+        let all = |_| true;
+        let term = 5;
+        let held = leader.start(0, term);
+        assert!(member
+            .run(ChunkId(1), Fence { term, gen: 0 }, || Ok(()))
+            .is_ok());
+        let round = leader.round(0, term);
+        assert_eq!(round, (2, 1));
+        assert!(member.unsettled(0, term, round, 10, all).is_empty());
+        leader.marked(0, term, round.0);
+        assert!(
+            member.unsettled_below(ChunkId(1), term + 1),
+            "epoch 1 still in flight"
+        );
+        let round = leader.round(0, term);
+        assert_eq!(round, (3, 1), "the change of epoch 1 is in flight");
+        member.unsettled(0, term, round, 10, all);
+        assert!(member.unsettled_below(ChunkId(1), term + 1));
+        let later = leader.start(0, term);
+        assert!(member
+            .run(ChunkId(2), Fence { term, gen: 0 }, || Ok(()))
+            .is_ok());
+        drop(held);
+        leader.marked(0, term, round.0);
+        let round = leader.round(0, term);
+        assert_eq!(round, (4, 2), "epoch 2's change is still in flight");
+        member.unsettled(0, term, round, 10, all);
+        assert!(!member.unsettled_below(ChunkId(1), term + 1), "settled");
+        assert!(
+            member.unsettled_below(ChunkId(2), term + 1),
+            "still in flight"
+        );
+        drop(later);
+        leader.marked(0, term, round.0);
+        let round = leader.round(0, term);
+        assert_eq!(round, (5, 4), "nothing in flight");
+        member.unsettled(0, term, round, 10, all);
+        assert!(!member.unsettled_below(ChunkId(2), term + 1));
+        // A new term starts over; older-term entries are left to reconciliation.
+        assert!(member
+            .run(ChunkId(3), Fence { term, gen: 0 }, || Ok(()))
+            .is_ok());
+        assert_eq!(leader.round(0, term + 1), (2, 1));
+        assert_eq!(
+            member.unsettled(0, term + 1, (2, 1), 10, all),
+            vec![ChunkId(3)]
+        );
+    }
+
+    #[test]
+    fn digests_round_trip() {
+        let d = Digest {
+            len: 77,
+            hash: [9; 32],
+        };
+        assert_eq!(Digest::decode(&d.encode()), Some(d));
+        assert_eq!(Digest::decode(&d.encode()[1..]), None);
+    }
+
     proptest! {
         #[test]
-        fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..5) {
+        fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..9, shard in any::<u16>()) {
             let op = match k {
                 0 => ChunkOp::Write { offset, data },
                 1 => ChunkOp::Truncate { len },
                 2 => ChunkOp::Punch { offset, len },
                 3 => ChunkOp::Read { offset, len },
+                4 => ChunkOp::MapDigest,
+                5 => ChunkOp::DataDigest,
+                6 => ChunkOp::Unsettled { shard, below_term: offset, max: len, mark: chunk, settle_below: offset ^ len },
+                7 => ChunkOp::Settle { shard, below_term: len, chunks: data.iter().map(|b| ChunkId(u64::from(*b).wrapping_mul(chunk))).collect() },
                 _ => ChunkOp::Len,
             };
             let fence = Fence { term: offset ^ 3, gen: len ^ 5 };
             let b = encode(ChunkId(chunk), &op, fence);
-            prop_assert_eq!(decode(&b), Some((ChunkId(chunk), op, fence)));
+            let back = decode(&b);
+            match &op {
+                // Bookkeeping questions carry the shard (and their own terms) instead.
+                ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } => {
+                    prop_assert_eq!(back.map(|(_, o, _)| o), Some(op));
+                }
+                _ => prop_assert_eq!(back, Some((ChunkId(chunk), op, fence))),
+            }
             prop_assert_eq!(decode(&b[..b.len() - 1]), None);
         }
 

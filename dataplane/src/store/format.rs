@@ -207,8 +207,11 @@ impl Superblock {
     }
 }
 
+/// Most chunk ids a checkpoint header carries in its recently-changed list.
+pub const CKPT_RECENT_MAX: usize = 500;
+
 /// Header block of a checkpoint slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CkptHeader {
     /// Increases with every checkpoint of the shard; the highest valid one wins.
     pub generation: u64,
@@ -224,6 +227,11 @@ pub struct CkptHeader {
     pub live_blocks: u64,
     /// Store tag (binds the checkpoint to its store and shard).
     pub store_tag: u64,
+    /// The chunks changed last before this checkpoint, oldest first (at most
+    /// [`CKPT_RECENT_MAX`]): with the journal replayed after it, what a restarted node reports
+    /// as possibly changed by a write its cluster never acknowledged. Zero-filled (empty) in
+    /// headers written before the list existed, so those still decode.
+    pub recent: Vec<ChunkId>,
 }
 
 impl CkptHeader {
@@ -239,6 +247,11 @@ impl CkptHeader {
         put_u32(&mut b, 44, self.chunk_count);
         put_u64(&mut b, 48, self.live_blocks);
         put_u64(&mut b, 56, self.store_tag);
+        assert!(self.recent.len() <= CKPT_RECENT_MAX);
+        put_u32(&mut b, 64, self.recent.len() as u32);
+        for (i, c) in self.recent.iter().enumerate() {
+            put_u64(&mut b, 72 + 8 * i, *c);
+        }
         let c = crc(&b[..BLOCK - 4]);
         put_u32(&mut b, BLOCK - 4, c);
         b
@@ -252,7 +265,12 @@ impl CkptHeader {
         if crc(&b[..BLOCK - 4]) != get_u32(b, BLOCK - 4) {
             return None;
         }
+        let recent_count = get_u32(b, 64) as usize;
+        if recent_count > CKPT_RECENT_MAX {
+            return None;
+        }
         Some(CkptHeader {
+            recent: (0..recent_count).map(|i| get_u64(b, 72 + 8 * i)).collect(),
             generation: get_u64(b, 16),
             journal_start_seq: get_u64(b, 24),
             body_len: get_u64(b, 32),
@@ -380,6 +398,16 @@ const REC_TRUNCATE: u8 = 3;
 const REC_PUNCH: u8 = 4;
 
 impl Record {
+    /// The chunk the record changes.
+    pub fn chunk(&self) -> ChunkId {
+        match self {
+            Record::Write { chunk, .. }
+            | Record::Delete { chunk }
+            | Record::Truncate { chunk, .. }
+            | Record::Punch { chunk, .. } => *chunk,
+        }
+    }
+
     /// Appends the encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
@@ -631,7 +659,7 @@ mod tests {
 
         #[test]
         fn ckpt_header_round_trip_and_corruption(gen in any::<u64>(), seq in any::<u64>(), at in 0usize..BLOCK, flip in 1u8..=255) {
-            let h = CkptHeader { generation: gen, journal_start_seq: seq, body_len: 99, body_crc: 5, chunk_count: 3, live_blocks: 10, store_tag: 77 };
+            let h = CkptHeader { generation: gen, journal_start_seq: seq, body_len: 99, body_crc: 5, chunk_count: 3, live_blocks: 10, store_tag: 77, recent: (0..gen % 7).map(|i| i.wrapping_mul(seq)).collect() };
             let mut b = h.encode();
             prop_assert_eq!(CkptHeader::decode(&b), Some(h));
             b[at] ^= flip;

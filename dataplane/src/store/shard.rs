@@ -20,8 +20,8 @@
 use super::alloc::{Allocator, Extent};
 use super::format::{
     crc, decode_ckpt_body, decode_journal_block, encode_ckpt_body, encode_journal_block, BlockRef,
-    ChunkId, CkptChunk, CkptHeader, JournalHeader, Record, ShardLayout, BLOCK, JOURNAL_PAYLOAD,
-    MAX_BATCH_BLOCKS,
+    ChunkId, CkptChunk, CkptHeader, JournalHeader, Record, ShardLayout, BLOCK, CKPT_RECENT_MAX,
+    JOURNAL_PAYLOAD, MAX_BATCH_BLOCKS,
 };
 use super::{DevIo, StoreError};
 use crate::exec::{LocalOneshot, Notify};
@@ -88,6 +88,26 @@ struct State {
     readers: BTreeMap<u64, u32>,
     limbo: VecDeque<(u64, Vec<u32>)>,
     stats: ShardStats,
+    /// Distinct chunks changed last, oldest first (at most `CKPT_RECENT_MAX`): written into
+    /// every checkpoint header, so a restart knows them even after a checkpoint absorbed
+    /// their journal records.
+    recent: VecDeque<ChunkId>,
+    /// What recovery found changed last (the checkpoint's list and the replayed journal).
+    boot_suspects: Vec<ChunkId>,
+}
+
+/// Records `chunk` as changed last (moving it to the back if listed already).
+fn note_recent(recent: &mut VecDeque<ChunkId>, chunk: ChunkId) {
+    if recent.back() == Some(&chunk) {
+        return;
+    }
+    if let Some(i) = recent.iter().rposition(|c| *c == chunk) {
+        recent.remove(i);
+    }
+    if recent.len() == CKPT_RECENT_MAX {
+        recent.pop_front();
+    }
+    recent.push_back(chunk);
 }
 
 /// One shard, opened and recovered.
@@ -202,6 +222,8 @@ impl Shard {
                 readers: BTreeMap::new(),
                 limbo: VecDeque::new(),
                 stats: ShardStats::default(),
+                recent: VecDeque::new(),
+                boot_suspects: Vec::new(),
             }),
             locks_changed: Notify::default(),
             closed: Cell::new(false),
@@ -651,6 +673,30 @@ impl Shard {
         })
     }
 
+    /// The chunks recovery found changed last (see `State::recent`), possibly by writes their
+    /// cluster never acknowledged.
+    pub fn boot_suspects(&self) -> Vec<ChunkId> {
+        self.st.borrow().boot_suspects.clone()
+    }
+
+    /// A digest of `chunk`'s length and block checksums, all-zero blocks counted as holes:
+    /// equal for copies with equal contents written the same way (copies that differ only in
+    /// where zeros are stored compare by data instead). `None` if the chunk does not exist.
+    pub fn map_digest(&self, chunk: ChunkId) -> Option<(u64, [u8; 32])> {
+        let zero_crc = crc(&[0u8; BLOCK]);
+        let st = self.st.borrow();
+        let m = st.chunks.get(&chunk)?;
+        let mut h = blake3::Hasher::new();
+        h.update(&m.len.to_le_bytes());
+        for (l, r) in &m.blocks {
+            if r.crc != zero_crc {
+                h.update(&l.to_le_bytes());
+                h.update(&r.crc.to_le_bytes());
+            }
+        }
+        Some((m.len, *h.finalize().as_bytes()))
+    }
+
     /// Device block holding byte `offset` of `chunk`, if it is allocated (for tools and tests).
     pub fn locate(&self, chunk: ChunkId, offset: u64) -> Option<u64> {
         let logical = u32::try_from(offset / BLOCK as u64).ok()?;
@@ -792,6 +838,7 @@ impl Shard {
         for p in batch {
             for r in &p.records {
                 apply(&mut st.chunks, r, &mut freed);
+                note_recent(&mut st.recent, r.chunk());
             }
         }
         if !freed.is_empty() {
@@ -837,6 +884,7 @@ impl Shard {
                 chunk_count: chunks.len() as u32,
                 live_blocks: live,
                 store_tag: self.store_tag,
+                recent: st.recent.iter().copied().collect(),
             };
             (header, body, 1 - st.ckpt_slot)
         };
@@ -916,7 +964,9 @@ impl Shard {
             let raw = self.read_meta(self.layout.ckpt_slot(slot), 1).await?;
             if let Some(h) = CkptHeader::decode(&raw) {
                 if h.store_tag == self.store_tag
-                    && best.is_none_or(|(_, b)| h.generation > b.generation)
+                    && best
+                        .as_ref()
+                        .is_none_or(|(_, b)| h.generation > b.generation)
                 {
                     best = Some((slot, h));
                 }
@@ -975,9 +1025,11 @@ impl Shard {
         }
         let replayed = batches.len();
         let mut freed = Vec::new();
+        let mut recent: VecDeque<ChunkId> = hdr.recent.iter().copied().collect();
         for b in &batches {
             for r in b {
                 apply(&mut map, r, &mut freed);
+                note_recent(&mut recent, r.chunk());
             }
         }
         // 3. The allocator is rebuilt from the map: it cannot hand out a live block.
@@ -990,6 +1042,8 @@ impl Shard {
             st.ckpt_slot = slot;
             st.journal_pos = stop_pos;
             st.next_seq = hdr.journal_start_seq + u64::from(stop_pos);
+            st.boot_suspects = recent.iter().copied().collect();
+            st.recent = recent;
         }
         if replayed > 0 || dropped_tail {
             // Start the journal afresh past every sequence number seen, so no stale block can
