@@ -834,7 +834,8 @@ impl FsService {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         if c.read_local(|ns| ns.placement().holders(chunk).is_none()) {
-            return Ok(()); // deleted (or never given holders): nothing to compare
+            tracing::debug!("{chunk}: no holders recorded (deleted): nothing to compare");
+            return Ok(());
         }
         let (current, _) = self.current_holders(c, chunk);
         let me = c.node_id();
@@ -883,6 +884,7 @@ impl FsService {
             .filter(|n| !chosen.contains(n))
             .collect();
         if stale.is_empty() {
+            tracing::debug!("{chunk}: copies on {current:?} are equal");
             return Ok(());
         }
         tracing::warn!(
@@ -1182,10 +1184,13 @@ impl FsService {
                     rt.block_on(client.call_timeout(replication::CHUNK_METHOD, &payload, timeout));
                 tracing::error!("test fault: change to {chunk} sent to member {other:?}: {r:?}");
             }
-            let r = self
-                .fences
-                .apply(&self.engine, chunk, c.shard().index, op, fence);
-            tracing::error!("test fault: change to {chunk} applied here ({r:?}); aborting");
+            if targets.contains(&me) {
+                let r = self
+                    .fences
+                    .apply(&self.engine, chunk, c.shard().index, op, fence);
+                tracing::error!("test fault: change to {chunk} applied here: {r:?}");
+            }
+            tracing::error!("test fault: aborting in the middle of a change to {chunk}");
             std::process::abort();
         }
         let mut calls = tokio::task::JoinSet::new();

@@ -110,7 +110,7 @@ enum Cmd {
     /// bytes in the root directory with seeded contents and read them back (`--verify-only`:
     /// only read back files an earlier run wrote, e.g. after the node restarted).
     RpcCheck {
-        /// The node's address.
+        /// Comma-separated node addresses, or a cluster token.
         #[arg(long)]
         server: String,
         /// Files to write and check.
@@ -122,6 +122,12 @@ enum Cmd {
         /// Only read back and compare.
         #[arg(long)]
         verify_only: bool,
+        /// Contents seed (files written with one seed read back only with it).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Overwrite files an earlier run created (one try per request, no retry).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// List the NVMe controllers on this machine: PCI address, driver, IOMMU group, model and
     /// whether the userspace driver can take them (`[[devices]] pci = "..."`).
@@ -727,7 +733,9 @@ fn main() -> Result<()> {
             files,
             size,
             verify_only,
-        } => cmd_rpc_check(&server, files, size, verify_only),
+            seed,
+            overwrite,
+        } => cmd_rpc_check(&server, files, size, seed, (verify_only, overwrite)),
         Cmd::Devices => {
             cmd_devices();
             Ok(())
@@ -1068,16 +1076,30 @@ fn cmd_check_load(cfg: &Config, log: &std::path::Path, chunks: u64, span: u64) -
 }
 
 /// See `Cmd::RpcCheck`.
-fn cmd_rpc_check(server: &str, files: u32, size: u64, verify_only: bool) -> Result<()> {
+fn cmd_rpc_check(
+    server: &str,
+    files: u32,
+    size: u64,
+    seed: u64,
+    (verify_only, overwrite): (bool, bool),
+) -> Result<()> {
     use cfs_meta::{Creds, InodeId};
     use cfs_proto::{Reply, Request};
-    let client = cfs_fabric::BlockingClient::new(
-        server,
+    // Addresses, or a cluster token. A request is sent once: a server that cannot be reached
+    // is skipped for the next, one that may have run it is not retried.
+    let (servers, secret) = cfs_fabric::auth::servers_arg(server).map_err(|e| anyhow!(e))?;
+    if servers.is_empty() {
+        bail!("no server address given");
+    }
+    let client = cfs_fabric::FailoverClient::new(
+        &servers,
         cfs_fabric::ClientConfig {
-            connect_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(60),
+            secret,
             ..cfs_fabric::ClientConfig::default()
         },
+        Duration::from_secs(20),
     );
     let call = |r: Request| -> Result<Reply> {
         let b = client
@@ -1088,7 +1110,9 @@ fn cmd_rpc_check(server: &str, files: u32, size: u64, verify_only: bool) -> Resu
     let content = |i: u32, off: u64, len: usize| -> Vec<u8> {
         (0..len as u64)
             .map(|k| {
-                let x = (off + k).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(i);
+                let x = (off + k).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ u64::from(i)
+                    ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
                 (x >> 29) as u8
             })
             .collect()
@@ -1096,7 +1120,7 @@ fn cmd_rpc_check(server: &str, files: u32, size: u64, verify_only: bool) -> Resu
     const PIECE: u64 = 1 << 20;
     for i in 0..files {
         let name = format!("rpc-check-{i}").into_bytes();
-        let ino = if verify_only {
+        let ino = if verify_only || overwrite {
             match call(Request::Lookup {
                 parent: InodeId::ROOT,
                 name,
@@ -1105,14 +1129,16 @@ fn cmd_rpc_check(server: &str, files: u32, size: u64, verify_only: bool) -> Resu
                 other => bail!("lookup of file {i}: unexpected reply {other:?}"),
             }
         } else {
-            let ino = match call(Request::Create {
+            match call(Request::Create {
                 parent: InodeId::ROOT,
                 name,
                 perm: 0o644,
             })? {
                 Reply::Attr(a) => a.ino,
                 other => bail!("create of file {i}: unexpected reply {other:?}"),
-            };
+            }
+        };
+        if !verify_only {
             let mut off = 0;
             while off < size {
                 let len = (size - off).min(PIECE) as usize;
@@ -1124,8 +1150,7 @@ fn cmd_rpc_check(server: &str, files: u32, size: u64, verify_only: bool) -> Resu
                 off += len as u64;
             }
             call(Request::Fsync { ino })?;
-            ino
-        };
+        }
         let mut off = 0;
         while off < size {
             let len = (size - off).min(PIECE) as u32;
