@@ -7,9 +7,21 @@
 //!
 //! Node-to-node request (`CHUNK_METHOD`), fixed little-endian layout:
 //! ```text
-//! u8 op (1 write, 2 truncate, 3 punch, 4 read, 5 length) | u64 chunk | u64 term | u64 gen |
-//! u64 offset | u64 len | u32 n | n bytes data
+//! u8 op | u64 chunk | u64 term | u64 gen | u64 offset | u64 len | u32 n | n bytes data
+//!
+//! op  name         chunk   term        gen    offset        len         data
+//!  1  write        chunk   fence       fence  offset        n           bytes
+//!  2  truncate     chunk   fence       fence  new length    0           -
+//!  3  punch        chunk   fence       fence  offset        len         -
+//!  4  read         chunk   reader's    -      offset        len         -   (reply: the data)
+//!  5  length       chunk   -           -      -             -           -   (reply: u64 LE)
+//!  6  map digest   chunk   -           -      -             -           -   (reply: Digest)
+//!  7  data digest  chunk   -           -      -             -           -   (reply: Digest)
+//!  8  unsettled    shard   leader's    mark   settle_below  max         -   (reply: u64 ids)
+//!  9  settle       shard   leader's    -      -             count       count x u64 ids
 //! ```
+//! (Digest: u64 LE length | 32-byte BLAKE3. Reconciliation of copies a leader changed
+//! half-way, ops 6 to 9: docs/architecture.md, "Reconciling copies a leader changed half-way".)
 //!
 //! Fencing: every change carries a [`Fence`], the sender's Raft term and the chunk's
 //! generation (bumped in the namespace whenever a holder is marked stale or added). A node
