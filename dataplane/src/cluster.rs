@@ -47,6 +47,8 @@ pub struct ClusterConfig {
     /// A member the leader has not heard from for this long is removed for good: its chunk
     /// copies are re-replicated and its vote is handed to a learner.
     pub dead_after_ms: u64,
+    /// A copy must look orphaned this long (in two checks) before it is deleted.
+    pub orphan_grace_ms: u64,
     /// Cluster secret every connection between nodes proves (see `cfs_fabric::auth`).
     pub secret: Option<cfs_fabric::Secret>,
     /// Linearizable reads from the leader's lease instead of a ReadIndex round per batch.
@@ -342,6 +344,18 @@ impl Cluster {
     /// How long a member may be silent before the leader removes it.
     pub fn dead_after(&self) -> Duration {
         Duration::from_millis(self.cfg.dead_after_ms)
+    }
+
+    /// How long a chunk copy must look orphaned before it is deleted.
+    pub fn orphan_grace(&self) -> Duration {
+        Duration::from_millis(self.cfg.orphan_grace_ms)
+    }
+
+    /// Whether this replica knows a leader and has applied everything it knows committed, so
+    /// its namespace is as recent as one heartbeat.
+    pub fn caught_up(&self) -> bool {
+        let r = self.replica();
+        r.leader().is_some() && r.applied() >= r.store().hard_state().commit
     }
 
     /// Voters the metadata group should have.

@@ -89,6 +89,10 @@ pub struct ClusterSection {
     /// rebooting node must not cost a full re-replication.
     #[serde(default = "default_dead_after_ms")]
     pub dead_after_ms: u64,
+    /// Milliseconds a chunk copy this node's namespace no longer gives it (deleted or moved
+    /// while the node was away) must look orphaned, twice, before it is deleted.
+    #[serde(default = "default_orphan_grace_ms")]
+    pub orphan_grace_ms: u64,
     /// How the leader makes reads linearizable: "index" (a quorum round per batch of reads,
     /// no clock assumption) or "lease" (no round while its lease holds; assumes clocks on the
     /// nodes advance at similar rates).
@@ -114,6 +118,9 @@ fn default_meta_shards() -> u16 {
 }
 fn default_dead_after_ms() -> u64 {
     600_000
+}
+fn default_orphan_grace_ms() -> u64 {
+    300_000
 }
 
 fn default_tick_ms() -> u64 {

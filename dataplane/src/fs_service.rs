@@ -76,6 +76,15 @@ pub struct FsService {
     /// Cluster mode: this node's chunk changes in flight as a leader, by epoch (see
     /// [`replication::Epochs`]).
     epochs: Arc<replication::Epochs>,
+    /// Orphan chunk copies this node deleted (see `collect_orphans`).
+    orphans_deleted: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Orphan candidates: chunk -> (first seen orphaned, its newest fence then).
+#[derive(Default)]
+struct Orphans {
+    seen: std::collections::HashMap<ChunkId, (std::time::Instant, Option<Fence>)>,
+    last: Option<std::time::Instant>,
 }
 
 fn chunk_locks() -> Arc<Vec<std::sync::RwLock<()>>> {
@@ -303,6 +312,7 @@ impl FsService {
             running_txns: Arc::default(),
             forwarded: Arc::default(),
             epochs: Arc::default(),
+            orphans_deleted: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -367,6 +377,7 @@ impl FsService {
             running_txns: Arc::default(),
             forwarded: Arc::default(),
             epochs: Arc::default(),
+            orphans_deleted: Arc::default(),
         };
         let bg = svc.clone();
         let spawned = std::thread::Builder::new()
@@ -394,8 +405,10 @@ impl FsService {
         };
         let mut cursors = vec![ChunkId(0); groups.len()];
         let mut balanced = vec![None; groups.len()];
+        let mut orphans = Orphans::default();
         while !groups[0].is_stopped() {
             std::thread::sleep(std::time::Duration::from_millis(500));
+            self.collect_orphans(groups, &mut orphans);
             for ((c, cursor), last) in groups.iter().zip(cursors.iter_mut()).zip(&mut balanced) {
                 if c.replica().is_leader() {
                     if c.shard().index == 0 {
@@ -408,6 +421,84 @@ impl FsService {
                     self.balance_leader(c, last);
                 }
             }
+        }
+    }
+
+    /// Orphan copies (every node, not only leaders): chunks this node stores that its
+    /// namespace no longer gives it, because they were deleted or moved off while the node was
+    /// away and it caught up from a snapshot (the compacted log's deletes never ran here). A
+    /// copy is deleted once it looked orphaned in two checks at least `orphan_grace_ms` apart,
+    /// with the node's replica of the chunk's shard caught up both times, and no change was
+    /// admitted to it in between (a move onto this node starts with a change).
+    fn collect_orphans(&self, groups: &[Cluster], o: &mut Orphans) {
+        let grace = groups[0].orphan_grace();
+        let every = (grace / 4).clamp(
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(60),
+        );
+        if o.last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        o.last = Some(std::time::Instant::now());
+        let stored = match self.engine.list_chunks() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot list the stored chunks for orphan collection: {e}");
+                return;
+            }
+        };
+        let me = groups[0].node_id();
+        let mut by_group: Vec<Vec<ChunkId>> = vec![Vec::new(); groups.len()];
+        for c in stored {
+            let g = cfs_meta::shard::shard_of_id(self.shard_count(), c) as usize;
+            by_group[g].push(ChunkId(c));
+        }
+        let mut now_orphaned = std::collections::HashSet::new();
+        for (c, chunks) in groups.iter().zip(by_group) {
+            if chunks.is_empty() || !c.caught_up() {
+                continue;
+            }
+            now_orphaned.extend(c.read_local(|ns| {
+                let mut referenced = None;
+                chunks
+                    .into_iter()
+                    .filter(|ch| match ns.placement().holders(*ch) {
+                        Some(h) => !h.contains(&me),
+                        // No holders recorded: every member holds a chunk a file maps.
+                        None => !referenced
+                            .get_or_insert_with(|| ns.referenced_chunks())
+                            .contains(ch),
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        o.seen.retain(|ch, _| now_orphaned.contains(ch));
+        let mut deleted = 0u64;
+        for ch in now_orphaned {
+            let fence = self.fences.newest(ch);
+            match o.seen.get(&ch) {
+                Some((since, f)) if since.elapsed() >= grace && *f == fence => {
+                    match self.fences.delete_if_unchanged(&self.engine, ch, fence) {
+                        Ok(true) => deleted += 1,
+                        Ok(false) => {
+                            o.seen.remove(&ch);
+                        }
+                        Err(e) => tracing::warn!("cannot delete orphan copy of {ch}: {e}"),
+                    }
+                }
+                Some((_, f)) if *f == fence => {}
+                _ => {
+                    o.seen.insert(ch, (std::time::Instant::now(), fence));
+                }
+            }
+        }
+        if deleted > 0 {
+            o.seen.retain(|_, (since, _)| since.elapsed() < grace);
+            self.orphans_deleted
+                .fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                "deleted {deleted} orphan chunk copies (no longer this node's: deleted or moved while it was away)"
+            );
         }
     }
 
@@ -1139,6 +1230,9 @@ impl FsService {
                     "chunks": {"total": h.chunks, "under_replicated": h.under_replicated,
                         "lost": h.lost, "misplaced": h.misplaced, "stale_copies": h.stale_copies},
                     "stale_chunk_copies": stale.len(),
+                    "orphan_copies_deleted": self
+                        .orphans_deleted
+                        .load(std::sync::atomic::Ordering::Relaxed),
                     "stale": stale,
                     "holders": holders,
                     "store": store,

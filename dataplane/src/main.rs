@@ -828,6 +828,7 @@ fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::Clus
         propose_timeout_ms: section.propose_timeout_ms,
         replica_timeout_ms: section.replica_timeout_ms,
         dead_after_ms: section.dead_after_ms,
+        orphan_grace_ms: section.orphan_grace_ms,
         lease_reads: section.read_mode == "lease",
     }))
 }

@@ -481,6 +481,37 @@ impl Fences {
         Ok(f()?)
     }
 
+    /// The newest fence seen for `chunk` (`None`: no change since this node started).
+    pub fn newest(&self, chunk: ChunkId) -> Option<Fence> {
+        let seen = self.stripe(chunk).lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(&chunk).copied()
+    }
+
+    /// Deletes this node's copy of `chunk` if no change to it was admitted since its newest
+    /// fence was `seen` (checked and deleted under the chunk's stripe lock, so none slips in
+    /// between); returns whether it did.
+    pub fn delete_if_unchanged(
+        &self,
+        engine: &Engine,
+        chunk: ChunkId,
+        seen: Option<Fence>,
+    ) -> Result<bool, StoreError> {
+        let mut fences = self.stripe(chunk).lock().unwrap_or_else(|p| p.into_inner());
+        if fences.get(&chunk).copied() != seen {
+            return Ok(false);
+        }
+        match engine.delete(chunk.0) {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        fences.remove(&chunk);
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(chunk);
+        Ok(true)
+    }
+
     /// Forgets a deleted chunk's fence (ids are never reused).
     pub fn forget(&self, chunk: ChunkId) {
         self.stripe(chunk)
