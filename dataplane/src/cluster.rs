@@ -351,13 +351,6 @@ impl Cluster {
         Duration::from_millis(self.cfg.orphan_grace_ms)
     }
 
-    /// Whether this replica knows a leader and has applied everything it knows committed, so
-    /// its namespace is as recent as one heartbeat.
-    pub fn caught_up(&self) -> bool {
-        let r = self.replica();
-        r.leader().is_some() && r.applied() >= r.store().hard_state().commit
-    }
-
     /// Voters the metadata group should have.
     pub fn meta_replicas(&self) -> usize {
         self.cfg.meta_replicas

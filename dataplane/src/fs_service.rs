@@ -85,6 +85,8 @@ pub struct FsService {
 struct Orphans {
     seen: std::collections::HashMap<ChunkId, (std::time::Instant, Option<Fence>)>,
     last: Option<std::time::Instant>,
+    /// Chunks whose leader could not be asked this round (kept, not deleted).
+    unknown: std::collections::HashSet<ChunkId>,
 }
 
 fn chunk_locks() -> Arc<Vec<std::sync::RwLock<()>>> {
@@ -424,12 +426,12 @@ impl FsService {
         }
     }
 
-    /// Orphan copies (every node, not only leaders): chunks this node stores that its
+    /// Orphan copies (every node, not only leaders): chunks this node stores that the
     /// namespace no longer gives it, because they were deleted or moved off while the node was
     /// away and it caught up from a snapshot (the compacted log's deletes never ran here). A
-    /// copy is deleted once it looked orphaned in two checks at least `orphan_grace_ms` apart,
-    /// with the node's replica of the chunk's shard caught up both times, and no change was
-    /// admitted to it in between (a move onto this node starts with a change).
+    /// copy is deleted once its shard's leader called it orphaned in two checks at least
+    /// `orphan_grace_ms` apart and no change was admitted to it in between (a move onto this
+    /// node starts with a change).
     fn collect_orphans(&self, groups: &[Cluster], o: &mut Orphans) {
         let grace = groups[0].orphan_grace();
         let every = (grace / 4).clamp(
@@ -455,26 +457,39 @@ impl FsService {
         }
         let mut now_orphaned = std::collections::HashSet::new();
         for (c, chunks) in groups.iter().zip(by_group) {
-            if chunks.is_empty() || !c.caught_up() {
-                continue;
+            // The shard leader's view decides (with a read barrier): this node's own replica
+            // may not have its snapshot yet, or lag.
+            let shard = c.shard().index;
+            for batch in chunks.chunks(8192) {
+                let ask = ChunkOp::Orphans {
+                    shard,
+                    node: me,
+                    chunks: batch.to_vec(),
+                };
+                let leader = c.replica().leader();
+                let answer = match leader {
+                    Some(l) if l == me => self
+                        .orphans_of(shard, me, batch.to_vec())
+                        .map_err(|e| e.to_string()),
+                    Some(l) => self.ask_member(c, l, ask),
+                    None => Err("no leader".to_string()),
+                };
+                match answer.map(|b| replication::chunk_ids(&b)) {
+                    Ok(Some(ids)) => now_orphaned.extend(ids),
+                    Ok(None) => tracing::warn!("malformed orphan answer from shard {shard}"),
+                    Err(e) => {
+                        tracing::debug!("orphan check of shard {shard} not done this round: {e}");
+                        // Candidates of this shard keep their first sighting.
+                        now_orphaned.extend(batch.iter().filter(|ch| o.seen.contains_key(ch)));
+                        o.unknown.extend(batch.iter().copied());
+                    }
+                }
             }
-            now_orphaned.extend(c.read_local(|ns| {
-                let mut referenced = None;
-                chunks
-                    .into_iter()
-                    .filter(|ch| match ns.placement().holders(*ch) {
-                        Some(h) => !h.contains(&me),
-                        // No holders recorded: every member holds a chunk a file maps.
-                        None => !referenced
-                            .get_or_insert_with(|| ns.referenced_chunks())
-                            .contains(ch),
-                    })
-                    .collect::<Vec<_>>()
-            }));
         }
         o.seen.retain(|ch, _| now_orphaned.contains(ch));
         let mut deleted = 0u64;
-        for ch in now_orphaned {
+        let unknown = std::mem::take(&mut o.unknown);
+        for ch in now_orphaned.into_iter().filter(|ch| !unknown.contains(ch)) {
             let fence = self.fences.newest(ch);
             match o.seen.get(&ch) {
                 Some((since, f)) if since.elapsed() >= grace && *f == fence => {
@@ -500,6 +515,35 @@ impl FsService {
                 "deleted {deleted} orphan chunk copies (no longer this node's: deleted or moved while it was away)"
             );
         }
+    }
+
+    /// Which of `chunks` (of metadata shard `shard`) are no longer `node`'s: no holder record
+    /// names it, or there is no record and no file maps the chunk. Only the shard's leader
+    /// answers (after a read barrier), as u64 LE ids.
+    fn orphans_of(
+        &self,
+        shard: u16,
+        node: u64,
+        chunks: Vec<ChunkId>,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let c = self
+            .groups()
+            .get(shard as usize)
+            .ok_or(ClusterError::NotLeader(None))?;
+        let orphans = c.read(|ns| {
+            let mut referenced = None;
+            chunks
+                .into_iter()
+                .filter(|ch| match ns.placement().holders(*ch) {
+                    Some(h) => !h.contains(&node),
+                    // No holders recorded: every member holds a chunk a file maps.
+                    None => !referenced
+                        .get_or_insert_with(|| ns.referenced_chunks())
+                        .contains(ch),
+                })
+                .collect::<Vec<_>>()
+        })?;
+        Ok(orphans.iter().flat_map(|c| c.0.to_le_bytes()).collect())
     }
 
     /// Placement moves and repairs of the chunks of `c`'s shard.
@@ -2218,6 +2262,7 @@ impl Service for FsService {
                 };
                 let shards = this.shard_count();
                 let (engine, fences) = (Arc::clone(&this.engine), Arc::clone(&this.fences));
+                let svc = this.clone();
                 return tokio::task::spawn_blocking(move || match op {
                     ChunkOp::Unsettled {
                         shard,
@@ -2237,6 +2282,13 @@ impl Service for FsService {
                         fences.settle(below_term, &chunks);
                         Ok(Vec::new())
                     }
+                    ChunkOp::Orphans {
+                        shard,
+                        node,
+                        chunks,
+                    } => Ok(svc
+                        .orphans_of(shard, node, chunks)
+                        .map_err(|e| StoreError::Layout(e.to_string()))?),
                     op => {
                         let shard = cfs_meta::shard::shard_of_id(shards, chunk.0);
                         fences.apply(&engine, chunk, shard, op, fence)

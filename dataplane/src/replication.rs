@@ -19,6 +19,8 @@
 //!  7  data digest  chunk   -           -      -             -           -   (reply: Digest)
 //!  8  unsettled    shard   leader's    mark   settle_below  max         -   (reply: u64 ids)
 //!  9  settle       shard   leader's    -      -             count       count x u64 ids
+//! 10  orphans      shard   node        -      -             count       count x u64 ids
+//!                                                                        (reply: u64 ids)
 //! ```
 //! (Digest: u64 LE length | 32-byte BLAKE3. Reconciliation of copies a leader changed
 //! half-way, ops 6 to 9: docs/architecture.md, "Reconciling copies a leader changed half-way".)
@@ -80,6 +82,13 @@ pub enum ChunkOp {
     Settle {
         shard: u16,
         below_term: u64,
+        chunks: Vec<ChunkId>,
+    },
+    /// Asked of `shard`'s leader: which of `chunks` are not `node`'s any more (no holder
+    /// record naming it, or no record and no file mapping them)? Reply: those ids, u64 LE.
+    Orphans {
+        shard: u16,
+        node: u64,
         chunks: Vec<ChunkId>,
     },
 }
@@ -364,9 +373,9 @@ impl Fences {
                 let _stripe = self.stripe(chunk).lock().unwrap_or_else(|p| p.into_inner());
                 Ok(apply(engine, chunk, op)?)
             }
-            ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } => Err(ApplyError::Store(
-                StoreError::Layout("not an operation on a chunk".into()),
-            )),
+            ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } | ChunkOp::Orphans { .. } => Err(
+                ApplyError::Store(StoreError::Layout("not an operation on a chunk".into())),
+            ),
             ChunkOp::Write { .. } | ChunkOp::Truncate { .. } | ChunkOp::Punch { .. } => {
                 let floor = self.floor(shard);
                 if fence.term < floor {
@@ -573,6 +582,25 @@ pub fn encode(chunk: ChunkId, op: &ChunkOp, fence: Fence) -> Vec<u8> {
                 &ids,
             )
         }
+        ChunkOp::Orphans {
+            shard,
+            node,
+            chunks,
+        } => {
+            ids = chunks.iter().flat_map(|c| c.0.to_le_bytes()).collect();
+            let n = chunks.len() as u64;
+            (
+                10,
+                ChunkId(u64::from(*shard)),
+                Fence {
+                    term: *node,
+                    gen: 0,
+                },
+                0,
+                n,
+                &ids,
+            )
+        }
     };
     w.u8(code);
     w.u64(chunk.0);
@@ -614,15 +642,26 @@ pub fn decode(b: &[u8]) -> Option<(ChunkId, ChunkOp, Fence)> {
         9 if data.len() as u64 == len.checked_mul(8)? => ChunkOp::Settle {
             shard: u16::try_from(chunk.0).ok()?,
             below_term: fence.term,
-            chunks: data
-                .chunks_exact(8)
-                .map(|b| b.try_into().map(|a| ChunkId(u64::from_le_bytes(a))))
-                .collect::<Result<_, _>>()
-                .ok()?,
+            chunks: chunk_ids(&data)?,
+        },
+        10 if data.len() as u64 == len.checked_mul(8)? => ChunkOp::Orphans {
+            shard: u16::try_from(chunk.0).ok()?,
+            node: fence.term,
+            chunks: chunk_ids(&data)?,
         },
         _ => return None,
     };
     Some((chunk, op, fence))
+}
+
+/// Chunk ids, u64 LE each.
+pub fn chunk_ids(b: &[u8]) -> Option<Vec<ChunkId>> {
+    if !b.len().is_multiple_of(8) {
+        return None;
+    }
+    b.chunks_exact(8)
+        .map(|x| x.try_into().ok().map(|a| ChunkId(u64::from_le_bytes(a))))
+        .collect()
 }
 
 /// Applies an operation to this node's store; a read returns its data (zeros where the chunk
@@ -647,7 +686,7 @@ pub fn apply(engine: &Engine, chunk: ChunkId, op: ChunkOp) -> Result<Vec<u8>, St
         }
         .encode()),
         ChunkOp::DataDigest => data_digest(engine, chunk).map(|d| d.encode()),
-        ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } => {
+        ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } | ChunkOp::Orphans { .. } => {
             Err(StoreError::Layout("not an operation on a chunk".into()))
         }
         ChunkOp::Len => Ok(engine
@@ -843,7 +882,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..9, shard in any::<u16>()) {
+        fn requests_round_trip(chunk in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..64), k in 0u8..10, shard in any::<u16>()) {
             let op = match k {
                 0 => ChunkOp::Write { offset, data },
                 1 => ChunkOp::Truncate { len },
@@ -853,6 +892,7 @@ mod tests {
                 5 => ChunkOp::DataDigest,
                 6 => ChunkOp::Unsettled { shard, below_term: offset, max: len, mark: chunk, settle_below: offset ^ len },
                 7 => ChunkOp::Settle { shard, below_term: len, chunks: data.iter().map(|b| ChunkId(u64::from(*b).wrapping_mul(chunk))).collect() },
+                8 => ChunkOp::Orphans { shard, node: len, chunks: data.iter().map(|b| ChunkId(u64::from(*b) ^ chunk)).collect() },
                 _ => ChunkOp::Len,
             };
             let fence = Fence { term: offset ^ 3, gen: len ^ 5 };
@@ -860,7 +900,7 @@ mod tests {
             let back = decode(&b);
             match &op {
                 // Bookkeeping questions carry the shard (and their own terms) instead.
-                ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } => {
+                ChunkOp::Unsettled { .. } | ChunkOp::Settle { .. } | ChunkOp::Orphans { .. } => {
                     prop_assert_eq!(back.map(|(_, o, _)| o), Some(op));
                 }
                 _ => prop_assert_eq!(back, Some((ChunkId(chunk), op, fence))),
