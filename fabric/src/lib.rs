@@ -13,6 +13,7 @@ pub mod auth;
 pub mod blocking;
 pub mod client;
 pub mod frame;
+pub mod ofi;
 pub mod region;
 pub mod server;
 
