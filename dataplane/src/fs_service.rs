@@ -252,6 +252,32 @@ fn unsettled_answer(
         .collect()
 }
 
+/// Answers the reconciliation questions every member answers alike (`Unsettled`, `Settle`);
+/// any other operation is handed back.
+fn bookkeeping(fences: &replication::Fences, shards: u16, op: ChunkOp) -> Result<Vec<u8>, ChunkOp> {
+    match op {
+        ChunkOp::Unsettled {
+            shard,
+            below_term,
+            max,
+            mark,
+            settle_below,
+        } => Ok(unsettled_answer(
+            fences,
+            shards,
+            (shard, below_term, max),
+            (mark, settle_below),
+        )),
+        ChunkOp::Settle {
+            below_term, chunks, ..
+        } => {
+            fences.settle(below_term, &chunks);
+            Ok(Vec::new())
+        }
+        other => Err(other),
+    }
+}
+
 /// Test fault (`CFS_TEST_ABORT_PARTIAL_WRITE=PATH`, armed while PATH exists): a leader's
 /// next write to a chunk reaches this node's copy and one other holder's, then the process
 /// aborts, leaving the copies different with nothing recorded stale.
@@ -855,27 +881,8 @@ impl FsService {
     /// Asks a member (this node directly) a bookkeeping question about `c`'s shard.
     fn ask_member(&self, c: &Cluster, node: u64, op: ChunkOp) -> Result<Vec<u8>, String> {
         if node == c.node_id() {
-            return match op {
-                ChunkOp::Unsettled {
-                    shard,
-                    below_term,
-                    max,
-                    mark,
-                    settle_below,
-                } => Ok(unsettled_answer(
-                    &self.fences,
-                    self.shard_count(),
-                    (shard, below_term, max),
-                    (mark, settle_below),
-                )),
-                ChunkOp::Settle {
-                    below_term, chunks, ..
-                } => {
-                    self.fences.settle(below_term, &chunks);
-                    Ok(Vec::new())
-                }
-                other => Err(format!("not a bookkeeping question: {other:?}")),
-            };
+            return bookkeeping(&self.fences, self.shard_count(), op)
+                .map_err(|other| format!("not a bookkeeping question: {other:?}"));
         }
         let client = c.client(node).ok_or("unknown member")?;
         let payload = replication::encode(ChunkId(0), &op, Fence::default());
@@ -2263,35 +2270,20 @@ impl Service for FsService {
                 let shards = this.shard_count();
                 let (engine, fences) = (Arc::clone(&this.engine), Arc::clone(&this.fences));
                 let svc = this.clone();
-                return tokio::task::spawn_blocking(move || match op {
-                    ChunkOp::Unsettled {
-                        shard,
-                        below_term,
-                        max,
-                        mark,
-                        settle_below,
-                    } => Ok(unsettled_answer(
-                        &fences,
-                        shards,
-                        (shard, below_term, max),
-                        (mark, settle_below),
-                    )),
-                    ChunkOp::Settle {
-                        below_term, chunks, ..
-                    } => {
-                        fences.settle(below_term, &chunks);
-                        Ok(Vec::new())
-                    }
-                    ChunkOp::Orphans {
-                        shard,
-                        node,
-                        chunks,
-                    } => Ok(svc
-                        .orphans_of(shard, node, chunks)
-                        .map_err(|e| StoreError::Layout(e.to_string()))?),
-                    op => {
-                        let shard = cfs_meta::shard::shard_of_id(shards, chunk.0);
-                        fences.apply(&engine, chunk, shard, op, fence)
+                return tokio::task::spawn_blocking(move || {
+                    match bookkeeping(&fences, shards, op) {
+                        Ok(answer) => Ok(answer),
+                        Err(ChunkOp::Orphans {
+                            shard,
+                            node,
+                            chunks,
+                        }) => Ok(svc
+                            .orphans_of(shard, node, chunks)
+                            .map_err(|e| StoreError::Layout(e.to_string()))?),
+                        Err(op) => {
+                            let shard = cfs_meta::shard::shard_of_id(shards, chunk.0);
+                            fences.apply(&engine, chunk, shard, op, fence)
+                        }
                     }
                 })
                 .await
