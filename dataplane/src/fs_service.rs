@@ -812,21 +812,14 @@ impl FsService {
                 .try_into()
                 .map_err(|_| (false, "bad length reply".to_string()))?,
         );
-        let piece = 4u64 << 20;
-        let mut off = 0;
-        while off < len {
-            let n = piece.min(len - off);
+        for (offset, len) in replication::copy_pieces(len) {
             self.chunk_op_on(
                 c,
                 node,
                 chunk,
-                ChunkOp::Read {
-                    offset: off,
-                    len: n,
-                },
+                ChunkOp::Read { offset, len },
                 Fence::default(),
             )?;
-            off += n;
         }
         Ok(())
     }
@@ -858,19 +851,9 @@ impl FsService {
         let len_bytes = on(source, ChunkOp::Len)?;
         let len = u64::from_le_bytes(len_bytes.try_into().map_err(|_| "bad length reply")?);
         on(node, ChunkOp::Truncate { len: 0 })?;
-        let piece = 4u64 << 20;
-        let mut off = 0;
-        while off < len {
-            let n = piece.min(len - off);
-            let data = on(
-                source,
-                ChunkOp::Read {
-                    offset: off,
-                    len: n,
-                },
-            )?;
-            on(node, ChunkOp::Write { offset: off, data })?;
-            off += n;
+        for (offset, n) in replication::copy_pieces(len) {
+            let data = on(source, ChunkOp::Read { offset, len: n })?;
+            on(node, ChunkOp::Write { offset, data })?;
         }
         on(node, ChunkOp::Truncate { len })?;
         self.exec(&Creds::root(), Op::Repaired { chunk, node })

@@ -1373,10 +1373,7 @@ fn cmd_verify(servers: &str) -> Result<()> {
             continue;
         }
         let len = lens.first().copied().unwrap_or(0);
-        let piece = 4u64 << 20;
-        let mut off = 0;
-        while off < len {
-            let n = piece.min(len - off);
+        for (off, n) in replication::copy_pieces(len) {
             let first = call(
                 holders[0],
                 chunk,
@@ -1404,7 +1401,6 @@ fn cmd_verify(servers: &str) -> Result<()> {
                     problems += 1;
                 }
             }
-            off += n;
         }
         copies += holders.len() as u64;
         bytes += len * holders.len() as u64;

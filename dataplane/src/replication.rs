@@ -707,25 +707,20 @@ pub fn apply(engine: &Engine, chunk: ChunkId, op: ChunkOp) -> Result<Vec<u8>, St
     }
 }
 
+/// The pieces (offset, length) a whole chunk of `len` bytes is copied or compared in: 4 MiB
+/// each, so no single request or reply is large.
+pub fn copy_pieces(len: u64) -> impl Iterator<Item = (u64, u64)> {
+    const PIECE: u64 = 4 << 20;
+    (0..len.div_ceil(PIECE)).map(move |i| (i * PIECE, PIECE.min(len - i * PIECE)))
+}
+
 /// Length and BLAKE3 of a chunk's data (holes as zeros), read in 4 MiB pieces.
 fn data_digest(engine: &Engine, chunk: ChunkId) -> Result<Digest, StoreError> {
     let len = engine.stat(chunk.0)?.map(|i| i.len).unwrap_or(0);
     let mut h = blake3::Hasher::new();
     h.update(&len.to_le_bytes());
-    let piece = 4u64 << 20;
-    let mut off = 0;
-    while off < len {
-        let n = piece.min(len - off);
-        let data = apply(
-            engine,
-            chunk,
-            ChunkOp::Read {
-                offset: off,
-                len: n,
-            },
-        )?;
-        h.update(&data);
-        off += n;
+    for (offset, len) in copy_pieces(len) {
+        h.update(&apply(engine, chunk, ChunkOp::Read { offset, len })?);
     }
     Ok(Digest {
         len,
@@ -868,6 +863,18 @@ mod tests {
             member.unsettled(0, term + 1, (2, 1), 10, all),
             vec![ChunkId(3)]
         );
+    }
+
+    #[test]
+    fn copy_pieces_cover_a_chunk_once() {
+        assert_eq!(copy_pieces(0).count(), 0);
+        assert_eq!(copy_pieces(5).collect::<Vec<_>>(), vec![(0, 5)]);
+        let m = 4u64 << 20;
+        assert_eq!(
+            copy_pieces(2 * m + 1).collect::<Vec<_>>(),
+            vec![(0, m), (m, m), (2 * m, 1)]
+        );
+        assert_eq!(copy_pieces(2 * m).count(), 2);
     }
 
     #[test]
