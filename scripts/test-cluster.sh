@@ -140,7 +140,9 @@ with open(acked_path, "w") as acked:
         t0 = time.time()
         try:
             fd = os.open(f"{d}/f{i}", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-            os.write(fd, data)
+            done = 0
+            while done < len(data):  # a short write is no error: write the rest
+                done += os.write(fd, data[done:])
             os.fsync(fd)
             os.close(fd)
         except OSError as e:

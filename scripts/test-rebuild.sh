@@ -59,7 +59,7 @@ start_watchdog test-rebuild
 N=4
 ADDRS=""
 for ((i = 1; i <= N; i++)); do ADDRS+="${ADDRS:+,}127.0.0.1:$((BASE + i))"; done
-for ((i = 1; i <= N; i++)); do
+for ((i = 1; i <= N + 1; i++)); do # node 5 joins at the end
   mkdir -p "$WORK/n$i"
   cat >"$WORK/n$i.toml" <<CONF
 data_dir = "$WORK/n$i"
@@ -106,6 +106,28 @@ for line in sys.stdin:
         print(json.dumps(v)); break' || true
 }
 field() { python3 -c "import json, sys; v = json.load(sys.stdin); print($1)"; }
+# groups_agree NODES...: every listed node's replica of every metadata shard has the voters
+# and learners the leader's shard 0 has (a node that joined late reached every group's
+# leader, whoever leads it, and applied its log); prints "True" or what differs.
+groups_agree() {
+  local addrs="" i
+  for i in "$@"; do addrs+="${addrs:+,}127.0.0.1:$((BASE + i))"; done
+  "$CFS" status "${TOKEN%@*}@$addrs" --json 2>/dev/null | awk '{ $1 = ""; print }' |
+    python3 -c 'import json, sys
+views = []
+for line in sys.stdin:
+    try:
+        views.append(json.loads(line))
+    except ValueError:
+        pass
+lead = [v for v in views if v.get("role") == "leader"]
+if len(views) != int(sys.argv[1]) or not lead:
+    print(f"{len(views)} of {sys.argv[1]} nodes answered, {len(lead)} leading shard 0"); sys.exit()
+want = (sorted(lead[0]["shards"][0]["voters"]), sorted(lead[0]["shards"][0]["learners"]))
+bad = [(v["node"], s["shard"], s["voters"], s["learners"], s["applied"]) for v in views for s in v["shards"]
+       if (sorted(s["voters"]), sorted(s["learners"])) != want]
+print(True if not bad else f"want voters/learners {want}; differ (node, shard, voters, learners, applied): {bad}")' "$#" || true
+}
 
 TOKEN=$("$BIN" init --config "$WORK/n1.toml" --replicas 3 --meta-replicas 3 --meta-shards "${META_SHARDS:-1}" 2>"$WORK/init.err") || { cat "$WORK/init.err"; fail "init"; exit 1; }
 start_node 1
@@ -158,7 +180,9 @@ with open(acked, "a") as out:
         name = f"{prefix}{i}"
         try:
             fd = os.open(f"{d}/{name}", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-            os.write(fd, data)
+            done = 0
+            while done < len(data):  # a short write is no error: write the rest
+                done += os.write(fd, data[done:])
             os.fsync(fd)
             os.close(fd)
         except OSError as e:
@@ -212,6 +236,17 @@ if [[ -n $moved ]]; then
   pass "node 4 joined as a learner; $moved of 24 chunks rebalanced onto it within $(($(date +%s) - t0)) s"
 else
   fail "rebalance onto node 4 did not finish: ${state:-no leader}"
+fi
+agree=""
+for _ in $(seq 1 50); do
+  agree=$(groups_agree 1 2 3 4)
+  [[ $agree == True ]] && break
+  sleep 0.2
+done
+if [[ $agree == True ]]; then
+  pass "every node's replica of all ${META_SHARDS:-1} metadata shard(s) lists node 4, whichever node leads the shard"
+else
+  fail "a late joiner did not catch up with every shard group: $agree"
 fi
 if out=$("$BIN" verify --servers "$TOKEN" 2>&1); then
   pass "before the loss: $(tail -1 <<<"$out")"
@@ -385,14 +420,35 @@ fi
 # mirrored into the other groups; with META_SHARDS=1 there is only shard 0).
 same=""
 for _ in $(seq 1 50); do
-  same=$(leader_json | field 'all(sorted(s["voters"]) == sorted(v["shards"][0]["voters"]) and sorted(s["learners"]) == sorted(v["shards"][0]["learners"]) for s in v["shards"])' 2>/dev/null || true)
+  # shellcheck disable=SC2086
+  same=$(groups_agree $SURV_IDS)
   [[ $same == True ]] && break
   sleep 0.2
 done
 if [[ $same == True ]]; then
-  pass "all ${META_SHARDS:-1} metadata shard group(s) have the same voters and learners"
+  pass "on every survivor, all ${META_SHARDS:-1} metadata shard group(s) have the same voters and learners"
 else
-  fail "metadata shard groups differ in membership: $(leader_json | field 'v["shards"]' 2>&1)"
+  fail "metadata shard groups differ in membership: $same"
+fi
+
+# A node joins once the founder is gone (the token names a survivor): its groups start from
+# the founding state, which knows only the dead founder's address, yet it must reach every
+# shard's leader and catch up.
+if "$BIN" join "${TOKEN%@*}@127.0.0.1:$((BASE + 2))" --config "$WORK/n5.toml" >/dev/null 2>>"$WORK/join.err" && start_node 5; then
+  agree=""
+  for _ in $(seq 1 75); do
+    # shellcheck disable=SC2086
+    agree=$(groups_agree $SURV_IDS 5)
+    [[ $agree == True ]] && break
+    sleep 0.2
+  done
+  if [[ $agree == True ]]; then
+    pass "node 5 joined after the founder's loss and caught up with all ${META_SHARDS:-1} shard group(s)"
+  else
+    fail "node 5 (joined after the founder's loss) did not catch up: $agree"
+  fi
+else
+  fail "node 5 could not join after the founder's loss: $(tail -3 "$WORK/join.err")"
 fi
 
 echo "$PASSED passed, $FAILED failed"

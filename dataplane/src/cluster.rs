@@ -35,6 +35,8 @@ pub struct ClusterConfig {
     /// The members the cluster starts with: id -> RPC address (later changes are replicated
     /// commands; this only seeds a new cluster and is the fallback address book).
     pub peers: BTreeMap<u64, String>,
+    /// Every member's address this node knows, shared by all its groups (see [`AddressBook`]).
+    pub addresses: AddressBook,
     /// Failure domain of members (missing: the member's id, one node per domain).
     pub domains: BTreeMap<u64, String>,
     /// Copies of each chunk (R, 1..=5; fewer while the cluster has fewer members).
@@ -65,6 +67,60 @@ pub struct ClusterConfig {
     pub propose_timeout_ms: u64,
     /// How long the leader waits for a member to apply a chunk change.
     pub replica_timeout_ms: u64,
+}
+
+/// Member addresses shared by all the Raft groups of a node. A group's own replicated
+/// membership is the authority, but a node that joined late knows nothing of a group until
+/// that group's leader reaches it, and to answer the leader it needs the leader's address:
+/// the founding peers may be long gone (a joined node's groups start from the founding state).
+/// So every group adds the members it learns from its log here, the join reply seeds it with
+/// the members at the time of joining, and a group that does not know an id yet looks here.
+#[derive(Clone, Debug, Default)]
+pub struct AddressBook(Arc<std::sync::RwLock<BTreeMap<u64, String>>>);
+
+impl AddressBook {
+    /// A book that starts with `known` (id -> address).
+    pub fn new(known: BTreeMap<u64, String>) -> AddressBook {
+        AddressBook(Arc::new(std::sync::RwLock::new(known)))
+    }
+
+    /// The address of `id`, if any group of this node has heard of it.
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Records what a group's membership says: its members' addresses (a member that moved
+    /// gets its new one) and no address for members it removed.
+    pub fn learn(
+        &self,
+        members: &BTreeMap<u64, Member>,
+        removed: &std::collections::BTreeSet<u64>,
+    ) {
+        let stale = {
+            let book = self.0.read().unwrap_or_else(|p| p.into_inner());
+            members.iter().any(|(id, m)| book.get(id) != Some(&m.addr))
+                || removed.iter().any(|id| book.contains_key(id))
+        };
+        if !stale {
+            return;
+        }
+        let mut book = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for (id, m) in members {
+            book.insert(*id, m.addr.clone());
+        }
+        for id in removed {
+            book.remove(id);
+        }
+    }
+
+    /// Every known member's address.
+    pub fn all(&self) -> BTreeMap<u64, String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Why a proposal got no result.
@@ -258,6 +314,7 @@ impl Cluster {
             new_reads: Vec::new(),
             reads_in_flight: HashMap::new(),
             reads_confirmed: Vec::new(),
+            shared_at: u64::MAX,
         };
         let handle = std::thread::Builder::new()
             .name(format!("cfs-raft-{}", shard.index))
@@ -396,6 +453,7 @@ impl Cluster {
     /// The RPC address of a member (replicated membership first, then the configuration).
     pub fn address(&self, id: u64) -> Option<String> {
         self.read_local(|ns| ns.placement().members().get(&id).map(|m| m.addr.clone()))
+            .or_else(|| self.cfg.addresses.get(id))
             .or_else(|| self.cfg.peers.get(&id).cloned())
     }
 
@@ -521,9 +579,23 @@ struct Driver {
     reads_in_flight: HashMap<u64, (Vec<ReadWaiter>, Instant)>,
     /// Confirmed barriers waiting for the apply index to reach theirs.
     reads_confirmed: Vec<(u64, Vec<ReadWaiter>)>,
+    /// Applied index when the membership was last copied to the address book.
+    shared_at: u64,
 }
 
 impl Driver {
+    /// Adds what this group's membership says to the node's [`AddressBook`] when something
+    /// was applied since the last look (the other groups of a late joiner need it).
+    fn share_addresses(&mut self) {
+        let r = self.cluster.replica();
+        if r.applied() == self.shared_at {
+            return;
+        }
+        self.shared_at = r.applied();
+        let p = r.namespace().placement();
+        self.cluster.cfg.addresses.learn(p.members(), p.removed());
+    }
+
     fn run(mut self) {
         let tick = Duration::from_millis(self.cluster.cfg.tick_ms.max(1));
         let mut next_tick = Instant::now() + tick;
@@ -543,6 +615,7 @@ impl Driver {
             }
             if Instant::now() >= next_tick {
                 self.cluster.replica().tick();
+                self.share_addresses();
                 next_tick += tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + tick;

@@ -2218,6 +2218,13 @@ impl FsService {
             meta_shards: cfg.meta_shards,
             peers: strs(&cfg.peers),
             domains: strs(&cfg.domains),
+            members: c.read_local(|ns| {
+                ns.placement()
+                    .members()
+                    .iter()
+                    .map(|(k, m)| (k.to_string(), m.addr.clone()))
+                    .collect()
+            }),
         };
         serde_json::to_vec(&reply).map_err(|e| internal(e.to_string()))
     }

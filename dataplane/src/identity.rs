@@ -12,6 +12,8 @@
 //! [peers]        # founding members
 //! 1 = "10.0.0.1:7411"
 //! [domains]      # their failure domains (absent: the id)
+//! [members]      # a joined node: the members when it joined (how to reach them at first)
+//! 3 = "10.0.0.3:7411"
 //! ```
 
 use cfs_fabric::Secret;
@@ -65,6 +67,11 @@ pub struct JoinReply {
     /// Founding members' failure domains.
     #[serde(default)]
     pub domains: BTreeMap<String, String>,
+    /// The members when this node joined: id -> address. Not part of the founding state:
+    /// how a joined node reaches its groups' leaders before their logs tell it (the founders
+    /// may be gone).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, String>,
 }
 
 /// A node's identity (see the module documentation).
@@ -86,6 +93,11 @@ pub struct Identity {
     /// Founding members' failure domains.
     #[serde(default)]
     pub domains: BTreeMap<String, String>,
+    /// The members when this node joined: id -> address. Not part of the founding state:
+    /// how a joined node reaches its groups' leaders before their logs tell it (the founders
+    /// may be gone).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, String>,
 }
 
 fn one_shard() -> u16 {
@@ -182,6 +194,11 @@ impl Identity {
         ids(&self.peers, Path::new(FILE))
     }
 
+    /// The members when this node joined, by numeric id.
+    pub fn members_by_id(&self) -> Result<BTreeMap<u64, String>, IdentityError> {
+        ids(&self.members, Path::new(FILE))
+    }
+
     /// Founding members' domains by numeric id.
     pub fn domains_by_id(&self) -> Result<BTreeMap<u64, String>, IdentityError> {
         ids(&self.domains, Path::new(FILE))
@@ -221,6 +238,7 @@ mod tests {
             meta_shards: 2,
             peers: [("1".to_string(), "127.0.0.1:1".to_string())].into(),
             domains: BTreeMap::new(),
+            members: [("3".to_string(), "127.0.0.1:3".to_string())].into(),
         };
         assert!(Identity::load(&dir).unwrap().is_none());
         id.save_new(&dir).unwrap();

@@ -790,6 +790,10 @@ fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::Clus
         (Some(c), _) => c.clone(),
         (None, Some(_)) => toml::from_str("").context("default [cluster] settings")?,
     };
+    let known = match &identity {
+        Some(id) => id.members_by_id()?,
+        None => std::collections::BTreeMap::new(),
+    };
     let (node_id, peers, domains, replicas, meta_replicas, meta_shards, secret) = match &identity {
         Some(id) => (
             id.node_id,
@@ -813,8 +817,11 @@ fn effective_cluster(cfg: &Config) -> Result<Option<cfs_dataplane::cluster::Clus
                 .and_then(cfs_fabric::auth::from_hex),
         ),
     };
+    let mut addresses = peers.clone();
+    addresses.extend(known);
     Ok(Some(cfs_dataplane::cluster::ClusterConfig {
         node_id,
+        addresses: cfs_dataplane::cluster::AddressBook::new(addresses),
         peers,
         domains,
         replicas,
@@ -890,6 +897,7 @@ fn cmd_init(
         meta_shards,
         peers: [("1".to_string(), addr.clone())].into(),
         domains: domain.map(|d| ("1".to_string(), d)).into_iter().collect(),
+        members: std::collections::BTreeMap::new(),
     };
     id.save_new(&cfg.data_dir)?;
     let token = cfs_fabric::JoinToken {
@@ -960,6 +968,7 @@ fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> 
         meta_shards: r.meta_shards,
         peers: r.peers,
         domains: r.domains,
+        members: r.members,
     };
     id.save_new(&cfg.data_dir)?;
     eprintln!(
