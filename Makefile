@@ -19,6 +19,7 @@ deps:
 # CFS_REQUIRE_OFI: the RMA tests fail instead of skipping when libfabric is missing.
 test: deps
 	CFS_REQUIRE_OFI=1 $(CARGO) test --workspace
+	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-rma.sh
 	./scripts/test-hugepages.sh
 	./scripts/test-vfio.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
@@ -44,9 +45,11 @@ test-vfio: deps
 test-dataplane: deps
 	$(CARGO) test -p cfs-dataplane
 
-# One-sided RMA reads over libfabric's tcp;ofi_rxm and sockets providers on loopback.
+# One-sided RMA reads over libfabric's tcp;ofi_rxm and sockets providers on loopback, then
+# a FUSE mount reading over them (fsx, mixed clients, fallbacks, lying layouts).
 test-fabric: deps
 	CFS_REQUIRE_OFI=1 $(CARGO) test -p cfs-fabric
+	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-rma.sh
 
 test-metadata: deps
 	$(CARGO) test -p cfs-meta -p cfs-meta-replica

@@ -29,6 +29,9 @@ pub struct Config {
     /// metadata database.
     #[serde(default)]
     pub cluster: Option<ClusterSection>,
+    /// One-sided reads over libfabric (`[rma]`).
+    #[serde(default)]
+    pub rma: RmaSection,
 }
 
 /// `[cluster]`: a static cluster (this node's id and every founding member's RPC address),
@@ -185,6 +188,65 @@ impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             listen: default_listen(),
+        }
+    }
+}
+
+/// One-sided reads over libfabric: clients that negotiate it pull read data from registered
+/// staging memory instead of receiving it in the RPC reply.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RmaSection {
+    /// "auto": RMA when `provider` opens here, else TCP only; "rma": refuse to start without
+    /// it; "tcp": never.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// libfabric provider ("verbs" for InfiniBand/RoCE; "tcp;ofi_rxm" or "sockets" give real
+    /// one-sided reads over plain TCP, for tests).
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// Registered staging memory for reads in flight (hugepages when reserved), MiB.
+    #[serde(default = "default_staging_mib")]
+    pub staging_mib: usize,
+    /// Bytes per staging buffer (a power of two, 4 KiB to 2 MiB): larger reads go inline.
+    #[serde(default = "default_staging_buf_kib")]
+    pub staging_buf_kib: usize,
+    /// How long staged data stays in place for the client after the answer.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u32,
+    /// Reads shorter than this go inline (measured: a 4 KiB RMA read is slower than TCP).
+    #[serde(default = "default_min_bytes")]
+    pub min_bytes: usize,
+}
+
+fn default_transport() -> String {
+    "auto".into()
+}
+fn default_provider() -> String {
+    "verbs".into()
+}
+fn default_staging_mib() -> usize {
+    64
+}
+fn default_staging_buf_kib() -> usize {
+    1024
+}
+fn default_lease_ms() -> u32 {
+    2000
+}
+fn default_min_bytes() -> usize {
+    64 << 10
+}
+
+impl Default for RmaSection {
+    fn default() -> Self {
+        RmaSection {
+            transport: default_transport(),
+            provider: default_provider(),
+            staging_mib: default_staging_mib(),
+            staging_buf_kib: default_staging_buf_kib(),
+            lease_ms: default_lease_ms(),
+            min_bytes: default_min_bytes(),
         }
     }
 }
@@ -438,6 +500,7 @@ impl Config {
             format: FormatConfig::default(),
             server: ServerSection::default(),
             cluster: None,
+            rma: RmaSection::default(),
         }
     }
 
@@ -500,6 +563,25 @@ impl Config {
                     "need tick_ms > 0 and 0 < heartbeat_ticks < election_ticks",
                 ));
             }
+        }
+        let r = &self.rma;
+        if !["auto", "rma", "tcp"].contains(&r.transport.as_str()) {
+            return Err(invalid(
+                "rma.transport",
+                "must be \"auto\", \"rma\" or \"tcp\"",
+            ));
+        }
+        if !r.staging_buf_kib.is_power_of_two() || !(4..=2048).contains(&r.staging_buf_kib) {
+            return Err(invalid(
+                "rma.staging_buf_kib",
+                "must be a power of two from 4 to 2048",
+            ));
+        }
+        if r.staging_mib == 0 || r.staging_mib << 10 < r.staging_buf_kib || r.lease_ms == 0 {
+            return Err(invalid(
+                "rma",
+                "need staging_mib of at least one buffer and lease_ms > 0",
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));

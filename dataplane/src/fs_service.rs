@@ -78,6 +78,8 @@ pub struct FsService {
     epochs: Arc<replication::Epochs>,
     /// Orphan chunk copies this node deleted (see `collect_orphans`).
     orphans_deleted: Arc<std::sync::atomic::AtomicU64>,
+    /// The one-sided read path, or why there is none (set once at start; see [`crate::rma`]).
+    rma: Arc<std::sync::OnceLock<Result<Arc<crate::rma::RmaServer>, String>>>,
 }
 
 /// Orphan candidates: chunk -> (first seen orphaned, its newest fence then).
@@ -341,6 +343,7 @@ impl FsService {
             forwarded: Arc::default(),
             epochs: Arc::default(),
             orphans_deleted: Arc::default(),
+            rma: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -406,6 +409,7 @@ impl FsService {
             forwarded: Arc::default(),
             epochs: Arc::default(),
             orphans_deleted: Arc::default(),
+            rma: Arc::default(),
         };
         let bg = svc.clone();
         let spawned = std::thread::Builder::new()
@@ -1164,6 +1168,79 @@ impl FsService {
         }
     }
 
+    /// Sets the one-sided read path (or why there is none), once, before serving.
+    pub fn set_rma(&self, rma: Result<Arc<crate::rma::RmaServer>, String>) {
+        if self.rma.set(rma).is_err() {
+            tracing::error!("the RMA path was set twice; the first one stays");
+        }
+    }
+
+    fn rma_server(&self) -> Option<&Arc<crate::rma::RmaServer>> {
+        self.rma.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// What `cfs status` shows of the transports: the RMA path's counters, or why only TCP.
+    fn transport_status(&self) -> serde_json::Value {
+        match self.rma.get() {
+            Some(Ok(r)) => serde_json::json!({"rma": r.status()}),
+            Some(Err(why)) => serde_json::json!({"rma": null, "tcp_only": why}),
+            None => serde_json::json!({"rma": null, "tcp_only": "not configured"}),
+        }
+    }
+
+    /// A client's hello on the RMA path.
+    fn rma_hello(&self, payload: &[u8]) -> Result<bytes::Bytes, ServiceError> {
+        let h = cfs_proto::rma::Hello::decode(payload)
+            .ok_or_else(|| ServiceError::new(ErrorCode::BadRequest, "malformed RMA hello"))?;
+        let reply = match self.rma.get() {
+            Some(Ok(r)) => r.hello(&h),
+            Some(Err(why)) => cfs_proto::rma::HelloReply::Tcp(format!("no RMA here: {why}")),
+            None => cfs_proto::rma::HelloReply::Tcp("no RMA here: not configured".into()),
+        };
+        match &reply {
+            cfs_proto::rma::HelloReply::Rma { provider, .. } => {
+                tracing::info!("a client reads over RMA ({provider})")
+            }
+            cfs_proto::rma::HelloReply::Tcp(why) => {
+                tracing::info!(
+                    "a client asking for RMA ({}) reads over TCP: {why}",
+                    h.provider
+                )
+            }
+        }
+        Ok(bytes::Bytes::from(reply.encode()))
+    }
+
+    /// A read on the RMA path: runs the read as usual (forwarded to the shard's leader if
+    /// need be), then stages its data for a one-sided read when it is worth it.
+    async fn rma_read(&self, payload: &[u8]) -> Result<bytes::Bytes, ServiceError> {
+        use cfs_proto::rma::{ReadReply, ReadRequest};
+        let q = ReadRequest::decode(payload)
+            .ok_or_else(|| ServiceError::new(ErrorCode::BadRequest, "malformed RMA read"))?;
+        if let Some(r) = self.rma_server() {
+            r.release(&q.released);
+        }
+        // Only reads: anything else goes through the ordinary path (sessions and all).
+        match Request::decode(q.method, &q.payload) {
+            Some((_, Request::Read { .. })) => {}
+            _ => {
+                return Err(ServiceError::new(
+                    ErrorCode::BadRequest,
+                    "only reads go over the RMA path",
+                ))
+            }
+        }
+        let reply = self.call(q.method, bytes::Bytes::from(q.payload)).await?;
+        let staged = match (self.rma_server(), Reply::data_of(&reply)) {
+            (Some(r), Some(data)) => r.stage(data),
+            _ => None,
+        };
+        Ok(bytes::Bytes::from(match staged {
+            Some(layout) => ReadReply::Layout(layout).encode(),
+            None => ReadReply::Inline(reply.to_vec()).encode(),
+        }))
+    }
+
     /// This node's view, as JSON: role, term, applied index, members, stale chunk copies
     /// (repair backlog) and the local chunk store's usage.
     pub fn status(&self) -> String {
@@ -1179,7 +1256,8 @@ impl FsService {
         };
         let store = serde_json::json!({"chunks": chunks, "used_bytes": used, "free_bytes": free});
         match &self.backend {
-            Backend::Local { .. } => serde_json::json!({"mode": "single", "store": store}),
+            Backend::Local { .. } => serde_json::json!({"mode": "single", "store": store,
+                "transport": self.transport_status()}),
             Backend::Raft(groups) => {
                 let c = &groups[0];
                 let cs = c.conf_state();
@@ -1270,6 +1348,7 @@ impl FsService {
                     "stale": stale,
                     "holders": holders,
                     "store": store,
+                    "transport": self.transport_status(),
                 })
             }
         }
@@ -2293,6 +2372,12 @@ impl Service for FsService {
             }
             if method & !FORWARDED == SCRUB_METHOD {
                 return this.scrub_call(method).await;
+            }
+            if method == cfs_proto::rma::RMA_HELLO_METHOD {
+                return this.rma_hello(&payload);
+            }
+            if method == cfs_proto::rma::RMA_READ_METHOD {
+                return this.rma_read(&payload).await;
             }
             let forwarded = method & FORWARDED != 0;
             // Forwarded as received (session included).

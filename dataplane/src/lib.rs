@@ -18,6 +18,7 @@ pub mod meta_store;
 pub mod raft_store;
 pub mod reactor;
 pub mod replication;
+pub mod rma;
 pub mod sharding;
 pub mod store;
 pub mod workload;

@@ -541,6 +541,7 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             )
         }
     };
+    service.set_rma(start_rma(cfg, &engine)?);
     let groups = service.groups().to_vec();
     let server = rt
         .block_on(cfs_fabric::Server::bind(
@@ -977,6 +978,53 @@ fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> 
     );
     println!("{}", r.node_id);
     Ok(())
+}
+
+/// Opens the one-sided read path as `[rma]` says: `Err(why)` when the server runs on TCP only
+/// (refused with `transport = "rma"`). Its progress is polled by reactor 0.
+fn start_rma(
+    cfg: &Config,
+    engine: &Arc<cfs_dataplane::reactor::Engine>,
+) -> Result<Result<Arc<cfs_dataplane::rma::RmaServer>, String>> {
+    let r = &cfg.rma;
+    if r.transport == "tcp" {
+        tracing::info!("transport: TCP only ([rma] transport = \"tcp\")");
+        return Ok(Err("[rma] transport = \"tcp\"".into()));
+    }
+    // The endpoint listens where the RPC server does.
+    let host = cfg
+        .server
+        .listen
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or("0.0.0.0")
+        .to_string();
+    match cfs_dataplane::rma::RmaServer::open(r, &host) {
+        Ok(server) => {
+            let server = Arc::new(server);
+            let polled = Arc::clone(&server);
+            engine
+                .add_poller(0, move || polled.poll())
+                .context("cannot hand the RMA endpoint to reactor 0")?;
+            tracing::info!(
+                provider = server.provider(),
+                "transport: one-sided reads over RMA for clients that speak {}, TCP for the others",
+                server.provider()
+            );
+            Ok(Ok(server))
+        }
+        Err(e) if r.transport == "rma" => {
+            bail!(
+                "[rma] transport = \"rma\" but provider {:?} cannot be used here: {e}",
+                r.provider
+            )
+        }
+        Err(e) => {
+            let why = format!("provider {:?}: {e}", r.provider);
+            tracing::info!("transport: TCP only (no RMA: {why})");
+            Ok(Err(why))
+        }
+    }
 }
 
 /// See `Cmd::Scrub`.

@@ -150,6 +150,9 @@ pub struct ReactorCtx {
     /// Nanoseconds spent in loop iterations that did work (SPDK's "busy ticks"); the rest of
     /// the thread's time is idle polling or sleeping.
     pub busy_ns: std::cell::Cell<u64>,
+    /// Extra work polled every loop iteration (e.g. an RMA endpoint's progress); each
+    /// returns how much it did or has in flight (non-zero keeps the reactor from sleeping).
+    pollers: std::cell::RefCell<Vec<Box<dyn Fn() -> usize>>>,
 }
 
 impl ReactorCtx {
@@ -526,6 +529,15 @@ impl Engine {
         self.send_to(r, Request::Run(Box::new(f)))
     }
 
+    /// Polls `f` on reactor `r` every loop iteration from now on (see `ReactorCtx::pollers`).
+    pub fn add_poller(
+        &self,
+        r: usize,
+        f: impl Fn() -> usize + Send + 'static,
+    ) -> Result<(), EngineError> {
+        self.run_on(r, move |ctx| ctx.pollers.borrow_mut().push(Box::new(f)))
+    }
+
     /// Checkpoints every shard and stops the reactors.
     pub fn shutdown(mut self) -> Result<(), StoreError> {
         let mut result = Ok(());
@@ -654,6 +666,7 @@ fn reactor_main(
         layout,
         drivers,
         busy_ns: std::cell::Cell::new(0),
+        pollers: std::cell::RefCell::new(Vec::new()),
     });
     tracing::info!(
         reactor = index,
@@ -694,6 +707,9 @@ fn run_loop(ctx: &Rc<ReactorCtx>, cfg: &Config, inbox: &Inbox) {
             in_flight += d.in_flight();
         }
         work += ctx.ex.run_ready();
+        for p in ctx.pollers.borrow().iter() {
+            in_flight += p();
+        }
         if stop.get() && ctx.ex.live_tasks() == 0 {
             return;
         }

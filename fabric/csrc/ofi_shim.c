@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,8 +60,26 @@ static void set_err(char *err, size_t errlen, const char *what, int rc) {
         snprintf(err, errlen, "%s: %s (%d)", what, lib.loaded ? lib.strerror(-rc) : "?", rc);
 }
 
+/* libfabric's initialisation (seen with the tcp and rxm providers of Debian's 1.x) installs
+ * handlers for these signals that clean up and exit(1): a SIGTERM would then end the program
+ * without its own orderly shutdown. The program owns its signals: what was there before a call
+ * into libfabric that may initialise providers is put back after it. */
+static const int kept_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGSEGV, SIGBUS, SIGILL, SIGABRT};
+#define NKEPT (sizeof kept_signals / sizeof kept_signals[0])
+
+static void save_signals(struct sigaction *saved) {
+    for (size_t i = 0; i < NKEPT; i++) sigaction(kept_signals[i], NULL, &saved[i]);
+}
+
+static void restore_signals(const struct sigaction *saved) {
+    for (size_t i = 0; i < NKEPT; i++) sigaction(kept_signals[i], &saved[i], NULL);
+}
+
 int cfs_ofi_load(char *err, size_t errlen) {
+    struct sigaction saved[NKEPT];
+    save_signals(saved);
     pthread_once(&lib.once, load_once);
+    restore_signals(saved);
     if (!lib.loaded) {
         if (err && errlen) snprintf(err, errlen, "%s", lib.why);
         return -FI_ENOSYS;
@@ -90,8 +109,20 @@ void cfs_ofi_close(struct cfs_ofi *o) {
 
 /* Opens a reliable-datagram endpoint of provider `prov` (NULL: the first that offers RMA) on
  * the address `node` (e.g. "127.0.0.1"). */
+static int open_endpoint(const char *prov, const char *node, struct cfs_ofi **out, char *err,
+                         size_t errlen);
+
 int cfs_ofi_open(const char *prov, const char *node, struct cfs_ofi **out, char *err,
                  size_t errlen) {
+    struct sigaction saved[NKEPT];
+    save_signals(saved);
+    int rc = open_endpoint(prov, node, out, err, errlen);
+    restore_signals(saved);
+    return rc;
+}
+
+static int open_endpoint(const char *prov, const char *node, struct cfs_ofi **out, char *err,
+                         size_t errlen) {
     int rc = cfs_ofi_load(err, errlen);
     if (rc) return rc;
     struct fi_info *hints = lib.dupinfo(NULL);

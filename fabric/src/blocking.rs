@@ -297,6 +297,57 @@ impl FailoverClient {
         self.each(Some(first), |c| c.call(method, payload))
     }
 
+    /// [`FailoverClient::call`] (from `first` when given) that also says which server
+    /// answered (an index into the addresses): for replies that name that server's memory.
+    pub fn call_where(
+        &self,
+        first: Option<usize>,
+        method: u32,
+        payload: &[u8],
+    ) -> Result<(usize, Bytes), RpcError> {
+        let n = self.clients.len();
+        self.each(first, |c| {
+            let r = c.call(method, payload)?;
+            let i = self
+                .clients
+                .iter()
+                .position(|x| std::ptr::eq(x, c))
+                .unwrap_or(n);
+            Ok((i, r))
+        })
+    }
+
+    /// One call to server `i` only (no failover).
+    pub fn call_one(&self, i: usize, method: u32, payload: &[u8]) -> Result<Bytes, RpcError> {
+        match self.clients.get(i) {
+            Some(c) => c.call(method, payload),
+            None => Err(RpcError::Connect {
+                addr: format!("server #{i}"),
+                reason: "no such server".into(),
+            }),
+        }
+    }
+
+    /// The server the next call without a preference goes to.
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.clients.len()
+    }
+
+    /// How many servers this client knows.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Always false: a failover client has at least one server.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The address of server `i`.
+    pub fn addr(&self, i: usize) -> Option<&str> {
+        self.clients.get(i).map(|c| c.addr.as_str())
+    }
+
     /// The index of the server at `addr`, if it is one of this client's.
     pub fn index_of(&self, addr: &str) -> Option<usize> {
         self.clients.iter().position(|c| c.addr == addr)

@@ -204,6 +204,39 @@ fn out_of_range_and_revoked_keys_fail_cleanly() {
 }
 
 #[test]
+fn one_endpoint_registers_many_buffers_and_reads_into_each() {
+    if !have_ofi() {
+        return;
+    }
+    for p in PROVIDERS {
+        let t = pair(p, 1 << 20);
+        let remote = t.exposed.as_ref().unwrap().remote();
+        // Providers that leave key choice to the caller refuse a key used twice.
+        let bufs: Vec<_> = (0..8)
+            .map(|i| {
+                t.client
+                    .register(Arc::new(HeapMemory::new(64 << 10)), false)
+                    .unwrap_or_else(|e| panic!("{p}: registration {i}: {e}"))
+            })
+            .collect();
+        with_progress(&t.server, || {
+            for (i, b) in bufs.iter().enumerate() {
+                let at = i as u64 * 4099;
+                t.client
+                    .read(t.peer, &remote, at, b, 0, 64 << 10, TIMEOUT)
+                    .unwrap_or_else(|e| panic!("{p}: read into buffer {i}: {e}"));
+                let mut got = vec![0u8; 64 << 10];
+                b.memory().copy_out(0, &mut got);
+                assert!(
+                    got == t.data[at as usize..at as usize + (64 << 10)],
+                    "{p}: buffer {i}"
+                );
+            }
+        });
+    }
+}
+
+#[test]
 fn several_clients_read_concurrently() {
     if !have_ofi() {
         return;

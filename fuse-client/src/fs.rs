@@ -78,6 +78,8 @@ pub struct CfsFs {
     /// reply applies once.
     session_id: u64,
     next_seq: std::sync::atomic::AtomicU64,
+    /// The one-sided read path, when this mount negotiates it (see [`crate::rma`]).
+    rma: Option<std::sync::Arc<crate::rma::RmaClient>>,
 }
 
 fn to_system(t: Timespec) -> SystemTime {
@@ -169,6 +171,7 @@ impl CfsFs {
         router: std::sync::Arc<Router>,
         opts: FsOptions,
         session_id: u64,
+        rma: Option<std::sync::Arc<crate::rma::RmaClient>>,
     ) -> CfsFs {
         CfsFs {
             client,
@@ -176,6 +179,20 @@ impl CfsFs {
             opts,
             session_id,
             next_seq: std::sync::atomic::AtomicU64::new(1),
+            rma,
+        }
+    }
+
+    /// A read over the RMA path, if this mount has one and the server answers it there.
+    fn read_rma(&self, creds: &Creds, r: &Req) -> Option<Vec<u8>> {
+        let rma = self.rma.as_ref()?;
+        let body = r.encode(creds);
+        match rma.read(&self.client, self.router.leader_for(r), r.method(), &body)? {
+            crate::rma::RmaRead::Data(d) => Some(d),
+            crate::rma::RmaRead::Reply(b) => match Reply::decode(&b) {
+                Some(Reply::Data(d)) => Some(d),
+                _ => None,
+            },
         }
     }
 
@@ -561,14 +578,16 @@ impl Filesystem for CfsFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.call(
-            &creds(req),
-            Req::Read {
-                ino: ino(i),
-                offset,
-                len: size,
-            },
-        ) {
+        let c = creds(req);
+        let r = Req::Read {
+            ino: ino(i),
+            offset,
+            len: size,
+        };
+        if let Some(d) = self.read_rma(&c, &r) {
+            return reply.data(&d);
+        }
+        match self.call(&c, r) {
             Ok(Reply::Data(d)) => reply.data(&d),
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),

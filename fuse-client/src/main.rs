@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod fs;
+mod rma;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -51,6 +52,14 @@ enum Cmd {
         /// durability, as on a local disk.
         #[arg(long)]
         writeback_cache: bool,
+        /// How file data is read: "auto" (one-sided RMA reads from servers that speak
+        /// --rma-provider, TCP from the others), "rma" (refuse to mount without it), "tcp".
+        #[arg(long, default_value = "auto")]
+        transport: String,
+        /// libfabric provider for RMA reads ("verbs" on InfiniBand/RoCE; "tcp;ofi_rxm" or
+        /// "sockets" give real one-sided reads over plain TCP).
+        #[arg(long, default_value = "verbs")]
+        rma_provider: String,
     },
     /// Show each server's view of the cluster: role, term, applied index, stale chunk copies
     /// (the repair backlog) and store usage.
@@ -174,6 +183,7 @@ fn status(servers: &str, json: bool) -> Result<()> {
         cfs_fabric::auth::servers_arg(servers).map_err(|e| anyhow::anyhow!(e))?;
     let cfg = cfs_fabric::ClientConfig { secret, ..cfg };
     let mut reachable = 0;
+    let mut transports = Vec::new();
     let mut leader_view: Option<serde_json::Value> = None;
     if !json {
         println!(
@@ -217,6 +227,7 @@ fn status(servers: &str, json: bool) -> Result<()> {
         };
         let store = |k: &str| v["store"].get(k).and_then(|x| x.as_u64()).unwrap_or(0);
         let role = v.get("role").and_then(|r| r.as_str()).unwrap_or("single");
+        transports.push((addr.clone(), v["transport"].clone()));
         if role == "leader" {
             leader_view = Some(v.clone());
         }
@@ -233,10 +244,32 @@ fn status(servers: &str, json: bool) -> Result<()> {
     if reachable == 0 {
         bail!("no server answered");
     }
+    println!();
+    for (addr, t) in &transports {
+        println!("{addr:<22} reads over {}", transport_line(t));
+    }
     if let Some(v) = leader_view {
         print_cluster(&v);
     }
     Ok(())
+}
+
+/// A server's transports as `cfs status` prints them.
+fn transport_line(t: &serde_json::Value) -> String {
+    let r = &t["rma"];
+    if r.is_null() {
+        return format!("TCP only ({})", t["tcp_only"].as_str().unwrap_or("-"));
+    }
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    format!(
+        "RMA ({}) and TCP: {} reads staged ({} MiB), {} inline, {} leases expired, {} client hellos",
+        r["provider"].as_str().unwrap_or("?"),
+        n("reads_staged"),
+        n("bytes_staged") >> 20,
+        n("reads_inline"),
+        n("leases_expired"),
+        n("hellos"),
+    )
 }
 
 /// The cluster as the leader sees it: members, replication, chunk health, rebuild progress.
@@ -387,6 +420,44 @@ fn resolve(servers: &str, paths: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Sets up the RMA read path as `--transport` says: the client (if any) and what the mount
+/// reads over, for the log.
+fn start_rma(
+    client: &cfs_fabric::FailoverClient,
+    transport: &str,
+    provider: &str,
+) -> Result<(Option<Arc<rma::RmaClient>>, String)> {
+    if transport == "tcp" {
+        return Ok((None, "TCP (--transport tcp)".into()));
+    }
+    let first = client.current();
+    let addr = client.addr(first).unwrap_or_default().to_string();
+    let r = match rma::RmaClient::open(provider, &addr) {
+        Ok(r) => r,
+        Err(e) if transport == "rma" => {
+            bail!("--transport rma: the RMA provider {provider:?} cannot be used here: {e}")
+        }
+        Err(e) => {
+            tracing::info!("reads over TCP: RMA provider {provider:?} unavailable: {e}");
+            return Ok((None, format!("TCP (no RMA provider {provider:?} here)")));
+        }
+    };
+    match r.hello(client, first) {
+        Ok(p) => {
+            tracing::info!("reads over RMA ({p}) from {addr}");
+            Ok((Some(Arc::new(r)), format!("RMA ({p})")))
+        }
+        Err(why) if transport == "rma" => {
+            bail!("--transport rma: {addr} does not read over RMA: {why}")
+        }
+        Err(why) => {
+            // Other servers may speak it: each is asked on first use.
+            tracing::info!("reads from {addr} over TCP: {why}");
+            Ok((Some(Arc::new(r)), format!("TCP ({addr}: {why})")))
+        }
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -407,7 +478,12 @@ fn main() -> Result<()> {
             threads,
             readahead_kb,
             writeback_cache,
+            transport,
+            rma_provider,
         } => {
+            if !["auto", "rma", "tcp"].contains(&transport.as_str()) {
+                bail!("--transport must be auto, rma or tcp");
+            }
             if !(0.0..=3600.0).contains(&cache_ttl) {
                 bail!("--cache-ttl must be between 0 and 3600 seconds");
             }
@@ -462,6 +538,8 @@ fn main() -> Result<()> {
                     .try_into()
                     .context("session id")?,
             );
+            let (rma, reads_over) = start_rma(&client, &transport, &rma_provider)?;
+            let counters = rma.as_ref().map(|r| Arc::clone(&r.counters));
             let fs = fs::CfsFs::new(
                 client,
                 router,
@@ -470,6 +548,7 @@ fn main() -> Result<()> {
                     writeback_cache,
                 },
                 session_id,
+                rma,
             );
             let mut config = fuser::Config::default();
             config.mount_options = vec![
@@ -484,7 +563,10 @@ fn main() -> Result<()> {
             let session = fuser::spawn_mount(fs, &mountpoint, &config)
                 .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
             set_readahead(&mountpoint, readahead_kb);
-            println!("mounted cfs:{server} on {}", mountpoint.display());
+            println!(
+                "mounted cfs:{server} on {} (reads over {reads_over})",
+                mountpoint.display()
+            );
             let term = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, Arc::clone(&term))
@@ -492,6 +574,15 @@ fn main() -> Result<()> {
             }
             while !term.load(Ordering::Relaxed) && !session.guard.is_finished() {
                 std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(c) = counters {
+                println!(
+                    "RMA reads: {} ({} bytes), {} answered inline, {} fell back to TCP",
+                    c.rma_reads.load(Ordering::Relaxed),
+                    c.rma_bytes.load(Ordering::Relaxed),
+                    c.inline.load(Ordering::Relaxed),
+                    c.failed.load(Ordering::Relaxed)
+                );
             }
             if term.load(Ordering::Relaxed) {
                 session.umount_and_join().context("unmount failed")?;

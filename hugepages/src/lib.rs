@@ -145,6 +145,28 @@ struct Shared {
     phys_pages: Option<Vec<u64>>,
 }
 
+/// Keeps a pool's memory mapped while something outside the pool uses its addresses (an RDMA
+/// provider's registration of the whole region must end before the memory goes).
+#[derive(Clone)]
+pub struct PoolMapping {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for PoolMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolMapping")
+            .field("region", &self.shared.info)
+            .finish()
+    }
+}
+
+impl PoolMapping {
+    /// The mapped region.
+    pub fn region(&self) -> RegionInfo {
+        self.shared.info
+    }
+}
+
 /// A buffer pool; clone-free handle used to take the per-core shares and inspect the region.
 pub struct BufferPool {
     shared: Arc<Shared>,
@@ -259,6 +281,13 @@ impl BufferPool {
     /// The mapped region, for DMA/RDMA registration.
     pub fn region(&self) -> RegionInfo {
         self.shared.info
+    }
+
+    /// A handle keeping the region mapped (see [`PoolMapping`]).
+    pub fn mapping(&self) -> PoolMapping {
+        PoolMapping {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Bytes per buffer.

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod resolve;
+pub mod rma;
 
 use cfs_meta::codec::{Reader, Writer};
 use cfs_meta::namespace::{DirEntry, FsStats};
@@ -610,6 +611,15 @@ impl Request {
 }
 
 impl Reply {
+    /// The data of an encoded [`Reply::Data`], without copying it (`None`: another reply).
+    pub fn data_of(b: &[u8]) -> Option<&[u8]> {
+        if *b.first()? != 2 {
+            return None;
+        }
+        let len = u32::from_le_bytes(b.get(1..5)?.try_into().ok()?) as usize;
+        (b.len() == 5 + len).then(|| &b[5..])
+    }
+
     /// Encodes a reply.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(64));
@@ -897,7 +907,11 @@ mod tests {
                 Reply::EntriesPlus(names.iter().enumerate().map(|(i, n)| (DirEntry { name: n.clone(), ino: InodeId(i as u64), kind: FileType::Regular, cookie: i as u64 }, attr(i as u64))).collect()),
                 Reply::Routes(names.iter().enumerate().map(|(i, n)| ShardRoute { leader: i as u64, addr: String::from_utf8_lossy(n).into_owned() }).collect()),
             ] {
-                prop_assert_eq!(Reply::decode(&rep.encode()), Some(rep.clone()));
+                let b = rep.encode();
+                prop_assert_eq!(Reply::decode(&b), Some(rep.clone()));
+                // The data without a copy: exactly Data's, None for the others.
+                let want = match &rep { Reply::Data(d) => Some(d.as_slice()), _ => None };
+                prop_assert_eq!(Reply::data_of(&b), want);
             }
         }
     }

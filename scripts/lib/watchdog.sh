@@ -28,14 +28,14 @@ stop_watchdog() {
 stop_pids() {
   local p alive _
   [[ $# -gt 0 ]] || return 0
-  kill -TERM "$@" 2>/dev/null
+  kill -TERM "$@" 2>/dev/null || true
   for _ in $(seq 1 100); do
     alive=0
     for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
     ((alive)) || break
     sleep 0.1
   done
-  kill -KILL "$@" 2>/dev/null
+  kill -KILL "$@" 2>/dev/null || true
   for p in "$@"; do wait "$p" 2>/dev/null; done
   return 0
 }

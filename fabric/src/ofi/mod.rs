@@ -236,6 +236,16 @@ impl Endpoint {
         Self::collect(&mut st)
     }
 
+    /// Reads posted and not completed yet (after collecting what completed): an endpoint
+    /// must not be closed, nor its read buffers freed, while any are.
+    pub fn pending(&self) -> usize {
+        let mut st = self.shared.lock();
+        if let Err(e) = Self::collect(&mut st) {
+            tracing::debug!("collecting completions: {e}");
+        }
+        st.pending.len()
+    }
+
     fn collect(st: &mut State) -> Result<(), OfiError> {
         let mut out = Vec::new();
         let failed = st.raw.poll(&mut out)?;

@@ -48,15 +48,17 @@ pub unsafe trait RmaMemory: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Copies `out.len()` bytes at `offset` out (volatile: the NIC may have written them).
+    /// Copies `out.len()` bytes at `offset` out. Only for a range no read is writing any more
+    /// (its completion was collected, which orders the device's writes before this).
     fn copy_out(&self, offset: usize, out: &mut [u8]) {
         assert!(offset
             .checked_add(out.len())
             .is_some_and(|e| e <= self.len()));
-        for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: in bounds (asserted), valid memory by the trait's contract; volatile
-            // because a device writes it behind the compiler's back.
-            *b = unsafe { self.base().add(offset + i).read_volatile() };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: in bounds (asserted), valid memory by the trait's contract; no device write
+        // to the range is in flight (the method's contract), and `out` is ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base().add(offset), out.as_mut_ptr(), out.len())
         }
     }
     /// Copies `data` in at `offset`.
@@ -116,6 +118,19 @@ unsafe impl RmaMemory for HeapMemory {
     }
     fn len(&self) -> usize {
         self.len
+    }
+}
+
+// SAFETY: the pool's mapping stays mapped and locked while a `PoolMapping` lives (it holds the
+// pool's shared state, which unmaps on its last drop), at a fixed address; its users write the
+// registered range only through `copy_in` (never through `DmaBuf` slices while registered for
+// remote reads), and device reads of staged bytes need no exclusivity.
+unsafe impl RmaMemory for cfs_hugepages::PoolMapping {
+    fn base(&self) -> *mut u8 {
+        self.region().base as *mut u8
+    }
+    fn len(&self) -> usize {
+        self.region().len
     }
 }
 
@@ -360,6 +375,15 @@ impl RawEndpoint {
 
     /// Registers `mem` (remote: peers may read it).
     pub fn register(&mut self, mem: &dyn RmaMemory, remote: bool) -> Result<RawMr, SysError> {
+        // Without FI_MR_PROV_KEY the caller picks the key, unique within the domain (a second
+        // registration under a used key fails with FI_ENOKEY).
+        const FI_MR_PROV_KEY: u64 = 1 << 6;
+        static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let requested_key = if self.describe().2 & FI_MR_PROV_KEY == 0 {
+            NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        } else {
+            0
+        };
         let mut mr: *mut c_void = std::ptr::null_mut();
         let (mut key, mut desc) = (0u64, std::ptr::null_mut::<c_void>());
         let mut err = [0u8; ERR_LEN];
@@ -371,7 +395,7 @@ impl RawEndpoint {
                 mem.base().cast(),
                 mem.len(),
                 c_int::from(remote),
-                0,
+                requested_key,
                 &mut mr,
                 &mut key,
                 &mut desc,
