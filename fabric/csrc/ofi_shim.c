@@ -170,7 +170,7 @@ static int open_endpoint(const char *prov, const char *node, struct cfs_ofi **ou
         rc = fi_av_open(o->domain, &av_attr, &o->av, NULL);
     }
     if (!rc) {
-        struct fi_cq_attr cq_attr = {.format = FI_CQ_FORMAT_CONTEXT, .size = 1024};
+        struct fi_cq_attr cq_attr = {.format = FI_CQ_FORMAT_MSG, .size = 1024};
         step = "fi_cq_open";
         rc = fi_cq_open(o->domain, &cq_attr, &o->cq, NULL);
     }
@@ -254,14 +254,25 @@ ssize_t cfs_ofi_read(struct cfs_ofi *o, void *buf, size_t len, void *desc, uint6
     return fi_read(o->ep, buf, len, desc, (fi_addr_t)peer, addr, key, ctx);
 }
 
+/* Posts a two-sided send of `buf` (registered, `desc`) to the peer; `ctx` as for reads. */
+ssize_t cfs_ofi_send(struct cfs_ofi *o, void *buf, size_t len, void *desc, uint64_t peer,
+                     void *ctx) {
+    return fi_send(o->ep, buf, len, desc, (fi_addr_t)peer, ctx);
+}
+
+/* Posts a receive buffer for a message from any peer; `ctx` as for reads. */
+ssize_t cfs_ofi_recv(struct cfs_ofi *o, void *buf, size_t len, void *desc, void *ctx) {
+    return fi_recv(o->ep, buf, len, desc, FI_ADDR_UNSPEC, ctx);
+}
+
 size_t cfs_ofi_context_size(void) { return sizeof(struct fi_context); }
 
-/* Reads up to `count` completions: their contexts into `ctxs` and 0 into `errs`; a failed
- * operation gives its context and a negative error code (its message into `err`). Returns the
- * number of entries, 0 if none, or a negative error. */
-ssize_t cfs_ofi_cq_read(struct cfs_ofi *o, void **ctxs, int *errs, size_t count, char *err,
-                        size_t errlen) {
-    struct fi_cq_entry entries[64];
+/* Reads up to `count` completions: their contexts into `ctxs`, the bytes a receive got into
+ * `lens`, and 0 into `errs`; a failed operation gives its context and a negative error code
+ * (its message into `err`). Returns the number of entries, 0 if none, or a negative error. */
+ssize_t cfs_ofi_cq_read(struct cfs_ofi *o, void **ctxs, size_t *lens, int *errs, size_t count,
+                        char *err, size_t errlen) {
+    struct fi_cq_msg_entry entries[64];
     if (count > 64) count = 64;
     ssize_t n = fi_cq_read(o->cq, entries, count);
     if (n == -FI_EAGAIN) return 0;
@@ -274,6 +285,7 @@ ssize_t cfs_ofi_cq_read(struct cfs_ofi *o, void **ctxs, int *errs, size_t count,
             return r;
         }
         ctxs[0] = e.op_context;
+        lens[0] = 0;
         errs[0] = e.err ? -e.err : -FI_EOTHER;
         if (err && errlen)
             snprintf(err, errlen, "%s", fi_cq_strerror(o->cq, e.prov_errno, e.err_data, NULL, 0));
@@ -285,6 +297,7 @@ ssize_t cfs_ofi_cq_read(struct cfs_ofi *o, void **ctxs, int *errs, size_t count,
     }
     for (ssize_t i = 0; i < n; i++) {
         ctxs[i] = entries[i].op_context;
+        lens[i] = entries[i].len;
         errs[i] = 0;
     }
     return n;

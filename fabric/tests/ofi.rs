@@ -279,3 +279,81 @@ fn several_clients_read_concurrently() {
         });
     }
 }
+
+#[test]
+fn two_sided_messages_go_both_ways() {
+    if !have_ofi() {
+        return;
+    }
+    const SLOT: usize = 64 << 10;
+    for p in PROVIDERS {
+        let server = Endpoint::open(Some(p), "127.0.0.1").expect("server endpoint");
+        let client = Endpoint::open(Some(p), "127.0.0.1").expect("client endpoint");
+        let to_server = client.insert_peer(&server.address().unwrap()).unwrap();
+        let to_client = server.insert_peer(&client.address().unwrap()).unwrap();
+        assert!(
+            client.send(to_server, b"x", TIMEOUT).is_err(),
+            "{p}: a send before enable_messages must fail"
+        );
+        server.enable_messages(32, SLOT).unwrap();
+        client.enable_messages(32, SLOT).unwrap();
+        // The server echoes every message back, reversed, on its own thread.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (server.clone(), Arc::clone(&stop));
+        let echo = std::thread::spawn(move || {
+            let mut n = 0;
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match s.recv() {
+                    Some(mut m) => {
+                        m.reverse();
+                        s.send(to_client, &m, TIMEOUT).unwrap();
+                        n += 1;
+                    }
+                    None => std::thread::sleep(Duration::from_micros(20)),
+                }
+            }
+            n
+        });
+        let mut sent = 0;
+        for (i, len) in [1usize, 2, 100, 4096, 65_535, SLOT]
+            .into_iter()
+            .cycle()
+            .take(300)
+            .enumerate()
+        {
+            let msg = pattern(len, i as u64);
+            client
+                .send(to_server, &msg, TIMEOUT)
+                .unwrap_or_else(|e| panic!("{p}: send {i}: {e}"));
+            sent += 1;
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            let back = loop {
+                if let Some(m) = client.recv() {
+                    break m;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{p}: no echo of message {i}"
+                );
+                std::thread::yield_now();
+            };
+            let mut want = msg.clone();
+            want.reverse();
+            assert!(
+                back == want,
+                "{p}: echo of message {i} ({len} bytes) differs"
+            );
+        }
+        assert!(matches!(
+            client.send(to_server, &vec![0u8; SLOT + 1], TIMEOUT),
+            Err(OfiError::OutOfRange { .. })
+        ));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            echo.join().unwrap(),
+            sent,
+            "{p}: the server saw every message once"
+        );
+        assert_eq!(server.messages_dropped() + client.messages_dropped(), 0);
+    }
+}

@@ -111,20 +111,53 @@ const MAX_PIECE: usize = 1 << 20;
 /// `FI_MR_VIRT_ADDR`: peers address registered memory by its virtual address.
 const FI_MR_VIRT_ADDR: u64 = 1 << 4;
 
+/// Send slots of the message region (a send waits for a free one).
+const SEND_SLOTS: usize = 16;
+/// Messages received and not taken yet; more are dropped (the sender's request times out,
+/// as on a lossy link).
+const MAX_INBOX: usize = 4096;
+
 struct Op {
     id: u64,
     _ctx: Box<[u8; sys::CONTEXT_BYTES]>,
     /// Keeps the destination memory alive while the read may still write it.
     _mem: Arc<dyn RmaMemory>,
+    /// A send's slot in the message region (free again once the send completes).
+    send_slot: Option<usize>,
+}
+
+/// Two-sided messages (see [`Endpoint::enable_messages`]): one registered region of
+/// `recv_slots + SEND_SLOTS` slots of `slot_bytes`; every receive slot is always posted.
+struct Messages {
+    mem: Arc<dyn RmaMemory>,
+    mr: Option<sys::RawMr>,
+    slot_bytes: usize,
+    /// One context per receive slot (index = slot), at a fixed address while posted.
+    recv_ctx: Vec<Box<[u8; sys::CONTEXT_BYTES]>>,
+    /// Receive context address -> slot.
+    by_ctx: HashMap<usize, usize>,
+    free_send: Vec<usize>,
+    inbox: std::collections::VecDeque<Vec<u8>>,
+    dropped: u64,
 }
 
 struct State {
     raw: sys::RawEndpoint,
-    /// Posted reads by context address.
+    /// Posted reads and sends by context address.
     pending: HashMap<usize, Op>,
-    /// Finished reads nobody has collected yet: id -> result.
+    /// Finished reads and sends nobody has collected yet: id -> result.
     done: HashMap<u64, Result<(), OfiError>>,
     next_id: u64,
+    msgs: Option<Messages>,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // The message region's registration goes before the endpoint (and its domain).
+        if let Some(mr) = self.msgs.as_mut().and_then(|m| m.mr.take()) {
+            self.raw.deregister(mr);
+        }
+    }
 }
 
 struct Shared {
@@ -180,6 +213,7 @@ impl Endpoint {
                     pending: HashMap::new(),
                     done: HashMap::new(),
                     next_id: 1,
+                    msgs: None,
                 }),
                 provider,
                 domain,
@@ -249,12 +283,21 @@ impl Endpoint {
     fn collect(st: &mut State) -> Result<(), OfiError> {
         let mut out = Vec::new();
         let failed = st.raw.poll(&mut out)?;
-        for (ctx, code) in out {
+        for (ctx, code, len) in out {
             let Some(op) = st.pending.remove(&ctx) else {
+                if let Some(m) = st.msgs.as_mut() {
+                    if let Some(&slot) = m.by_ctx.get(&ctx) {
+                        Self::received(&mut st.raw, m, slot, code, len);
+                        continue;
+                    }
+                }
                 // Not ours: a provider bug; nothing to free.
                 tracing::error!("completion for an unknown context {ctx:#x}");
                 continue;
             };
+            if let (Some(slot), Some(m)) = (op.send_slot, st.msgs.as_mut()) {
+                m.free_send.push(slot);
+            }
             let r = if code == 0 {
                 Ok(())
             } else {
@@ -266,6 +309,172 @@ impl Endpoint {
             st.done.insert(op.id, r);
         }
         Ok(())
+    }
+
+    /// A receive slot completed: keep the message, post the slot again.
+    fn received(raw: &mut sys::RawEndpoint, m: &mut Messages, slot: usize, code: i32, len: usize) {
+        let at = slot * m.slot_bytes;
+        if code == 0 {
+            assert!(
+                len <= m.slot_bytes,
+                "provider reported {len} bytes in a {}-byte slot",
+                m.slot_bytes
+            );
+            if m.inbox.len() < MAX_INBOX {
+                let mut b = vec![0u8; len];
+                m.mem.copy_out(at, &mut b);
+                m.inbox.push_back(b);
+            } else {
+                m.dropped += 1;
+            }
+        } else if code != -125 {
+            // (-ECANCELED: the endpoint is closing.) A truncated or failed receive is dropped.
+            tracing::debug!("a receive failed ({code})");
+        }
+        let mr = m.mr.as_ref().expect("live message region");
+        let ctx = m.recv_ctx[slot].as_mut_ptr();
+        if let Err(e) = raw.post_recv(m.mem.as_ref(), mr, (at, m.slot_bytes), ctx) {
+            tracing::error!("cannot post receive slot {slot} again: {}", e.message);
+        }
+    }
+
+    /// Turns on two-sided messages: `recv_slots` receive buffers of `slot_bytes` each (the
+    /// largest message), posted now and again after each message; a no-op the second time.
+    pub fn enable_messages(&self, recv_slots: usize, slot_bytes: usize) -> Result<(), OfiError> {
+        assert!(recv_slots > 0 && slot_bytes > 0);
+        let mut st = self.shared.lock();
+        if st.msgs.is_some() {
+            return Ok(());
+        }
+        let total = (recv_slots + SEND_SLOTS)
+            .checked_mul(slot_bytes)
+            .ok_or_else(|| OfiError::Failed("message region too large".into()))?;
+        let mem: Arc<dyn RmaMemory> = Arc::new(HeapMemory::new(total));
+        let mr = st.raw.register(mem.as_ref(), false)?;
+        let mut m = Messages {
+            mem,
+            mr: Some(mr),
+            slot_bytes,
+            recv_ctx: (0..recv_slots)
+                .map(|_| Box::new([0u8; sys::CONTEXT_BYTES]))
+                .collect(),
+            by_ctx: HashMap::new(),
+            free_send: (recv_slots..recv_slots + SEND_SLOTS).collect(),
+            inbox: std::collections::VecDeque::new(),
+            dropped: 0,
+        };
+        for slot in 0..recv_slots {
+            let ctx = m.recv_ctx[slot].as_mut_ptr();
+            m.by_ctx.insert(ctx as usize, slot);
+            let mr = m.mr.as_ref().expect("just registered");
+            if let Err(e) =
+                st.raw
+                    .post_recv(m.mem.as_ref(), mr, (slot * slot_bytes, slot_bytes), ctx)
+            {
+                // The slots posted so far are cancelled when the endpoint closes.
+                st.msgs = Some(m);
+                return Err(OfiError::Failed(e.message));
+            }
+        }
+        st.msgs = Some(m);
+        Ok(())
+    }
+
+    /// Sends `msg` to `peer` and waits (up to `timeout`) until the provider is done with it
+    /// (reliable endpoints: delivered or failed). Needs [`Endpoint::enable_messages`].
+    pub fn send(&self, peer: Peer, msg: &[u8], timeout: Duration) -> Result<(), OfiError> {
+        let start = Instant::now();
+        let (slot, at, id) = loop {
+            let mut st = self.shared.lock();
+            let Some(m) = st.msgs.as_mut() else {
+                return Err(OfiError::Failed(
+                    "messages are not enabled on this endpoint".into(),
+                ));
+            };
+            if msg.len() > m.slot_bytes {
+                return Err(OfiError::OutOfRange {
+                    offset: 0,
+                    len: msg.len() as u64,
+                    size: m.slot_bytes as u64,
+                });
+            }
+            if let Some(slot) = m.free_send.pop() {
+                let at = slot * m.slot_bytes;
+                m.mem.copy_in(at, msg);
+                let id = st.next_id;
+                st.next_id += 1;
+                break (slot, at, id);
+            }
+            Self::collect(&mut st)?;
+            drop(st);
+            if start.elapsed() >= timeout {
+                return Err(OfiError::Timeout {
+                    len: msg.len(),
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            std::thread::yield_now();
+        };
+        let mut ctx = Box::new([0u8; sys::CONTEXT_BYTES]);
+        let ctx_ptr = ctx.as_mut_ptr();
+        loop {
+            let mut st = self.shared.lock();
+            let State { raw, msgs, .. } = &mut *st;
+            let m = msgs.as_mut().expect("messages enabled above");
+            let mr = m.mr.as_ref().expect("live message region");
+            match raw.post_send(m.mem.as_ref(), mr, (at, msg.len()), peer.0, ctx_ptr) {
+                Ok(()) => {
+                    let mem = Arc::clone(&m.mem);
+                    st.pending.insert(
+                        ctx_ptr as usize,
+                        Op {
+                            id,
+                            _ctx: ctx,
+                            _mem: mem,
+                            send_slot: Some(slot),
+                        },
+                    );
+                    break;
+                }
+                Err(e) if e.code == -11 && start.elapsed() < timeout => {
+                    Self::collect(&mut st)?; // EAGAIN: queue full, poll first
+                }
+                Err(e) => {
+                    m.free_send.push(slot);
+                    return Err(OfiError::Failed(e.message));
+                }
+            }
+        }
+        loop {
+            let mut st = self.shared.lock();
+            Self::collect(&mut st)?;
+            if let Some(r) = st.done.remove(&id) {
+                return r;
+            }
+            drop(st);
+            if start.elapsed() >= timeout {
+                // Still posted: its slot comes back when it completes.
+                return Err(OfiError::Timeout {
+                    len: msg.len(),
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// The next message received, if any (drives the provider first).
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let mut st = self.shared.lock();
+        if let Err(e) = Self::collect(&mut st) {
+            tracing::debug!("collecting completions: {e}");
+        }
+        st.msgs.as_mut()?.inbox.pop_front()
+    }
+
+    /// Messages dropped because nobody took the ones before them.
+    pub fn messages_dropped(&self) -> u64 {
+        self.shared.lock().msgs.as_ref().map_or(0, |m| m.dropped)
     }
 
     /// Reads `len` bytes at `remote_offset` of the peer's `remote` region into
@@ -337,6 +546,7 @@ impl Endpoint {
                                 id,
                                 _ctx: ctx,
                                 _mem: Arc::clone(&local.mem),
+                                send_slot: None,
                             },
                         );
                         ids.push(id);

@@ -198,10 +198,26 @@ mod ffi {
             key: u64,
             ctx: *mut c_void,
         ) -> isize;
+        pub fn cfs_ofi_send(
+            o: *mut c_void,
+            buf: *mut c_void,
+            len: usize,
+            desc: *mut c_void,
+            peer: u64,
+            ctx: *mut c_void,
+        ) -> isize;
+        pub fn cfs_ofi_recv(
+            o: *mut c_void,
+            buf: *mut c_void,
+            len: usize,
+            desc: *mut c_void,
+            ctx: *mut c_void,
+        ) -> isize;
         pub fn cfs_ofi_context_size() -> usize;
         pub fn cfs_ofi_cq_read(
             o: *mut c_void,
             ctxs: *mut *mut c_void,
+            lens: *mut usize,
             errs: *mut c_int,
             count: usize,
             err: *mut c_char,
@@ -465,10 +481,73 @@ impl RawEndpoint {
         Ok(())
     }
 
-    /// Reads completions: (context, 0 or a negative error code) pairs, and the error text of
-    /// a failed one.
-    pub fn poll(&mut self, out: &mut Vec<(usize, i32)>) -> Result<Option<String>, SysError> {
+    /// Posts a send of `mem[offset..offset+len]` to `peer`. `ctx` as for [`Self::post_read`];
+    /// the bytes must stay unchanged until the completion is read.
+    pub fn post_send(
+        &mut self,
+        mem: &dyn RmaMemory,
+        mr: &RawMr,
+        (offset, len): (usize, usize),
+        peer: u64,
+        ctx: *mut u8,
+    ) -> Result<(), SysError> {
+        assert!(offset.checked_add(len).is_some_and(|e| e <= mem.len()));
+        // SAFETY: the source range is inside `mem` (asserted), kept alive and unchanged by the
+        // caller until completion; `ctx` as in `post_read`.
+        let rc = unsafe {
+            ffi::cfs_ofi_send(
+                self.0.as_ptr(),
+                mem.base().add(offset).cast(),
+                len,
+                mr.desc as *mut c_void,
+                peer,
+                ctx.cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(SysError {
+                code: rc as i32,
+                message: format!("fi_send: {}", strerror(rc as i32)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Posts `mem[offset..offset+len]` to receive one message from any peer. `ctx` as for
+    /// [`Self::post_read`]; the range must not be touched until the completion is read.
+    pub fn post_recv(
+        &mut self,
+        mem: &dyn RmaMemory,
+        mr: &RawMr,
+        (offset, len): (usize, usize),
+        ctx: *mut u8,
+    ) -> Result<(), SysError> {
+        assert!(offset.checked_add(len).is_some_and(|e| e <= mem.len()));
+        // SAFETY: the destination range is inside `mem` (asserted), kept alive by the caller
+        // until completion; `ctx` as in `post_read`.
+        let rc = unsafe {
+            ffi::cfs_ofi_recv(
+                self.0.as_ptr(),
+                mem.base().add(offset).cast(),
+                len,
+                mr.desc as *mut c_void,
+                ctx.cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(SysError {
+                code: rc as i32,
+                message: format!("fi_recv: {}", strerror(rc as i32)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads completions: (context, 0 or a negative error code, bytes received) triples, and
+    /// the error text of a failed one.
+    pub fn poll(&mut self, out: &mut Vec<(usize, i32, usize)>) -> Result<Option<String>, SysError> {
         let mut ctxs = [std::ptr::null_mut::<c_void>(); 64];
+        let mut lens = [0usize; 64];
         let mut errs = [0 as c_int; 64];
         let mut err = [0u8; ERR_LEN];
         // SAFETY: the arrays hold 64 entries, as passed; `err` is writable.
@@ -476,6 +555,7 @@ impl RawEndpoint {
             ffi::cfs_ofi_cq_read(
                 self.0.as_ptr(),
                 ctxs.as_mut_ptr(),
+                lens.as_mut_ptr(),
                 errs.as_mut_ptr(),
                 64,
                 err.as_mut_ptr().cast(),
@@ -492,7 +572,7 @@ impl RawEndpoint {
         assert!(n <= 64);
         let mut failed = None;
         for i in 0..n {
-            out.push((ctxs[i] as usize, errs[i]));
+            out.push((ctxs[i] as usize, errs[i], lens[i]));
             if errs[i] != 0 {
                 failed = Some(err_text(&err));
             }
@@ -587,9 +667,29 @@ mod ffi {
     ) -> isize {
         -38
     }
+    pub unsafe fn cfs_ofi_send(
+        _: *mut c_void,
+        _: *mut c_void,
+        _: usize,
+        _: *mut c_void,
+        _: u64,
+        _: *mut c_void,
+    ) -> isize {
+        -38
+    }
+    pub unsafe fn cfs_ofi_recv(
+        _: *mut c_void,
+        _: *mut c_void,
+        _: usize,
+        _: *mut c_void,
+        _: *mut c_void,
+    ) -> isize {
+        -38
+    }
     pub unsafe fn cfs_ofi_cq_read(
         _: *mut c_void,
         _: *mut *mut c_void,
+        _: *mut usize,
         _: *mut c_int,
         _: usize,
         _: *mut c_char,
