@@ -1211,12 +1211,21 @@ impl FsService {
         Ok(bytes::Bytes::from(reply.encode()))
     }
 
-    /// A read on the RMA path: runs the read as usual (forwarded to the shard's leader if
-    /// need be), then stages its data for a one-sided read when it is worth it.
+    /// A read on the RMA path over TCP (see [`FsService::rma_read_request`]).
     async fn rma_read(&self, payload: &[u8]) -> Result<bytes::Bytes, ServiceError> {
-        use cfs_proto::rma::{ReadReply, ReadRequest};
-        let q = ReadRequest::decode(payload)
+        let q = cfs_proto::rma::ReadRequest::decode(payload)
             .ok_or_else(|| ServiceError::new(ErrorCode::BadRequest, "malformed RMA read"))?;
+        Ok(bytes::Bytes::from(self.rma_read_request(q).await?.encode()))
+    }
+
+    /// A read on the RMA path (a TCP call or a fabric message): runs the read as usual
+    /// (forwarded to the shard's leader if need be), then stages its data for a one-sided
+    /// read when it is worth it.
+    pub async fn rma_read_request(
+        &self,
+        q: cfs_proto::rma::ReadRequest,
+    ) -> Result<cfs_proto::rma::ReadReply, ServiceError> {
+        use cfs_proto::rma::ReadReply;
         if let Some(r) = self.rma_server() {
             r.release(&q.released);
         }
@@ -1235,10 +1244,10 @@ impl FsService {
             (Some(r), Some(data)) => r.stage(data),
             _ => None,
         };
-        Ok(bytes::Bytes::from(match staged {
-            Some(layout) => ReadReply::Layout(layout).encode(),
-            None => ReadReply::Inline(reply.to_vec()).encode(),
-        }))
+        Ok(match staged {
+            Some(layout) => ReadReply::Layout(layout),
+            None => ReadReply::Inline(reply.to_vec()),
+        })
     }
 
     /// This node's view, as JSON: role, term, applied index, members, stale chunk copies

@@ -541,7 +541,7 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             )
         }
     };
-    service.set_rma(start_rma(cfg, &engine)?);
+    service.set_rma(start_rma(cfg, &engine, &service, rt.handle())?);
     let groups = service.groups().to_vec();
     let server = rt
         .block_on(cfs_fabric::Server::bind(
@@ -985,6 +985,8 @@ fn cmd_join(cfg: &Config, token: &str, advertise: Option<String>) -> Result<()> 
 fn start_rma(
     cfg: &Config,
     engine: &Arc<cfs_dataplane::reactor::Engine>,
+    service: &cfs_dataplane::fs_service::FsService,
+    rt: &tokio::runtime::Handle,
 ) -> Result<Result<Arc<cfs_dataplane::rma::RmaServer>, String>> {
     let r = &cfg.rma;
     if r.transport == "tcp" {
@@ -1003,8 +1005,39 @@ fn start_rma(
         Ok(server) => {
             let server = Arc::new(server);
             let polled = Arc::clone(&server);
+            // Reactor 0 drives the endpoint and takes request messages; an RPC task runs each
+            // (its reply sent from a blocking thread: a send waits for its completion). The
+            // task, not the poller, holds the service: the engine (which owns the poller) must
+            // not be kept alive by it at shutdown.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+                cfs_fabric::ofi::Peer,
+                cfs_proto::rma::MsgRequest,
+            )>(1024);
+            let (svc, srv) = (service.clone(), Arc::clone(&server));
+            rt.spawn(async move {
+                while let Some((peer, req)) = rx.recv().await {
+                    let (svc, srv) = (svc.clone(), Arc::clone(&srv));
+                    tokio::spawn(async move {
+                        let reply = svc.rma_read_request(req.read).await.map_err(|e| e.message);
+                        let m = cfs_proto::rma::MsgReply { id: req.id, reply };
+                        let _ = tokio::task::spawn_blocking(move || srv.reply(peer, m)).await;
+                    });
+                }
+            });
+            let poll = move || {
+                let mut work = polled.poll();
+                for _ in 0..64 {
+                    let Some(r) = polled.next_request() else {
+                        break;
+                    };
+                    work += 1;
+                    // Full: dropped, as a lossy link would (the client asks over TCP).
+                    let _ = tx.try_send(r);
+                }
+                work
+            };
             engine
-                .add_poller(0, move || polled.poll())
+                .add_poller(0, poll)
                 .context("cannot hand the RMA endpoint to reactor 0")?;
             tracing::info!(
                 provider = server.provider(),

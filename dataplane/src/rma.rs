@@ -11,13 +11,21 @@
 //! reused under a slow client can never pass as its data. Software providers serve a peer's
 //! read from the target's progress engine: [`RmaServer::poll`] runs on a reactor core.
 
-use cfs_fabric::ofi::{self, Endpoint, OfiError, Registration, RmaMemory};
+use cfs_fabric::ofi::{self, Endpoint, OfiError, Peer, Registration, RmaMemory};
 use cfs_hugepages::{DmaBuf, PoolConfig, PoolCore, PoolMapping};
-use cfs_proto::rma::{HelloReply, Layout};
-use std::collections::HashMap;
+use cfs_proto::rma::{HelloReply, Layout, MsgReply, MsgRequest, MAX_MESSAGE};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// Receive buffers posted for clients' request messages.
+const RECV_SLOTS: usize = 64;
+/// Clients with a fabric address on record; the oldest is forgotten beyond this (it greets
+/// again when its messages go unanswered).
+const MAX_CLIENTS: usize = 1024;
+/// How long sending a reply may take.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often polling looks for expired leases (allocation always does).
 const EXPIRE_SCAN_EVERY: Duration = Duration::from_millis(10);
@@ -68,6 +76,11 @@ pub struct RmaServer {
     min_bytes: usize,
     buf_bytes: usize,
     counters: Counters,
+    /// Clients that may send request messages: id -> their address on this endpoint.
+    clients: Mutex<BTreeMap<u64, Peer>>,
+    next_client: AtomicU64,
+    /// Whether request messages are received (the endpoint took the receive buffers).
+    messages: bool,
     /// Test fault (`CFS_TEST_RMA_FAULT`): layouts lie about the key ("key"), the length
     /// ("range") or the checksum ("crc"); the client must notice and read through TCP.
     fault: Option<String>,
@@ -98,6 +111,13 @@ impl RmaServer {
         let reg = ep
             .register(mem, true)
             .map_err(|e| RmaError::Failed(format!("registering the staging pool: {e}")))?;
+        let messages = match ep.enable_messages(RECV_SLOTS, MAX_MESSAGE) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("no request messages over the fabric (requests use TCP): {e}");
+                false
+            }
+        };
         Ok(RmaServer {
             ep,
             reg,
@@ -112,6 +132,9 @@ impl RmaServer {
             min_bytes: cfg.min_bytes,
             buf_bytes,
             counters: Counters::default(),
+            clients: Mutex::new(BTreeMap::new()),
+            next_client: AtomicU64::new(1),
+            messages,
             fault: std::env::var("CFS_TEST_RMA_FAULT").ok(),
         })
     }
@@ -145,8 +168,67 @@ impl RmaServer {
                 provider: self.ep.provider().to_string(),
                 address,
                 lease_ms: self.lease.as_millis() as u32,
+                client: self.add_client(&h.address),
             },
             Err(e) => HelloReply::Tcp(format!("the server's endpoint has no address: {e}")),
+        }
+    }
+
+    /// Records a client's address for replies; its id (0: no request messages).
+    fn add_client(&self, address: &[u8]) -> u64 {
+        if !self.messages {
+            return 0;
+        }
+        let peer = match self.ep.insert_peer(address) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!("a client's fabric address is unusable ({e}): its requests use TCP");
+                return 0;
+            }
+        };
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        c.insert(id, peer);
+        while c.len() > MAX_CLIENTS {
+            if let Some((_, old)) = c.pop_first() {
+                self.ep.remove_peer(old);
+            }
+        }
+        id
+    }
+
+    /// The next request message from a known client (others are dropped: their sender times
+    /// out and greets again).
+    pub fn next_request(&self) -> Option<(Peer, MsgRequest)> {
+        loop {
+            let m = self.ep.recv()?;
+            let Some(req) = MsgRequest::decode(&m) else {
+                tracing::debug!("a malformed request message ({} bytes)", m.len());
+                continue;
+            };
+            let peer = self
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&req.client)
+                .copied();
+            match peer {
+                Some(p) => return Some((p, req)),
+                None => tracing::debug!("a request message from unknown client {}", req.client),
+            }
+        }
+    }
+
+    /// Sends a reply message (blocking until the provider is done with it); a reply too
+    /// large for a message tells the client to ask over TCP.
+    pub fn reply(&self, peer: Peer, mut reply: MsgReply) {
+        let mut b = reply.encode();
+        if b.len() > MAX_MESSAGE {
+            reply.reply = Err(format!("a {}-byte reply does not fit a message", b.len()));
+            b = reply.encode();
+        }
+        if let Err(e) = self.ep.send(peer, &b, REPLY_TIMEOUT) {
+            tracing::debug!("a reply message was not sent: {e}");
         }
     }
 
@@ -255,6 +337,8 @@ impl RmaServer {
             "lease_ms": self.lease.as_millis() as u64,
             "min_bytes": self.min_bytes,
             "hellos": c.hellos.load(Ordering::Relaxed),
+            "request_messages": self.messages,
+            "clients": self.clients.lock().unwrap_or_else(|p| p.into_inner()).len(),
             "reads_staged": c.staged.load(Ordering::Relaxed),
             "bytes_staged": c.staged_bytes.load(Ordering::Relaxed),
             "reads_inline": c.inline.load(Ordering::Relaxed),

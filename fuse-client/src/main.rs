@@ -262,8 +262,13 @@ fn transport_line(t: &serde_json::Value) -> String {
     }
     let n = |k: &str| r[k].as_u64().unwrap_or(0);
     format!(
-        "RMA ({}) and TCP: {} reads staged ({} MiB), {} inline, {} leases expired, {} client hellos",
+        "RMA ({}, requests {}) and TCP: {} reads staged ({} MiB), {} inline, {} leases expired, {} client hellos",
         r["provider"].as_str().unwrap_or("?"),
+        if r["request_messages"] == true {
+            "as fabric messages"
+        } else {
+            "over TCP"
+        },
         n("reads_staged"),
         n("bytes_staged") >> 20,
         n("reads_inline"),
@@ -577,10 +582,11 @@ fn main() -> Result<()> {
             }
             if let Some(c) = counters {
                 println!(
-                    "RMA reads: {} ({} bytes), {} answered inline, {} fell back to TCP",
+                    "RMA reads: {} ({} bytes), {} answered inline, {} requests as fabric messages, {} fell back to TCP",
                     c.rma_reads.load(Ordering::Relaxed),
                     c.rma_bytes.load(Ordering::Relaxed),
                     c.inline.load(Ordering::Relaxed),
+                    c.messages.load(Ordering::Relaxed),
                     c.failed.load(Ordering::Relaxed)
                 );
             }

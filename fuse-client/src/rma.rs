@@ -11,7 +11,8 @@
 
 use cfs_fabric::ofi::{Endpoint, HeapMemory, OfiError, Peer, Registration, RemoteRegion};
 use cfs_fabric::FailoverClient;
-use cfs_proto::rma::{Hello, HelloReply, ReadReply, ReadRequest, MAX_RELEASED};
+use cfs_proto::rma::{Hello, HelloReply, MsgReply, MsgRequest, ReadReply, ReadRequest};
+use cfs_proto::rma::{MAX_MESSAGE, MAX_RELEASED};
 use cfs_proto::rma::{RMA_HELLO_METHOD, RMA_READ_METHOD};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,11 @@ use std::time::{Duration, Instant};
 const BUFFERS: usize = 8;
 /// Bytes per read buffer: a server's staging buffer is at most one 2 MiB hugepage.
 const BUF_BYTES: usize = 2 << 20;
+/// How long a request message may take to be sent and answered before the read is asked
+/// over TCP instead.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Replies held for other threads; beyond this, ones nobody waits for are dropped.
+const MAILBOX_MAX: usize = 256;
 /// Most replaced endpoints kept open for reads still posted on them.
 const MAX_RETIRED: usize = 4;
 /// A staged read is not even posted with less of its lease left than this.
@@ -42,6 +48,8 @@ enum PeerState {
     Rma {
         peer: Peer,
         lease: Duration,
+        /// The id our request messages carry (0: requests go over TCP).
+        client: u64,
         /// Endpoint generation the peer was inserted in.
         generation: u64,
     },
@@ -68,6 +76,8 @@ pub struct RmaCounters {
     pub rma_bytes: AtomicU64,
     /// Reads the server answered inline.
     pub inline: AtomicU64,
+    /// Requests sent as fabric messages (the others went over TCP).
+    pub messages: AtomicU64,
     /// RMA reads that failed, were late or had a bad checksum (then read two-sided).
     pub failed: AtomicU64,
 }
@@ -82,12 +92,17 @@ pub struct RmaClient {
     retired: Mutex<Vec<Conn>>,
     peers: Mutex<HashMap<usize, PeerState>>,
     released: Mutex<Vec<u64>>,
+    /// Reply messages that arrived for another thread's request: id -> (when, reply).
+    mailbox: Mutex<HashMap<u64, (Instant, MsgReply)>>,
+    next_request: AtomicU64,
     /// Shared counters.
     pub counters: Arc<RmaCounters>,
 }
 
 fn open_conn(provider: &str, local_ip: &str, generation: u64) -> Result<Conn, OfiError> {
     let ep = Endpoint::open(Some(provider), local_ip)?;
+    // Replies to request messages land here (a few: each FUSE thread waits for one).
+    ep.enable_messages(32, MAX_MESSAGE)?;
     let mut free = Vec::with_capacity(BUFFERS);
     for _ in 0..BUFFERS {
         free.push(ep.register(Arc::new(HeapMemory::new(BUF_BYTES)), false)?);
@@ -112,6 +127,8 @@ impl RmaClient {
             retired: Mutex::new(Vec::new()),
             peers: Mutex::new(HashMap::new()),
             released: Mutex::new(Vec::new()),
+            mailbox: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
             counters: Arc::default(),
         })
     }
@@ -139,7 +156,10 @@ impl RmaClient {
             .map_err(|e| format!("hello: {e}"))?;
         let state = match HelloReply::decode(&b) {
             Some(HelloReply::Rma {
-                address, lease_ms, ..
+                address,
+                lease_ms,
+                client,
+                ..
             }) => {
                 let c = self.conn();
                 if c.generation != generation {
@@ -149,6 +169,7 @@ impl RmaClient {
                 PeerState::Rma {
                     peer,
                     lease: Duration::from_millis(u64::from(lease_ms)),
+                    client,
                     generation,
                 }
             }
@@ -167,15 +188,16 @@ impl RmaClient {
         Ok(self.provider.clone())
     }
 
-    /// Where reads to server `i` go: `Some((peer, lease))` over RMA.
-    fn route(&self, client: &FailoverClient, i: usize) -> Option<(Peer, Duration)> {
+    /// Where reads to server `i` go: `Some((peer, lease, client id))` over RMA.
+    fn route(&self, client: &FailoverClient, i: usize) -> Option<(Peer, Duration, u64)> {
         let generation = self.conn().generation;
         match self.peers().get(&i) {
             Some(PeerState::Rma {
                 peer,
                 lease,
+                client,
                 generation: g,
-            }) if *g == generation => return Some((*peer, *lease)),
+            }) if *g == generation => return Some((*peer, *lease, *client)),
             Some(PeerState::Tcp { since }) if since.elapsed() < RETRY_HELLO => return None,
             _ => {}
         }
@@ -236,7 +258,7 @@ impl RmaClient {
         payload: &[u8],
     ) -> Option<RmaRead> {
         let i = first.unwrap_or_else(|| client.current());
-        let (peer, lease) = self.route(client, i)?;
+        let (peer, lease, id) = self.route(client, i)?;
         let released = {
             let mut r = self.released.lock().unwrap_or_else(|p| p.into_inner());
             let n = r.len().min(MAX_RELEASED);
@@ -249,8 +271,11 @@ impl RmaClient {
         };
         // The lease is counted from before the request leaves: never later than the server's.
         let sent = Instant::now();
-        let b = client.call_one(i, RMA_READ_METHOD, &q.encode()).ok()?;
-        let layout = match ReadReply::decode(&b)? {
+        let answer = match self.ask_by_message(peer, id, &q) {
+            Some(a) => a,
+            None => ReadReply::decode(&client.call_one(i, RMA_READ_METHOD, &q.encode()).ok()?)?,
+        };
+        let layout = match answer {
             ReadReply::Inline(reply) => {
                 self.counters.inline.fetch_add(1, Ordering::Relaxed);
                 return Some(RmaRead::Reply(reply));
@@ -278,6 +303,56 @@ impl RmaClient {
                 None
             }
         }
+    }
+
+    /// Sends a read request as a fabric message and waits for its reply; `None`: ask over
+    /// TCP (no client id, too large, a failed send, no reply in time, or the server said so).
+    fn ask_by_message(&self, peer: Peer, client: u64, q: &ReadRequest) -> Option<ReadReply> {
+        if client == 0 {
+            return None;
+        }
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let m = MsgRequest {
+            client,
+            id,
+            read: q.clone(),
+        }
+        .encode();
+        if m.len() > MAX_MESSAGE {
+            return None;
+        }
+        let ep = self.conn().ep.clone();
+        if let Err(e) = ep.send(peer, &m, MESSAGE_TIMEOUT) {
+            tracing::debug!("request message not sent: {e}");
+            return None;
+        }
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + MESSAGE_TIMEOUT;
+        loop {
+            if let Some((_, r)) = self.mailbox().remove(&id) {
+                return r.reply.ok();
+            }
+            match ep.recv().and_then(|b| MsgReply::decode(&b)) {
+                Some(r) if r.id == id => return r.reply.ok(),
+                Some(r) => {
+                    let mut mb = self.mailbox();
+                    // Replies nobody waits for any more (their request timed out) go.
+                    if mb.len() >= MAILBOX_MAX {
+                        mb.retain(|_, (at, _)| at.elapsed() < MESSAGE_TIMEOUT);
+                    }
+                    mb.insert(r.id, (Instant::now(), r));
+                }
+                None if Instant::now() >= deadline => {
+                    tracing::debug!("no reply message within {MESSAGE_TIMEOUT:?}: asking over TCP");
+                    return None;
+                }
+                None => std::thread::yield_now(),
+            }
+        }
+    }
+
+    fn mailbox(&self) -> MutexGuard<'_, HashMap<u64, (Instant, MsgReply)>> {
+        self.mailbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Pulls a staged read and checks it.

@@ -10,9 +10,19 @@
 //! Hello:      u8 version (1) | bytes provider | bytes endpoint address
 //! HelloReply: u8 0 (use TCP) | bytes reason
 //!           | u8 1 (use RMA) | bytes provider | bytes endpoint address | u32 lease_ms
+//!             | u64 client (0: no fabric messages; else the id the client's messages carry)
 //! ReadRequest: u16 n | n x u64 released lease | u32 method | payload (a file-system request)
 //! ReadReply:  u8 0 (inline) | the file-system reply
 //!           | u8 1 (layout) | u64 lease | u64 addr | u64 key | u32 len | u32 crc32c
+//! ```
+//!
+//! With a client id, read requests and their replies travel as two-sided fabric messages
+//! instead of TCP calls (at most [`MAX_MESSAGE`] bytes):
+//!
+//! ```text
+//! request: u64 client | u64 request id | ReadRequest
+//! reply:   u64 request id | u8 0 | ReadReply
+//!                         | u8 1 | bytes reason (read this one over TCP)
 //! ```
 
 use cfs_meta::codec::{Reader, Writer};
@@ -23,6 +33,9 @@ pub const RMA_HELLO_METHOD: u32 = 0x0100_0010;
 pub const RMA_READ_METHOD: u32 = 0x0100_0011;
 /// Most lease ids a read request hands back.
 pub const MAX_RELEASED: usize = 256;
+/// Largest fabric message (a request with every lease it may hand back, or an inline reply of
+/// a short read).
+pub const MAX_MESSAGE: usize = 128 << 10;
 
 const VERSION: u8 = 1;
 
@@ -48,7 +61,89 @@ pub enum HelloReply {
         address: Vec<u8>,
         /// How long a staged read stays in place after the server answers.
         lease_ms: u32,
+        /// The id this client's fabric messages carry (0: send requests over TCP).
+        client: u64,
     },
+}
+
+/// A read request as a fabric message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MsgRequest {
+    /// The id the server gave the client in its hello reply.
+    pub client: u64,
+    /// Matches the reply to the request.
+    pub id: u64,
+    /// The read.
+    pub read: ReadRequest,
+}
+
+/// A reply as a fabric message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MsgReply {
+    /// The request's id.
+    pub id: u64,
+    /// The answer, or why to ask over TCP instead.
+    pub reply: Result<ReadReply, String>,
+}
+
+impl MsgRequest {
+    /// Wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.client);
+        w.u64(self.id);
+        let mut b = w.0;
+        b.extend_from_slice(&self.read.encode());
+        b
+    }
+
+    /// Parses the wire form.
+    pub fn decode(b: &[u8]) -> Option<MsgRequest> {
+        let mut r = Reader::new(b);
+        let (client, id) = (r.u64()?, r.u64()?);
+        Some(MsgRequest {
+            client,
+            id,
+            read: ReadRequest::decode(b.get(16..)?)?,
+        })
+    }
+}
+
+impl MsgReply {
+    /// Wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.id);
+        match &self.reply {
+            Ok(r) => {
+                w.u8(0);
+                let mut b = w.0;
+                b.extend_from_slice(&r.encode());
+                b
+            }
+            Err(why) => {
+                w.u8(1);
+                w.bytes(why.as_bytes());
+                w.0
+            }
+        }
+    }
+
+    /// Parses the wire form.
+    pub fn decode(b: &[u8]) -> Option<MsgReply> {
+        let mut r = Reader::new(b);
+        let id = r.u64()?;
+        let reply = match r.u8()? {
+            0 => Ok(ReadReply::decode(b.get(9..)?)?),
+            1 => {
+                let why = String::from_utf8(r.bytes()?).ok()?;
+                r.end()?;
+                Err(why)
+            }
+            _ => return None,
+        };
+        Some(MsgReply { id, reply })
+    }
 }
 
 /// A read over the RMA path: leases the client is done with, then the file-system request.
@@ -122,11 +217,13 @@ impl HelloReply {
                 provider,
                 address,
                 lease_ms,
+                client,
             } => {
                 w.u8(1);
                 w.bytes(provider.as_bytes());
                 w.bytes(address);
                 w.u32(*lease_ms);
+                w.u64(*client);
             }
         }
         w.0
@@ -141,6 +238,7 @@ impl HelloReply {
                 provider: String::from_utf8(r.bytes()?).ok()?,
                 address: r.bytes()?,
                 lease_ms: r.u32()?,
+                client: r.u64()?,
             },
             _ => return None,
         };
@@ -239,7 +337,7 @@ mod tests {
         fn hellos_round_trip(provider in ".{0,20}", address in proptest::collection::vec(any::<u8>(), 0..64), lease_ms in any::<u32>()) {
             let h = Hello { provider: provider.clone(), address: address.clone() };
             prop_assert_eq!(Hello::decode(&h.encode()), Some(h));
-            for r in [HelloReply::Tcp(provider.clone()), HelloReply::Rma { provider, address, lease_ms }] {
+            for r in [HelloReply::Tcp(provider.clone()), HelloReply::Rma { provider, address, lease_ms, client: u64::from(lease_ms) * 3 }] {
                 let b = r.encode();
                 prop_assert_eq!(HelloReply::decode(&b), Some(r));
                 prop_assert_eq!(HelloReply::decode(&b[..b.len() - 1]), None);
@@ -251,15 +349,22 @@ mod tests {
                             payload in proptest::collection::vec(any::<u8>(), 0..100),
                             lease in any::<u64>(), addr in any::<u64>(), key in any::<u64>(), len in any::<u32>(), crc32c in any::<u32>()) {
             let q = ReadRequest { released, method, payload: payload.clone() };
-            prop_assert_eq!(ReadRequest::decode(&q.encode()), Some(q));
+            prop_assert_eq!(ReadRequest::decode(&q.encode()), Some(q.clone()));
+            let m = MsgRequest { client: addr, id: key, read: q };
+            prop_assert_eq!(MsgRequest::decode(&m.encode()), Some(m));
+            prop_assert_eq!(MsgReply::decode(&MsgReply { id: lease, reply: Err("busy".into()) }.encode()),
+                Some(MsgReply { id: lease, reply: Err("busy".into()) }));
             for r in [ReadReply::Inline(payload), ReadReply::Layout(Layout { lease, addr, key, len, crc32c })] {
-                prop_assert_eq!(ReadReply::decode(&r.encode()), Some(r));
+                prop_assert_eq!(ReadReply::decode(&r.encode()), Some(r.clone()));
+                let m = MsgReply { id: lease, reply: Ok(r) };
+                prop_assert_eq!(MsgReply::decode(&m.encode()), Some(m));
             }
         }
 
         #[test]
         fn decoders_are_total(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = (Hello::decode(&b), HelloReply::decode(&b), ReadRequest::decode(&b), ReadReply::decode(&b));
+            let _ = (MsgRequest::decode(&b), MsgReply::decode(&b));
         }
     }
 

@@ -36,6 +36,6 @@ stop_pids() {
     sleep 0.1
   done
   kill -KILL "$@" 2>/dev/null || true
-  for p in "$@"; do wait "$p" 2>/dev/null; done
+  for p in "$@"; do wait "$p" 2>/dev/null || true; done
   return 0
 }

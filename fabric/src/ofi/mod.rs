@@ -132,8 +132,9 @@ struct Messages {
     mem: Arc<dyn RmaMemory>,
     mr: Option<sys::RawMr>,
     slot_bytes: usize,
-    /// One context per receive slot (index = slot), at a fixed address while posted.
-    recv_ctx: Vec<Box<[u8; sys::CONTEXT_BYTES]>>,
+    /// One context per receive slot (index = slot); a boxed slice never moves, so each stays
+    /// at its address while posted.
+    recv_ctx: Box<[[u8; sys::CONTEXT_BYTES]]>,
     /// Receive context address -> slot.
     by_ctx: HashMap<usize, usize>,
     free_send: Vec<usize>,
@@ -355,9 +356,7 @@ impl Endpoint {
             mem,
             mr: Some(mr),
             slot_bytes,
-            recv_ctx: (0..recv_slots)
-                .map(|_| Box::new([0u8; sys::CONTEXT_BYTES]))
-                .collect(),
+            recv_ctx: vec![[0u8; sys::CONTEXT_BYTES]; recv_slots].into_boxed_slice(),
             by_ctx: HashMap::new(),
             free_send: (recv_slots..recv_slots + SEND_SLOTS).collect(),
             inbox: std::collections::VecDeque::new(),
