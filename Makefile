@@ -1,7 +1,7 @@
 # ClaudeFS. `make test` installs what the tests need and runs them all; `make test-<crate>`
 # runs one top-level crate's tests; `make check` adds fmt, clippy and doc.
 CARGO ?= cargo
-CRATES := hugepages nvme dataplane fabric metadata proto fuse-client sim
+CRATES := hugepages nvme dataplane fabric metadata proto fuse-client objtier sim
 
 .PHONY: all build release deps test check fmt clippy doc bench clean test-cluster test-vfio $(addprefix test-,$(CRATES))
 
@@ -16,9 +16,10 @@ release:
 deps:
 	./scripts/deps test
 
-# CFS_REQUIRE_OFI: the RMA tests fail instead of skipping when libfabric is missing.
+# CFS_REQUIRE_OFI / CFS_REQUIRE_S3: the RMA and object-tier tests fail instead of skipping
+# when libfabric or the S3 servers are missing (deps installs them).
 test: deps
-	CFS_REQUIRE_OFI=1 $(CARGO) test --workspace
+	PATH=$$HOME/.cargo/bin:$$PATH CFS_REQUIRE_OFI=1 CFS_REQUIRE_S3=1 $(CARGO) test --workspace
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-rma.sh
 	./scripts/test-hugepages.sh
 	./scripts/test-vfio.sh
@@ -70,6 +71,10 @@ test-cluster: deps
 
 test-proto: deps
 	$(CARGO) test -p cfs-proto
+
+# Blobs on two real S3 servers (s3s-fs and moto) on loopback, through a recording proxy.
+test-objtier: deps
+	PATH=$$HOME/.cargo/bin:$$PATH CFS_REQUIRE_S3=1 $(CARGO) test -p cfs-objtier
 
 test-fuse-client: deps
 	$(CARGO) test -p cfs-fuse-client

@@ -179,6 +179,35 @@ if check_files "$WORK/m2"; then
 else
   fail "the TCP mount reads different bytes"
 fi
+# Several clients under load at once: a second RMA mount, eight readers over both RMA mounts
+# reading every file in parallel (the server's staging pool and the client mailboxes shared).
+mount_at "$WORK/m1b" "$P1" --transport rma --rma-provider "$PROV" || { fail "second RMA mount"; exit 1; }
+sync
+echo 3 >/proc/sys/vm/drop_caches
+if python3 - "$WORK/m1" "$WORK/m1b" "$WORK/digests" <<'PY'; then
+import hashlib, sys, threading
+a, b, digests = sys.argv[1], sys.argv[2], sys.argv[3]
+want = dict(line.split() for line in open(digests))
+bad = []
+def reader(k):
+    d = a if k % 2 else b
+    names = sorted(want)[k:] + sorted(want)[:k]
+    for _ in range(3):
+        for n in names:
+            with open(f"{d}/{n}", "rb", buffering=0) as f:
+                got = hashlib.sha256(f.read()).hexdigest()
+            if got != want[n]:
+                bad.append((d, n))
+ts = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(f"  {len(bad)} wrong reads of {8 * 3 * len(want)}")
+sys.exit(1 if bad else 0)
+PY
+  pass "two RMA mounts, eight concurrent readers, 480 whole-file reads: all byte-identical"
+else
+  fail "concurrent RMA readers read wrong bytes"
+fi
 if fsx -N 5000 -S 11 "$WORK/m1/fsx" >"$WORK/fsx.out" 2>&1 && grep -q "A-OK" "$WORK/fsx.out"; then
   pass "fsx 5000 operations on the RMA mount"
 else

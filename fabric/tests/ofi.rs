@@ -357,3 +357,34 @@ fn two_sided_messages_go_both_ways() {
         assert_eq!(server.messages_dropped() + client.messages_dropped(), 0);
     }
 }
+
+#[test]
+fn a_peer_of_another_endpoint_or_a_removed_one_is_refused_not_used() {
+    if !have_ofi() {
+        return;
+    }
+    for p in PROVIDERS {
+        let t = pair(p, 1 << 16);
+        let remote = t.exposed.as_ref().unwrap().remote();
+        let other = Endpoint::open(Some(p), "127.0.0.1").unwrap();
+        let local = other
+            .register(Arc::new(HeapMemory::new(1 << 16)), false)
+            .unwrap();
+        // `t.peer` is an address in the client endpoint's table, not in `other`'s.
+        assert!(matches!(
+            other.read(t.peer, &remote, 0, &local, 0, 16, TIMEOUT),
+            Err(OfiError::Failed(_))
+        ));
+        other.enable_messages(2, 64).unwrap();
+        assert!(other.send(t.peer, b"hello", TIMEOUT).is_err());
+        let own = t
+            .client
+            .register(Arc::new(HeapMemory::new(64)), false)
+            .unwrap();
+        t.client.remove_peer(t.peer);
+        assert!(matches!(
+            t.client.read(t.peer, &remote, 0, &own, 0, 16, TIMEOUT),
+            Err(OfiError::Failed(_))
+        ));
+    }
+}

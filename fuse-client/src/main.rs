@@ -431,13 +431,14 @@ fn start_rma(
     client: &cfs_fabric::FailoverClient,
     transport: &str,
     provider: &str,
+    threads: usize,
 ) -> Result<(Option<Arc<rma::RmaClient>>, String)> {
     if transport == "tcp" {
         return Ok((None, "TCP (--transport tcp)".into()));
     }
     let first = client.current();
     let addr = client.addr(first).unwrap_or_default().to_string();
-    let r = match rma::RmaClient::open(provider, &addr) {
+    let r = match rma::RmaClient::open(provider, &addr, threads) {
         Ok(r) => r,
         Err(e) if transport == "rma" => {
             bail!("--transport rma: the RMA provider {provider:?} cannot be used here: {e}")
@@ -543,7 +544,7 @@ fn main() -> Result<()> {
                     .try_into()
                     .context("session id")?,
             );
-            let (rma, reads_over) = start_rma(&client, &transport, &rma_provider)?;
+            let (rma, reads_over) = start_rma(&client, &transport, &rma_provider, threads.max(1))?;
             let counters = rma.as_ref().map(|r| Arc::clone(&r.counters));
             let fs = fs::CfsFs::new(
                 client,

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Registered read buffers (each takes one read at a time).
-const BUFFERS: usize = 8;
+/// Registered read buffers at most (each takes one read at a time; one per FUSE thread).
+const MAX_BUFFERS: usize = 64;
 /// Bytes per read buffer: a server's staging buffer is at most one 2 MiB hugepage.
 const BUF_BYTES: usize = 2 << 20;
 /// How long a request message may take to be sent and answered before the read is asked
@@ -42,6 +42,15 @@ pub enum RmaRead {
     Reply(Vec<u8>),
     /// The data, read one-sided and checked.
     Data(Vec<u8>),
+}
+
+/// A server's RMA route (see [`RmaClient::route`]).
+#[derive(Clone, Copy)]
+struct Route {
+    peer: Peer,
+    lease: Duration,
+    client: u64,
+    generation: u64,
 }
 
 enum PeerState {
@@ -86,6 +95,7 @@ pub struct RmaCounters {
 pub struct RmaClient {
     provider: String,
     local_ip: String,
+    buffers: usize,
     conn: Mutex<Conn>,
     /// Replaced endpoints that still have reads posted: closing one (or freeing its buffers)
     /// under a read the provider may still complete is not safe, so they wait here.
@@ -99,12 +109,17 @@ pub struct RmaClient {
     pub counters: Arc<RmaCounters>,
 }
 
-fn open_conn(provider: &str, local_ip: &str, generation: u64) -> Result<Conn, OfiError> {
+fn open_conn(
+    provider: &str,
+    local_ip: &str,
+    buffers: usize,
+    generation: u64,
+) -> Result<Conn, OfiError> {
     let ep = Endpoint::open(Some(provider), local_ip)?;
     // Replies to request messages land here (a few: each FUSE thread waits for one).
     ep.enable_messages(32, MAX_MESSAGE)?;
-    let mut free = Vec::with_capacity(BUFFERS);
-    for _ in 0..BUFFERS {
+    let mut free = Vec::with_capacity(buffers);
+    for _ in 0..buffers {
         free.push(ep.register(Arc::new(HeapMemory::new(BUF_BYTES)), false)?);
     }
     Ok(Conn {
@@ -116,13 +131,16 @@ fn open_conn(provider: &str, local_ip: &str, generation: u64) -> Result<Conn, Of
 }
 
 impl RmaClient {
-    /// Opens an endpoint of `provider` on the local address that reaches `server`.
-    pub fn open(provider: &str, server: &str) -> Result<RmaClient, String> {
+    /// Opens an endpoint of `provider` on the local address that reaches `server`, with one
+    /// registered read buffer per thread that reads (`threads`).
+    pub fn open(provider: &str, server: &str, threads: usize) -> Result<RmaClient, String> {
         let local_ip = local_ip_towards(server)?;
-        let conn = open_conn(provider, &local_ip, 1).map_err(|e| e.to_string())?;
+        let buffers = threads.clamp(1, MAX_BUFFERS);
+        let conn = open_conn(provider, &local_ip, buffers, 1).map_err(|e| e.to_string())?;
         Ok(RmaClient {
             provider: provider.to_string(),
             local_ip,
+            buffers,
             conn: Mutex::new(conn),
             retired: Mutex::new(Vec::new()),
             peers: Mutex::new(HashMap::new()),
@@ -188,8 +206,9 @@ impl RmaClient {
         Ok(self.provider.clone())
     }
 
-    /// Where reads to server `i` go: `Some((peer, lease, client id))` over RMA.
-    fn route(&self, client: &FailoverClient, i: usize) -> Option<(Peer, Duration, u64)> {
+    /// Where reads to server `i` go over RMA: the peer, the lease, our client id there, and
+    /// the endpoint generation the peer belongs to.
+    fn route(&self, client: &FailoverClient, i: usize) -> Option<Route> {
         let generation = self.conn().generation;
         match self.peers().get(&i) {
             Some(PeerState::Rma {
@@ -197,7 +216,14 @@ impl RmaClient {
                 lease,
                 client,
                 generation: g,
-            }) if *g == generation => return Some((*peer, *lease, *client)),
+            }) if *g == generation => {
+                return Some(Route {
+                    peer: *peer,
+                    lease: *lease,
+                    client: *client,
+                    generation,
+                })
+            }
             Some(PeerState::Tcp { since }) if since.elapsed() < RETRY_HELLO => return None,
             _ => {}
         }
@@ -233,7 +259,7 @@ impl RmaClient {
             // greeted again; reads that find no buffer go through TCP).
             c.generation += 1;
         } else {
-            match open_conn(&self.provider, &self.local_ip, generation + 1) {
+            match open_conn(&self.provider, &self.local_ip, self.buffers, generation + 1) {
                 Ok(fresh) => retired.push(std::mem::replace(&mut *c, fresh)),
                 Err(e) => {
                     // Keep the old one; reads fall back until a later reset works.
@@ -258,7 +284,7 @@ impl RmaClient {
         payload: &[u8],
     ) -> Option<RmaRead> {
         let i = first.unwrap_or_else(|| client.current());
-        let (peer, lease, id) = self.route(client, i)?;
+        let route = self.route(client, i)?;
         let released = {
             let mut r = self.released.lock().unwrap_or_else(|p| p.into_inner());
             let n = r.len().min(MAX_RELEASED);
@@ -271,7 +297,7 @@ impl RmaClient {
         };
         // The lease is counted from before the request leaves: never later than the server's.
         let sent = Instant::now();
-        let answer = match self.ask_by_message(peer, id, &q) {
+        let answer = match self.ask_by_message(&route, &q) {
             Some(a) => a,
             None => ReadReply::decode(&client.call_one(i, RMA_READ_METHOD, &q.encode()).ok()?)?,
         };
@@ -282,7 +308,7 @@ impl RmaClient {
             }
             ReadReply::Layout(l) => l,
         };
-        let data = self.pull(peer, lease, sent, &layout);
+        let data = self.pull(&route, sent, &layout);
         self.released
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -307,7 +333,8 @@ impl RmaClient {
 
     /// Sends a read request as a fabric message and waits for its reply; `None`: ask over
     /// TCP (no client id, too large, a failed send, no reply in time, or the server said so).
-    fn ask_by_message(&self, peer: Peer, client: u64, q: &ReadRequest) -> Option<ReadReply> {
+    fn ask_by_message(&self, route: &Route, q: &ReadRequest) -> Option<ReadReply> {
+        let (peer, client) = (route.peer, route.client);
         if client == 0 {
             return None;
         }
@@ -321,7 +348,14 @@ impl RmaClient {
         if m.len() > MAX_MESSAGE {
             return None;
         }
-        let ep = self.conn().ep.clone();
+        let ep = {
+            let c = self.conn();
+            // The peer belongs to the endpoint it was added to: not to a replacement.
+            if c.generation != route.generation {
+                return None;
+            }
+            c.ep.clone()
+        };
         if let Err(e) = ep.send(peer, &m, MESSAGE_TIMEOUT) {
             tracing::debug!("request message not sent: {e}");
             return None;
@@ -358,11 +392,11 @@ impl RmaClient {
     /// Pulls a staged read and checks it.
     fn pull(
         &self,
-        peer: Peer,
-        lease: Duration,
+        route: &Route,
         sent: Instant,
         l: &cfs_proto::rma::Layout,
     ) -> Result<Vec<u8>, String> {
+        let (peer, lease) = (route.peer, route.lease);
         let len = l.len as usize;
         if len > BUF_BYTES {
             return Err(format!("{len} bytes staged, buffers hold {BUF_BYTES}"));
@@ -374,6 +408,9 @@ impl RmaClient {
         }
         let (ep, buf, generation) = {
             let mut c = self.conn();
+            if c.generation != route.generation {
+                return Err("the endpoint was replaced meanwhile".into());
+            }
             let Some(buf) = c.free.pop() else {
                 return Err("no free read buffer".into());
             };
@@ -407,7 +444,7 @@ impl RmaClient {
                 let mut c = self.conn();
                 if c.generation == generation {
                     c.stuck.push(buf);
-                    if c.stuck.len() >= BUFFERS / 2 {
+                    if c.stuck.len() >= self.buffers.div_ceil(2) {
                         // Half the buffers are held by reads that may never finish: start
                         // over with a fresh endpoint.
                         drop(c);

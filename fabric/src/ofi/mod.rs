@@ -99,9 +99,17 @@ impl RemoteRegion {
     }
 }
 
-/// A peer added to an endpoint.
+/// A peer added to an endpoint: valid on that endpoint only, until removed. (libfabric's
+/// address is a provider pointer under `FI_AV_MAP`: one from another endpoint or one removed
+/// would crash the provider, so every use is checked against the endpoint's own table.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Peer(u64);
+pub struct Peer {
+    endpoint: u64,
+    fi_addr: u64,
+}
+
+/// Serial numbers of endpoints (a peer names the endpoint it belongs to).
+static NEXT_ENDPOINT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Most reads in flight per [`Endpoint::read`] call (a large read is split).
 const MAX_PIECES_IN_FLIGHT: usize = 16;
@@ -150,6 +158,22 @@ struct State {
     done: HashMap<u64, Result<(), OfiError>>,
     next_id: u64,
     msgs: Option<Messages>,
+    /// This endpoint's serial number and the peers in its address vector.
+    serial: u64,
+    peers: std::collections::HashSet<u64>,
+}
+
+impl State {
+    /// The provider address of `peer`, if it is one of this endpoint's live peers.
+    fn fi_addr(&self, peer: Peer) -> Result<u64, OfiError> {
+        if peer.endpoint == self.serial && self.peers.contains(&peer.fi_addr) {
+            Ok(peer.fi_addr)
+        } else {
+            Err(OfiError::Failed(
+                "a peer of another endpoint, or one removed".into(),
+            ))
+        }
+    }
 }
 
 impl Drop for State {
@@ -215,6 +239,8 @@ impl Endpoint {
                     done: HashMap::new(),
                     next_id: 1,
                     msgs: None,
+                    serial: NEXT_ENDPOINT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    peers: std::collections::HashSet::new(),
                 }),
                 provider,
                 domain,
@@ -240,12 +266,22 @@ impl Endpoint {
 
     /// Adds a peer by its address.
     pub fn insert_peer(&self, addr: &[u8]) -> Result<Peer, OfiError> {
-        Ok(Peer(self.shared.lock().raw.insert_peer(addr)?))
+        let mut st = self.shared.lock();
+        let fi_addr = st.raw.insert_peer(addr)?;
+        st.peers.insert(fi_addr);
+        Ok(Peer {
+            endpoint: st.serial,
+            fi_addr,
+        })
     }
 
     /// Removes a peer.
     pub fn remove_peer(&self, peer: Peer) {
-        self.shared.lock().raw.remove_peer(peer.0);
+        let mut st = self.shared.lock();
+        if st.fi_addr(peer).is_ok() {
+            st.peers.remove(&peer.fi_addr);
+            st.raw.remove_peer(peer.fi_addr);
+        }
     }
 
     /// Registers `mem`: as the destination of this endpoint's reads, and (`remote`) for peers
@@ -418,10 +454,19 @@ impl Endpoint {
         let ctx_ptr = ctx.as_mut_ptr();
         loop {
             let mut st = self.shared.lock();
+            let fi_addr = match st.fi_addr(peer) {
+                Ok(a) => a,
+                Err(e) => {
+                    if let Some(m) = st.msgs.as_mut() {
+                        m.free_send.push(slot);
+                    }
+                    return Err(e);
+                }
+            };
             let State { raw, msgs, .. } = &mut *st;
             let m = msgs.as_mut().expect("messages enabled above");
             let mr = m.mr.as_ref().expect("live message region");
-            match raw.post_send(m.mem.as_ref(), mr, (at, msg.len()), peer.0, ctx_ptr) {
+            match raw.post_send(m.mem.as_ref(), mr, (at, msg.len()), fi_addr, ctx_ptr) {
                 Ok(()) => {
                     let mem = Arc::clone(&m.mem);
                     st.pending.insert(
@@ -515,6 +560,7 @@ impl Endpoint {
             .mr
             .as_ref()
             .expect("a live registration has its region");
+        let fi_addr = self.shared.lock().fi_addr(peer)?;
         let start = Instant::now();
         let mut ids = Vec::new();
         let mut next_piece = 0usize;
@@ -534,7 +580,7 @@ impl Endpoint {
                     mr,
                     local_offset + next_piece,
                     n,
-                    peer.0,
+                    fi_addr,
                     (addr, remote.key),
                     ctx_ptr,
                 ) {
