@@ -8,5 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod blob;
+pub mod mover;
 pub mod policy;
 pub mod s3;

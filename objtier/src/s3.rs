@@ -145,7 +145,7 @@ impl BlobStore {
     }
 
     /// Uploads a blob with one PUT.
-    pub async fn put_blob(&self, id: BlobId, bytes: Vec<u8>) -> Result<(), S3Error> {
+    pub async fn put_blob(&self, id: BlobId, bytes: bytes::Bytes) -> Result<(), S3Error> {
         let path = self.path(id);
         self.s3
             .put(&path, PutPayload::from(bytes))
