@@ -89,7 +89,7 @@ fn serve(client: TcpStream, upstream: u16, delay: Duration, every: u64, f: &Faul
         }
         let mut resp = Vec::new();
         let _ = up.read_to_end(&mut resp);
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             f.cut_due.store(true, Ordering::Relaxed);
         }
         if resp.len() > 400 && f.cut_due.swap(false, Ordering::Relaxed) {
