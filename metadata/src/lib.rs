@@ -9,6 +9,7 @@ pub mod namespace;
 pub mod placement;
 pub mod session;
 pub mod shard;
+pub mod tier;
 pub mod txn;
 pub mod types;
 
