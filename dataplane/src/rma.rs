@@ -24,6 +24,8 @@ const RECV_SLOTS: usize = 64;
 /// Clients with a fabric address on record; the oldest is forgotten beyond this (it greets
 /// again when its messages go unanswered).
 const MAX_CLIENTS: usize = 1024;
+/// How long the reactor keeps polling after a request message (instead of sleeping).
+const STAY_AWAKE_MS: u64 = 20;
 /// How long sending a reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -81,6 +83,9 @@ pub struct RmaServer {
     next_client: AtomicU64,
     /// Whether request messages are received (the endpoint took the receive buffers).
     messages: bool,
+    /// When the last request message came (ms since `origin`).
+    last_request_ms: AtomicU64,
+    origin: Instant,
     /// Test fault (`CFS_TEST_RMA_FAULT`): layouts lie about the key ("key"), the length
     /// ("range") or the checksum ("crc"); the client must notice and read through TCP.
     fault: Option<String>,
@@ -135,6 +140,8 @@ impl RmaServer {
             clients: Mutex::new(BTreeMap::new()),
             next_client: AtomicU64::new(1),
             messages,
+            last_request_ms: AtomicU64::new(0),
+            origin: Instant::now(),
             fault: std::env::var("CFS_TEST_RMA_FAULT").ok(),
         })
     }
@@ -202,6 +209,8 @@ impl RmaServer {
     pub fn next_request(&self) -> Option<(Peer, MsgRequest)> {
         loop {
             let m = self.ep.recv()?;
+            self.last_request_ms
+                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
             let Some(req) = MsgRequest::decode(&m) else {
                 tracing::debug!("a malformed request message ({} bytes)", m.len());
                 continue;
@@ -322,7 +331,14 @@ impl RmaServer {
         }
         let mut l = self.leases();
         self.expire(&mut l, false);
-        l.live.len()
+        let live = l.live.len();
+        drop(l);
+        // Keep polling for a moment after the last request: a reactor that went to sleep
+        // would leave the next request message in the queue until it wakes (measured: p99 of
+        // a 4 KiB read 2.9 ms instead of 0.2 ms).
+        let busy = self.origin.elapsed().as_millis() as u64
+            <= self.last_request_ms.load(Ordering::Relaxed) + STAY_AWAKE_MS;
+        live + usize::from(busy)
     }
 
     /// What `cfs status` shows.

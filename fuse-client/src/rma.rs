@@ -362,6 +362,7 @@ impl RmaClient {
         }
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + MESSAGE_TIMEOUT;
+        let mut backoff = cfs_fabric::ofi::Backoff::default();
         loop {
             if let Some((_, r)) = self.mailbox().remove(&id) {
                 return r.reply.ok();
@@ -380,7 +381,7 @@ impl RmaClient {
                     tracing::debug!("no reply message within {MESSAGE_TIMEOUT:?}: asking over TCP");
                     return None;
                 }
-                None => std::thread::yield_now(),
+                None => backoff.wait(),
             }
         }
     }
