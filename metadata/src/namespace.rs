@@ -180,6 +180,8 @@ pub struct Namespace {
     pub(crate) slot: ShardSlot,
     /// Cross-shard transactions: locks, prepared and coordinated ones ([`crate::txn`]).
     pub(crate) txn: TxnState,
+    /// The object tier's index: which chunks' bytes are in which blob ([`crate::tier`]).
+    pub(crate) tier: crate::tier::TierIndex,
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -237,6 +239,7 @@ impl Namespace {
             sessions: Sessions::default(),
             slot: ShardSlot::SINGLE,
             txn: TxnState::default(),
+            tier: crate::tier::TierIndex::default(),
         }
     }
 
@@ -328,18 +331,19 @@ impl Namespace {
 
     /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
     /// releases are replicated commands, so handles are part of the state):
-    /// `u8 version (6) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// `u8 version (7) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
     /// u32 n_entries | n x (bytes key | bytes entry) | placement | sessions | u16 shard |
-    /// u16 shards | transactions` (bytes: a u32
+    /// u16 shards | transactions | tier index` (bytes: a u32
     /// length, then the bytes; placement as in [`Placement::encode`], sessions as in
-    /// [`Sessions::encode`], transactions as in [`TxnState::encode`]; version 5 had no shard
+    /// [`Sessions::encode`], transactions as in [`TxnState::encode`], the tier index as in
+    /// [`crate::tier::TierIndex::encode`]; version 6 had no tier index, version 5 no shard
     /// or transactions (one shard), version 4 no chunk generations in the placement, version 3
     /// no sessions either, version 2 only the placement's stale
     /// list, version 1 neither).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(6);
+        w.u8(7);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -363,7 +367,13 @@ impl Namespace {
         w.u16(self.slot.index);
         w.u16(self.slot.count);
         self.txn.encode(&mut w);
+        self.tier.encode(&mut w);
         w.0
+    }
+
+    /// The object tier's index.
+    pub fn tier(&self) -> &crate::tier::TierIndex {
+        &self.tier
     }
 
     /// Rebuilds a namespace from [`Namespace::snapshot`]; `Err` names what is malformed or
@@ -372,7 +382,7 @@ impl Namespace {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
         let version = r.u8().ok_or_else(bad)?;
-        if !(1..=6).contains(&version) {
+        if !(1..=7).contains(&version) {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -406,7 +416,7 @@ impl Namespace {
             ));
         }
         let placement = match version {
-            5 | 6 => Placement::decode(&mut r).ok_or_else(bad)?,
+            5..=7 => Placement::decode(&mut r).ok_or_else(bad)?,
             3 | 4 => Placement::decode_versioned(&mut r, false).ok_or_else(bad)?,
             2 => {
                 let mut p = Placement::default();
@@ -427,11 +437,18 @@ impl Namespace {
         } else {
             (ShardSlot::SINGLE, TxnState::default())
         };
+        let tier = if version >= 7 {
+            crate::tier::TierIndex::decode(&mut r)
+                .ok_or("malformed tier index in namespace snapshot")?
+        } else {
+            crate::tier::TierIndex::default()
+        };
         r.end().ok_or_else(bad)?;
         let mut ns = Namespace::rebuild(inodes, dentries, true, slot)?;
         ns.placement = placement;
         ns.sessions = sessions;
         ns.txn = txn;
+        ns.tier = tier;
         ns.check_invariants()?;
         ns.restore_counters(next_ino, next_gen, next_chunk);
         // A restored snapshot is a starting point, not a change to persist.

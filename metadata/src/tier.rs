@@ -15,6 +15,7 @@
 //! `deleting`, since only blobs without live extents are marked and extents only ever move
 //! to newer blobs.
 
+use crate::codec::{Reader, Writer};
 use crate::types::ChunkId;
 use std::collections::BTreeMap;
 
@@ -264,6 +265,87 @@ impl TierIndex {
         }
     }
 
+    /// Appends the index to a namespace snapshot:
+    /// `u64 next_version | u32 n | n x (u64 chunk | u64 version) | u32 n | n x (u64 blob lo |
+    /// u64 blob hi | u64 payload bytes | u64 live bytes | u8 deleting) | u32 n | n x (u64 chunk
+    /// | u64 blob lo | u64 blob hi | u64 blob offset | u32 len | u32 crc32c | u64 version | u8
+    /// evicted)`.
+    pub fn encode(&self, w: &mut Writer) {
+        w.u64(self.next_version);
+        w.u32(self.versions.len() as u32);
+        for (c, v) in &self.versions {
+            w.u64(c.0);
+            w.u64(*v);
+        }
+        w.u32(self.blobs.len() as u32);
+        for (id, b) in &self.blobs {
+            w.u64(*id as u64);
+            w.u64((*id >> 64) as u64);
+            w.u64(b.payload_bytes);
+            w.u64(b.live_bytes);
+            w.u8(u8::from(b.deleting));
+        }
+        w.u32(self.extents.len() as u32);
+        for (c, e) in &self.extents {
+            w.u64(c.0);
+            w.u64(e.blob as u64);
+            w.u64((e.blob >> 64) as u64);
+            w.u64(e.blob_offset);
+            w.u32(e.len);
+            w.u32(e.crc32c);
+            w.u64(e.version);
+            w.u8(u8::from(e.evicted));
+        }
+    }
+
+    /// Reads what [`TierIndex::encode`] wrote; `None` if malformed or inconsistent.
+    pub fn decode(r: &mut Reader) -> Option<TierIndex> {
+        let flag = |b: u8| match b {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        };
+        let mut t = TierIndex {
+            next_version: r.u64()?,
+            ..TierIndex::default()
+        };
+        for _ in 0..r.u32()? {
+            let (c, v) = (ChunkId(r.u64()?), r.u64()?);
+            if v > t.next_version {
+                return None;
+            }
+            t.versions.insert(c, v);
+        }
+        for _ in 0..r.u32()? {
+            let id = u128::from(r.u64()?) | u128::from(r.u64()?) << 64;
+            let b = BlobInfo {
+                payload_bytes: r.u64()?,
+                live_bytes: r.u64()?,
+                deleting: flag(r.u8()?)?,
+            };
+            t.blobs.insert(id, b);
+        }
+        for _ in 0..r.u32()? {
+            let c = ChunkId(r.u64()?);
+            let e = TierExtent {
+                blob: u128::from(r.u64()?) | u128::from(r.u64()?) << 64,
+                blob_offset: r.u64()?,
+                len: r.u32()?,
+                crc32c: r.u32()?,
+                version: r.u64()?,
+                evicted: flag(r.u8()?)?,
+            };
+            t.extents.insert(c, e);
+        }
+        t.check().ok()?;
+        Some(t)
+    }
+
+    /// Whether nothing is tiered (no blob, no version recorded).
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty() && self.versions.is_empty()
+    }
+
     /// Checks the index's invariants (tests and debug assertions): every extent's blob is
     /// known and not being deleted, extents fit their blobs, and live bytes add up.
     pub fn check(&self) -> Result<(), String> {
@@ -370,8 +452,38 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(t.check(), Ok(()));
+                let mut w = Writer::default();
+                t.encode(&mut w);
+                let mut r = Reader::new(&w.0);
+                let back = TierIndex::decode(&mut r);
+                prop_assert_eq!(back.as_ref(), Some(&t));
+                prop_assert!(r.end().is_some());
             }
         }
+
+        #[test]
+        fn decoding_is_total(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = TierIndex::decode(&mut Reader::new(&b));
+        }
+    }
+
+    #[test]
+    fn the_index_is_part_of_the_namespace_snapshot() {
+        let mut ns = crate::Namespace::new(0, 0, 0o755, crate::Timespec::new(0, 0));
+        let c = ChunkId(3);
+        ns.tier.changed(c).unwrap();
+        let f = Flushed {
+            chunk: c,
+            version: ns.tier.version(c),
+            blob_offset: 4096,
+            len: 7,
+            crc32c: 9,
+        };
+        ns.tier.flushed(0xabc << 70 | 5, 4096, 7, &[f]).unwrap();
+        assert!(ns.tier.evict(c, ns.tier.version(c)));
+        let back = crate::Namespace::from_snapshot(&ns.snapshot()).unwrap();
+        assert_eq!(back.tier(), &ns.tier);
+        assert!(!back.tier().is_empty());
     }
 
     #[test]

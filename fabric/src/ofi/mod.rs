@@ -56,6 +56,15 @@ pub enum OfiError {
     },
 }
 
+impl OfiError {
+    fn timed_out(len: usize, timeout: Duration) -> OfiError {
+        OfiError::Timeout {
+            len,
+            timeout_ms: timeout.as_millis() as u64,
+        }
+    }
+}
+
 impl From<sys::SysError> for OfiError {
     fn from(e: sys::SysError) -> OfiError {
         OfiError::Failed(e.message)
@@ -472,10 +481,7 @@ impl Endpoint {
             Self::collect(&mut st)?;
             drop(st);
             if start.elapsed() >= timeout {
-                return Err(OfiError::Timeout {
-                    len: msg.len(),
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                return Err(OfiError::timed_out(msg.len(), timeout));
             }
             backoff.wait();
         };
@@ -527,10 +533,7 @@ impl Endpoint {
             drop(st);
             if start.elapsed() >= timeout {
                 // Still posted: its slot comes back when it completes.
-                return Err(OfiError::Timeout {
-                    len: msg.len(),
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                return Err(OfiError::timed_out(msg.len(), timeout));
             }
             backoff.wait();
         }
@@ -651,10 +654,7 @@ impl Endpoint {
                 for id in &ids {
                     st.done.remove(id);
                 }
-                return Err(OfiError::Timeout {
-                    len,
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                return Err(OfiError::timed_out(len, timeout));
             }
             backoff.wait();
         }
