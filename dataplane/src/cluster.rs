@@ -383,14 +383,15 @@ impl Cluster {
     /// `None` when this node does not lead.
     pub fn silent_for(&self, id: u64) -> Option<Duration> {
         let since = (*self.leader_since.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let seen = self
+        // A member never heard from counts as heard the first time anyone asks: one that
+        // joined a moment ago (to a leader of long standing) gets its full `dead_after_ms`.
+        let seen = *self
             .last_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .copied();
-        let from = seen.map_or(since, |s| s.max(since));
-        Some(from.elapsed())
+            .entry(id)
+            .or_insert_with(Instant::now);
+        Some(seen.max(since).elapsed())
     }
 
     /// The configuration this node started with (founding members, policy, timing).
