@@ -259,12 +259,17 @@ impl RmaServer {
             self.counters.inline.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let mut l = self.leases();
-        self.expire(&mut l, true);
-        let Some(buf) = l.pool.alloc() else {
+        let buf = {
+            let mut l = self.leases();
+            self.expire(&mut l, true);
+            l.pool.alloc()
+        };
+        let Some(buf) = buf else {
             self.counters.no_buffer.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        // The copy and checksum run outside the lock reactor 0 takes on every poll; the buffer
+        // is this call's alone until its lease is recorded.
         let region = self.mapping.region();
         let offset = buf.addr() - region.base;
         assert!(
@@ -277,6 +282,7 @@ impl RmaServer {
         let remote = self.reg.remote();
         // The provider addresses the registration either by virtual address or by offset.
         let addr = remote.addr + offset as u64;
+        let mut l = self.leases();
         l.live.insert(
             lease,
             Lease {
