@@ -1083,6 +1083,11 @@ impl FsService {
                 | Op::DropHolders { .. }
                 | Op::AddMember { .. }
                 | Op::RemoveMember { .. }
+                | Op::TierFlushed { .. }
+                | Op::TierEvicted { .. }
+                | Op::TierRestored { .. }
+                | Op::BlobDeleteStarted { .. }
+                | Op::BlobDeleted { .. }
         );
         let op_code = op.code();
         let cmd = Command {

@@ -15,6 +15,8 @@ const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const DENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dentries");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const EXTENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("extents");
+/// The object tier's index, one record under "index" (absent: nothing tiered yet).
+const TIER: TableDefinition<&str, &[u8]> = TableDefinition::new("tier");
 
 /// Layout version of the database. 1: no extent map (file data at the fixed chunk
 /// `(ino << 16) | index`); 2: extent map. Version 1 databases are migrated on open.
@@ -163,6 +165,15 @@ impl MetaStore {
         by_ino.clear();
         let mut ns = Namespace::from_records(inodes, dentries).map_err(corrupt)?;
         ns.restore_counters(next_ino, next_gen, next_chunk);
+        match rtx.open_table(TIER) {
+            Ok(t) => {
+                if let Some(v) = t.get("index").map_err(|e| self.err(e))? {
+                    ns.load_tier_record(v.value()).map_err(corrupt)?;
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.err(e)),
+        }
         if schema < SCHEMA {
             // Write every extent and the new schema number in one transaction.
             self.persist_all_extents(&ns)?;
@@ -236,6 +247,7 @@ impl MetaStore {
             inodes,
             dentries,
             extents,
+            tier,
         } = ns.take_dirty();
         let (next_ino, next_gen, next_chunk) = ns.counters();
         let wtx = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -275,6 +287,11 @@ impl MetaStore {
                         et.remove((ino.0, idx)).map_err(|e| self.err(e))?;
                     }
                 }
+            }
+            if tier {
+                let mut tt = wtx.open_table(TIER).map_err(|e| self.err(e))?;
+                tt.insert("index", ns.tier_record().as_slice())
+                    .map_err(|e| self.err(e))?;
             }
             let mut ct = wtx.open_table(COUNTERS).map_err(|e| self.err(e))?;
             ct.insert("next_ino", next_ino).map_err(|e| self.err(e))?;

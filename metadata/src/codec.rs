@@ -53,6 +53,12 @@ impl<'a> Reader<'a> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
     /// A little-endian u64.
+    pub fn u128(&mut self) -> Option<u128> {
+        let lo = self.u64()?;
+        let hi = self.u64()?;
+        Some(u128::from(lo) | (u128::from(hi) << 64))
+    }
+
     pub fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
@@ -190,6 +196,11 @@ impl Writer {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     /// A little-endian u64.
+    pub fn u128(&mut self, v: u128) {
+        self.u64(v as u64);
+        self.u64((v >> 64) as u64);
+    }
+
     pub fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }

@@ -208,6 +208,30 @@ pub enum Op {
         id: TxId,
         shards: Vec<u16>,
     },
+    /// Object tier: blob `blob` is on the store with these extents ([`crate::tier`]).
+    TierFlushed {
+        blob: u128,
+        payload_offset: u64,
+        payload_bytes: u64,
+        extents: Vec<crate::tier::Flushed>,
+    },
+    /// Object tier: the flash copies of `chunk` at `version` are to be dropped.
+    TierEvicted {
+        chunk: ChunkId,
+        version: u64,
+    },
+    /// Object tier: `chunk`'s bytes are back on flash.
+    TierRestored {
+        chunk: ChunkId,
+    },
+    /// Object tier: `blob` holds nothing live; its DELETE is about to be sent.
+    BlobDeleteStarted {
+        blob: u128,
+    },
+    /// Object tier: `blob` is deleted on the store.
+    BlobDeleted {
+        blob: u128,
+    },
 }
 
 /// A mutation with who asked and when (the leader's clock).
@@ -398,7 +422,51 @@ impl Namespace {
             Op::TxnCommit { id, writes } => self.txn_commit(*id, writes, t)?,
             Op::TxnAbort { id } => self.txn_abort(*id, t)?,
             Op::TxnAcked { id, shards } => self.txn_acked(*id, shards)?,
+            Op::TierFlushed {
+                blob,
+                payload_offset,
+                payload_bytes,
+                extents,
+            } => {
+                self.tier
+                    .flushed(*blob, *payload_offset, *payload_bytes, extents)
+                    .map_err(tier_errno)?;
+                self.dirty_tier = true;
+                Outcome::Unit
+            }
+            Op::TierEvicted { chunk, version } => {
+                let evicted = self.tier.evict(*chunk, *version);
+                self.dirty_tier |= evicted;
+                Outcome::Committed(evicted)
+            }
+            Op::TierRestored { chunk } => {
+                self.tier.restored(*chunk);
+                self.dirty_tier = true;
+                Outcome::Unit
+            }
+            Op::BlobDeleteStarted { blob } => {
+                self.tier.delete_started(*blob).map_err(tier_errno)?;
+                self.dirty_tier = true;
+                Outcome::Unit
+            }
+            Op::BlobDeleted { blob } => {
+                self.tier.blob_deleted(*blob).map_err(tier_errno)?;
+                self.dirty_tier = true;
+                Outcome::Unit
+            }
         })
+    }
+}
+
+/// A refused tier index change as the errno a caller sees.
+fn tier_errno(e: crate::tier::TierError) -> Errno {
+    use crate::tier::TierError;
+    match e {
+        TierError::Evicted(_) => Errno::Io,
+        TierError::BlobExists(_) => Errno::Exist,
+        TierError::NoBlob(_) => Errno::NoEnt,
+        TierError::BlobLive(_) => Errno::Again,
+        TierError::BadFlush(_) => Errno::Inval,
     }
 }
 
@@ -406,7 +474,7 @@ impl Op {
     /// The code of [`Op::Wrote`].
     pub const WROTE_CODE: u8 = 15;
 
-    /// The op's code in the encoding (1..=29).
+    /// The op's code in the encoding (1..=34).
     pub fn code(&self) -> u8 {
         match self {
             Op::Mknod { .. } => 1,
@@ -438,6 +506,11 @@ impl Op {
             Op::TxnCommit { .. } => 27,
             Op::TxnAbort { .. } => 28,
             Op::TxnAcked { .. } => 29,
+            Op::TierFlushed { .. } => 30,
+            Op::TierEvicted { .. } => 31,
+            Op::TierRestored { .. } => 32,
+            Op::BlobDeleteStarted { .. } => 33,
+            Op::BlobDeleted { .. } => 34,
         }
     }
 }
@@ -696,6 +769,42 @@ impl Command {
                     w.u16(*s);
                 }
             }
+            Op::TierFlushed {
+                blob,
+                payload_offset,
+                payload_bytes,
+                extents,
+            } => {
+                w.u8(30);
+                w.u128(*blob);
+                w.u64(*payload_offset);
+                w.u64(*payload_bytes);
+                w.u32(extents.len() as u32);
+                for f in extents {
+                    w.u64(f.chunk.0);
+                    w.u64(f.version);
+                    w.u64(f.blob_offset);
+                    w.u32(f.len);
+                    w.u32(f.crc32c);
+                }
+            }
+            Op::TierEvicted { chunk, version } => {
+                w.u8(31);
+                w.u64(chunk.0);
+                w.u64(*version);
+            }
+            Op::TierRestored { chunk } => {
+                w.u8(32);
+                w.u64(chunk.0);
+            }
+            Op::BlobDeleteStarted { blob } => {
+                w.u8(33);
+                w.u128(*blob);
+            }
+            Op::BlobDeleted { blob } => {
+                w.u8(34);
+                w.u128(*blob);
+            }
         }
         w.0
     }
@@ -899,6 +1008,37 @@ impl Command {
                 }
                 Op::TxnAcked { id, shards }
             }
+            30 => {
+                let blob = r.u128()?;
+                let payload_offset = r.u64()?;
+                let payload_bytes = r.u64()?;
+                let n = r.u32()? as usize;
+                let mut extents = Vec::with_capacity(n.min(b.len() / 32));
+                for _ in 0..n {
+                    extents.push(crate::tier::Flushed {
+                        chunk: ChunkId(r.u64()?),
+                        version: r.u64()?,
+                        blob_offset: r.u64()?,
+                        len: r.u32()?,
+                        crc32c: r.u32()?,
+                    });
+                }
+                Op::TierFlushed {
+                    blob,
+                    payload_offset,
+                    payload_bytes,
+                    extents,
+                }
+            }
+            31 => Op::TierEvicted {
+                chunk: ChunkId(r.u64()?),
+                version: r.u64()?,
+            },
+            32 => Op::TierRestored {
+                chunk: ChunkId(r.u64()?),
+            },
+            33 => Op::BlobDeleteStarted { blob: r.u128()? },
+            34 => Op::BlobDeleted { blob: r.u128()? },
             _ => return None,
         };
         r.end()?;

@@ -150,6 +150,8 @@ pub struct Dirty {
     pub dentries: Vec<(InodeId, Vec<u8>)>,
     /// Extents (inode, chunk index).
     pub extents: Vec<(InodeId, u64)>,
+    /// The tier index (persisted whole: [`Namespace::tier_record`]).
+    pub tier: bool,
 }
 
 /// The namespace.
@@ -182,6 +184,8 @@ pub struct Namespace {
     pub(crate) txn: TxnState,
     /// The object tier's index: which chunks' bytes are in which blob ([`crate::tier`]).
     pub(crate) tier: crate::tier::TierIndex,
+    /// The tier index changed in a way a local database must persist.
+    pub(crate) dirty_tier: bool,
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -240,6 +244,7 @@ impl Namespace {
             slot: ShardSlot::SINGLE,
             txn: TxnState::default(),
             tier: crate::tier::TierIndex::default(),
+            dirty_tier: false,
         }
     }
 
@@ -374,6 +379,58 @@ impl Namespace {
     /// The object tier's index.
     pub fn tier(&self) -> &crate::tier::TierIndex {
         &self.tier
+    }
+
+    /// The tier index as one record, for a local database ([`crate::tier::TierIndex::encode`]).
+    pub fn tier_record(&self) -> Vec<u8> {
+        let mut w = crate::codec::Writer::default();
+        self.tier.encode(&mut w);
+        w.0
+    }
+
+    /// Loads the tier index from a local database's record.
+    pub fn load_tier_record(&mut self, b: &[u8]) -> Result<(), String> {
+        let mut r = crate::codec::Reader::new(b);
+        let t = crate::tier::TierIndex::decode(&mut r).ok_or("malformed tier index record")?;
+        r.end()
+            .ok_or("trailing bytes after the tier index record")?;
+        t.check()?;
+        self.tier = t;
+        Ok(())
+    }
+
+    /// The data of `chunks` is changing (a write, a truncate, a punch): their copies on the
+    /// object store are dead from now on. EIO if one is evicted: the data plane brings an
+    /// evicted chunk back to flash before changing it, so this is a race lost, and nothing
+    /// changes.
+    pub(crate) fn tier_changed(
+        &mut self,
+        chunks: impl IntoIterator<Item = ChunkId> + Clone,
+    ) -> Result<(), Errno> {
+        if chunks
+            .clone()
+            .into_iter()
+            .any(|c| self.tier.extent(c).is_some_and(|e| e.evicted))
+        {
+            return Err(Errno::Io);
+        }
+        for c in chunks {
+            // Only an extent dropped matters to a restart: versions only order flushes in
+            // flight, which do not survive one.
+            self.dirty_tier |= self.tier.extent(c).is_some();
+            self.tier
+                .changed(c)
+                .expect("no chunk is evicted: checked above");
+        }
+        Ok(())
+    }
+
+    /// A chunk no extent points at any more: its data goes after the commit.
+    pub(crate) fn free_chunk(&mut self, c: ChunkId) {
+        self.placement.forget(c);
+        self.freed.push(c);
+        self.dirty_tier |= self.tier.extent(c).is_some();
+        self.tier.freed(c);
     }
 
     /// Rebuilds a namespace from [`Namespace::snapshot`]; `Err` names what is malformed or
@@ -688,8 +745,7 @@ impl Namespace {
                 if let Some(i) = self.inodes.remove(&ino) {
                     for (idx, c) in i.extents {
                         self.dirty_extents.insert((ino, idx));
-                        self.placement.forget(c);
-                        self.freed.push(c);
+                        self.free_chunk(c);
                     }
                 }
                 self.dirty_inodes.insert(ino);
@@ -1098,6 +1154,15 @@ impl Namespace {
         now: Timespec,
     ) -> Result<Attr, Errno> {
         let next = self.setattr_preview(creds, ino, set, now)?;
+        if let Some(size) = set.size {
+            // The caller cut the chunk holding the lower of the two ends: its data changed.
+            let old = self.inode(ino)?.attr.size;
+            let at = old.min(size);
+            if old != size && !at.is_multiple_of(CHUNK_BYTES) {
+                let cut = self.inode(ino)?.extents.get(&(at / CHUNK_BYTES)).copied();
+                self.tier_changed(cut)?;
+            }
+        }
         self.inode_mut(ino)?.attr = next.clone();
         if let Some(size) = set.size {
             // Chunks wholly past the new end go; the caller cut the partial last one before.
@@ -1421,6 +1486,7 @@ impl Namespace {
         if chunks.iter().any(|(idx, c)| i.extents.get(idx) != Some(c)) {
             return Err(Errno::Io);
         }
+        self.tier_changed(chunks.iter().map(|(_, c)| *c))?;
         let i = self.inode_mut(ino)?;
         i.attr.size = i.attr.size.max(end);
         i.attr.mtime = now;
@@ -1513,7 +1579,7 @@ impl Namespace {
 
     /// Unmaps chunk indexes `first..end` of `ino`; their chunks are freed after the commit.
     fn drop_extents(&mut self, ino: InodeId, first: u64, end: u64) {
-        let Some(i) = self.inodes.get_mut(&ino) else {
+        let Some(i) = self.inodes.get(&ino) else {
             return;
         };
         if first >= end {
@@ -1521,10 +1587,13 @@ impl Namespace {
         }
         let gone: Vec<u64> = i.extents.range(first..end).map(|(&k, _)| k).collect();
         for idx in gone {
-            if let Some(c) = i.extents.remove(&idx) {
+            let removed = self
+                .inodes
+                .get_mut(&ino)
+                .and_then(|i| i.extents.remove(&idx));
+            if let Some(c) = removed {
                 self.dirty_extents.insert((ino, idx));
-                self.placement.forget(c);
-                self.freed.push(c);
+                self.free_chunk(c);
             }
         }
     }
@@ -1570,7 +1639,15 @@ impl Namespace {
         if len == 0 || end > MAX_FILE_SIZE {
             return Err(if len == 0 { Errno::Inval } else { Errno::FBig });
         }
-        self.regular(ino)?;
+        // Chunks the range covers in part were zeroed there by the caller: their data changed.
+        let partial: Vec<ChunkId> = self
+            .regular(ino)?
+            .extents
+            .range(offset / CHUNK_BYTES..=(end - 1) / CHUNK_BYTES)
+            .filter(|(idx, _)| **idx * CHUNK_BYTES < offset || (**idx + 1) * CHUNK_BYTES > end)
+            .map(|(_, c)| *c)
+            .collect();
+        self.tier_changed(partial)?;
         self.drop_extents(ino, offset.div_ceil(CHUNK_BYTES), end / CHUNK_BYTES);
         let i = self.inode_mut(ino)?;
         if extend && end > i.attr.size {
@@ -1599,6 +1676,7 @@ impl Namespace {
         !self.dirty_inodes.is_empty()
             || !self.dirty_dentries.is_empty()
             || !self.dirty_extents.is_empty()
+            || self.dirty_tier
     }
 
     /// Keys changed since the last call. The persistence layer writes their current values
@@ -1612,6 +1690,7 @@ impl Namespace {
             extents: std::mem::take(&mut self.dirty_extents)
                 .into_iter()
                 .collect(),
+            tier: std::mem::take(&mut self.dirty_tier),
         }
     }
 

@@ -19,6 +19,11 @@ use crate::codec::{Reader, Writer};
 use crate::types::ChunkId;
 use std::collections::BTreeMap;
 
+/// The shard whose index records a blob: its id's low 16 bits (a flusher names its blobs so).
+pub fn blob_shard(blob: u128) -> u16 {
+    blob as u16
+}
+
 /// Where a chunk's bytes are on the object store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TierExtent {

@@ -676,8 +676,7 @@ impl Namespace {
                             self.dirty_extents.insert((*ino, *idx));
                         }
                         if !kept.contains(c) {
-                            self.placement.forget(*c);
-                            self.freed.push(*c);
+                            self.free_chunk(*c);
                         }
                     }
                     for idx in new_extents.keys() {
@@ -1119,6 +1118,12 @@ pub fn home_shard(count: u16, op: &Op) -> u16 {
         | Op::AddHolders { chunk, .. }
         | Op::DropHolders { chunk, .. } => return shard_of_id(count, chunk.0),
         Op::TxnBegin { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } => return 0,
+        Op::TierEvicted { chunk, .. } | Op::TierRestored { chunk } => {
+            return shard_of_id(count, chunk.0)
+        }
+        Op::TierFlushed { blob, .. }
+        | Op::BlobDeleteStarted { blob }
+        | Op::BlobDeleted { blob } => return crate::tier::blob_shard(*blob) % count.max(1),
         Op::TxnPrepare { id, .. }
         | Op::TxnDecide { id, .. }
         | Op::TxnCommit { id, .. }

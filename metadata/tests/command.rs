@@ -5,8 +5,9 @@
 use cfs_meta::command::{Command, Op, Outcome};
 use cfs_meta::placement::{Member, Placement};
 use cfs_meta::session::Session;
+use cfs_meta::tier::Flushed;
 use cfs_meta::{
-    ChunkId, Creds, FileType, InodeId, Namespace, RenameFlags, SetAttr, TimeSet, Timespec,
+    ChunkId, Creds, Errno, FileType, InodeId, Namespace, RenameFlags, SetAttr, TimeSet, Timespec,
     XattrMode,
 };
 use proptest::prelude::*;
@@ -142,6 +143,41 @@ fn op() -> impl Strategy<Value = Op> {
                 nodes,
             }
         }),
+        // Object tier: small blob ids (so later ops hit known blobs) and chunk ids.
+        (
+            0u128..4,
+            proptest::collection::vec((1u64..20, 0u64..6, 1u32..5000, any::<u32>()), 0..4)
+        )
+            .prop_map(|(blob, es)| {
+                let mut at = 64u64;
+                let extents: Vec<Flushed> = es
+                    .into_iter()
+                    .map(|(c, version, len, crc32c)| {
+                        let f = Flushed {
+                            chunk: ChunkId(c),
+                            version,
+                            blob_offset: at,
+                            len,
+                            crc32c,
+                        };
+                        at += u64::from(len);
+                        f
+                    })
+                    .collect();
+                Op::TierFlushed {
+                    blob,
+                    payload_offset: 64,
+                    payload_bytes: at - 64,
+                    extents,
+                }
+            }),
+        (1u64..20, 0u64..6).prop_map(|(c, version)| Op::TierEvicted {
+            chunk: ChunkId(c),
+            version
+        }),
+        (1u64..20).prop_map(|c| Op::TierRestored { chunk: ChunkId(c) }),
+        (0u128..4).prop_map(|blob| Op::BlobDeleteStarted { blob }),
+        (0u128..4).prop_map(|blob| Op::BlobDeleted { blob }),
     ]
 }
 
@@ -223,6 +259,8 @@ proptest! {
         }
         prop_assert_eq!(format!("{:?}", a.all_extents().collect::<Vec<_>>()), format!("{:?}", b.all_extents().collect::<Vec<_>>()));
         prop_assert_eq!(a.placement(), b.placement());
+        prop_assert_eq!(a.tier(), b.tier());
+        a.tier().check().map_err(TestCaseError::fail)?;
         for i in 1..40u64 {
             prop_assert_eq!(a.getattr(InodeId(i)), b.getattr(InodeId(i)));
         }
@@ -232,4 +270,125 @@ proptest! {
         prop_assert_eq!(restored.snapshot(), snap);
         restored.check_invariants().map_err(TestCaseError::fail)?;
     }
+}
+
+/// The tier index follows the file's data: a write kills a flushed copy, an evicted chunk
+/// refuses changes until restored, and a deleted file's extents stop counting as live.
+#[test]
+fn tier_index_follows_the_data() {
+    let t0 = Timespec::new(0, 0);
+    let mut ns = Namespace::new(0, 0, 0o777, t0);
+    let run = |ns: &mut Namespace, op: Op| {
+        ns.apply(&Command {
+            creds: Creds::root(),
+            now: t0,
+            op,
+            session: None,
+        })
+    };
+    let f = match run(
+        &mut ns,
+        Op::Create {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+            perm: 0o644,
+        },
+    ) {
+        Ok(Outcome::Attr(a)) => a.ino,
+        other => panic!("create: {other:?}"),
+    };
+    let chunks = match run(
+        &mut ns,
+        Op::MapChunks {
+            ino: f,
+            offset: 0,
+            len: 4096,
+        },
+    ) {
+        Ok(Outcome::Chunks(c)) => c,
+        other => panic!("map: {other:?}"),
+    };
+    let chunk = chunks[0].1;
+    run(
+        &mut ns,
+        Op::Wrote {
+            ino: f,
+            offset: 0,
+            len: 4096,
+            chunks: chunks.clone(),
+        },
+    )
+    .unwrap();
+    let v = ns.tier().version(chunk);
+    let flushed = |blob, version| Op::TierFlushed {
+        blob,
+        payload_offset: 64,
+        payload_bytes: 4096,
+        extents: vec![Flushed {
+            chunk,
+            version,
+            blob_offset: 64,
+            len: 4096,
+            crc32c: 1,
+        }],
+    };
+    run(&mut ns, flushed(7, v)).unwrap();
+    assert_eq!(ns.tier().blob(7).unwrap().live_bytes, 4096);
+    assert_eq!(
+        run(&mut ns, Op::TierEvicted { chunk, version: v }),
+        Ok(Outcome::Committed(true))
+    );
+    // A write to the evicted chunk is refused, and changes nothing.
+    assert_eq!(
+        run(
+            &mut ns,
+            Op::Wrote {
+                ino: f,
+                offset: 0,
+                len: 10,
+                chunks: chunks.clone()
+            }
+        ),
+        Err(Errno::Io)
+    );
+    assert_eq!(ns.getattr(f).unwrap().size, 4096);
+    run(&mut ns, Op::TierRestored { chunk }).unwrap();
+    run(
+        &mut ns,
+        Op::Wrote {
+            ino: f,
+            offset: 0,
+            len: 10,
+            chunks: chunks.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        ns.tier().extent(chunk),
+        None,
+        "the stored copy is dead after a write"
+    );
+    assert_eq!(ns.tier().blob(7).unwrap().live_bytes, 0);
+    // Dead blob: deleted in order (mark, then forget).
+    assert_eq!(run(&mut ns, Op::BlobDeleted { blob: 7 }), Err(Errno::Again));
+    run(&mut ns, Op::BlobDeleteStarted { blob: 7 }).unwrap();
+    run(&mut ns, Op::BlobDeleted { blob: 7 }).unwrap();
+    // A flush of the current version, then unlink: the extent goes with the file.
+    let v = ns.tier().version(chunk);
+    run(&mut ns, flushed(8, v)).unwrap();
+    assert_eq!(ns.tier().blob(8).unwrap().live_bytes, 4096);
+    run(&mut ns, Op::Release { ino: f }).unwrap();
+    run(
+        &mut ns,
+        Op::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(ns.tier().blob(8).unwrap().live_bytes, 0);
+    assert_eq!(ns.tier().deletable(), vec![8]);
+    // A stale flush report (a version the chunk no longer has) adds nothing live.
+    run(&mut ns, flushed(9, v)).unwrap();
+    assert_eq!(ns.tier().blob(9).unwrap().live_bytes, 0);
 }
