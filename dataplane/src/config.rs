@@ -32,6 +32,102 @@ pub struct Config {
     /// One-sided reads over libfabric (`[rma]`).
     #[serde(default)]
     pub rma: RmaSection,
+    /// The object tier (`[tier]`); absent: data stays on flash.
+    #[serde(default)]
+    pub tier: Option<TierSection>,
+}
+
+/// `[tier]`: cold data goes to an S3-compatible store in blobs (see [`crate::tier`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSection {
+    /// Endpoint URL ("http://127.0.0.1:9000"); empty: AWS itself for `region`.
+    #[serde(default)]
+    pub endpoint: String,
+    /// Bucket (must exist).
+    pub bucket: String,
+    /// Region used for signing.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Key prefix of this cluster's blobs.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Virtual-hosted addressing (`bucket.endpoint`) instead of path-style.
+    #[serde(default)]
+    pub virtual_host: bool,
+    /// Access key; absent: `AWS_ACCESS_KEY_ID`.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret key; absent: `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Target blob size, KiB (64 MiB by default; a larger chunk gets a blob of its own).
+    #[serde(default = "default_blob_kib")]
+    pub blob_kib: u64,
+    /// Data not written for this long is flushed.
+    #[serde(default = "default_min_age_ms")]
+    pub min_age_ms: u64,
+    /// Flash use (percent of capacity) above which flushed data is evicted...
+    #[serde(default = "default_evict_above")]
+    pub evict_above_pct: u8,
+    /// ...down to this.
+    #[serde(default = "default_evict_to")]
+    pub evict_to_pct: u8,
+    /// Unflushed data allowed while the store is down before writes are slowed, MiB.
+    #[serde(default = "default_reserve_mib")]
+    pub reserve_mib: u64,
+    /// Past the reserve by this much, writes fail with ENOSPC, MiB.
+    #[serde(default = "default_reserve_slack_mib")]
+    pub reserve_slack_mib: u64,
+    /// Blobs whose live fraction is below this (percent) are rewritten.
+    #[serde(default = "default_compact_below")]
+    pub compact_below_pct: u8,
+    /// Pause between two rounds of the tiering loop.
+    #[serde(default = "default_scan_ms")]
+    pub scan_interval_ms: u64,
+    /// One request to the store may take this long.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Reads and deletes give up after this long (uploads never do).
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_prefix() -> String {
+    "cfs".into()
+}
+fn default_blob_kib() -> u64 {
+    64 << 10
+}
+fn default_min_age_ms() -> u64 {
+    300_000
+}
+fn default_evict_above() -> u8 {
+    85
+}
+fn default_evict_to() -> u8 {
+    70
+}
+fn default_reserve_mib() -> u64 {
+    8 << 10
+}
+fn default_reserve_slack_mib() -> u64 {
+    1 << 10
+}
+fn default_compact_below() -> u8 {
+    50
+}
+fn default_scan_ms() -> u64 {
+    2_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_deadline_ms() -> u64 {
+    30_000
 }
 
 /// `[cluster]`: a static cluster (this node's id and every founding member's RPC address),
@@ -501,6 +597,7 @@ impl Config {
             server: ServerSection::default(),
             cluster: None,
             rma: RmaSection::default(),
+            tier: None,
         }
     }
 
@@ -562,6 +659,23 @@ impl Config {
                     "cluster",
                     "need tick_ms > 0 and 0 < heartbeat_ticks < election_ticks",
                 ));
+            }
+        }
+        if let Some(t) = &self.tier {
+            if t.bucket.is_empty() {
+                return Err(invalid("tier.bucket", "is empty"));
+            }
+            if t.blob_kib < 4 {
+                return Err(invalid("tier.blob_kib", "must be at least 4"));
+            }
+            if t.evict_to_pct > t.evict_above_pct || t.evict_above_pct > 100 {
+                return Err(invalid(
+                    "tier.evict_to_pct",
+                    "must be at most evict_above_pct, which is at most 100",
+                ));
+            }
+            if t.compact_below_pct > 100 {
+                return Err(invalid("tier.compact_below_pct", "is a percentage"));
             }
         }
         let r = &self.rma;

@@ -80,6 +80,8 @@ pub struct FsService {
     orphans_deleted: Arc<std::sync::atomic::AtomicU64>,
     /// The one-sided read path, or why there is none (set once at start; see [`crate::rma`]).
     rma: Arc<std::sync::OnceLock<Result<Arc<crate::rma::RmaServer>, String>>>,
+    /// The object tier, when configured (set once at start; see [`crate::tier`]).
+    tier: Arc<std::sync::OnceLock<Arc<crate::tier::Tier>>>,
 }
 
 /// Orphan candidates: chunk -> (first seen orphaned, its newest fence then).
@@ -344,6 +346,7 @@ impl FsService {
             epochs: Arc::default(),
             orphans_deleted: Arc::default(),
             rma: Arc::default(),
+            tier: Arc::default(),
         };
         svc.delete_chunks(freed);
         let stored = svc.engine.list_chunks().map_err(OpenError::Store)?;
@@ -410,6 +413,7 @@ impl FsService {
             epochs: Arc::default(),
             orphans_deleted: Arc::default(),
             rma: Arc::default(),
+            tier: Arc::default(),
         };
         let bg = svc.clone();
         let spawned = std::thread::Builder::new()
@@ -1071,7 +1075,7 @@ impl FsService {
     }
 
     /// Applies a mutation: committed locally, or through the Raft group.
-    fn exec(&self, creds: &Creds, op: Op) -> Result<Outcome, ServiceError> {
+    pub(crate) fn exec(&self, creds: &Creds, op: Op) -> Result<Outcome, ServiceError> {
         // The cluster's own bookkeeping (stale marks, repairs, moves) never takes a session
         // step: whether it happens differs between a request and its resend, and the steps of
         // the client's commands must match.
@@ -1171,6 +1175,53 @@ impl FsService {
                 Err(e) => tracing::warn!("cannot delete {c}: {e}"),
             }
         }
+    }
+
+    /// Sets the object tier and starts its loop, once, before serving.
+    pub fn set_tier(&self, tier: Arc<crate::tier::Tier>, rt: tokio::runtime::Handle) {
+        if self.tier.set(Arc::clone(&tier)).is_err() {
+            tracing::error!("the object tier was set twice; the first one stays");
+            return;
+        }
+        self.start_tier(tier, rt);
+    }
+
+    /// The object tier, when configured.
+    pub(crate) fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
+        self.tier.get()
+    }
+
+    /// Chunk indexes of `ino` in `[offset, offset+len)` whose chunk is evicted to the store.
+    fn evicted_in(ns: &Namespace, ino: InodeId, offset: u64, len: u64) -> Result<Vec<u64>, Errno> {
+        if ns.tier().is_empty() || len == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(ns
+            .extents(ino, offset, len)?
+            .into_iter()
+            .filter(|(_, c)| ns.tier().extent(*c).is_some_and(|e| e.evicted))
+            .map(|(idx, _)| idx)
+            .collect())
+    }
+
+    /// Brings back the evicted chunk indexes `idxs` of `ino` (the caller holds their tier
+    /// locks exclusively when `locked`).
+    fn restore_all(&self, ino: InodeId, idxs: &[u64], locked: bool) -> Result<(), ServiceError> {
+        if idxs.is_empty() {
+            return Ok(());
+        }
+        let Some(t) = self.tier() else {
+            tracing::error!("{ino} has data on the object store but no [tier] is configured here");
+            return Err(errno(Errno::Io));
+        };
+        for idx in idxs {
+            if locked {
+                self.restore_locked(t, ino, *idx)?;
+            } else {
+                self.restore(t, ino, *idx)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sets the one-sided read path (or why there is none), once, before serving.
@@ -1372,7 +1423,7 @@ impl FsService {
     /// Applies a change to a chunk's data: here (one node), or on every member of the
     /// cluster (see [`crate::replication`]): a majority must apply it, and members that did
     /// not are marked stale for the chunk before this returns.
-    fn chunk_change(&self, chunk: ChunkId, op: ChunkOp) -> Result<(), ServiceError> {
+    pub(crate) fn chunk_change(&self, chunk: ChunkId, op: ChunkOp) -> Result<(), ServiceError> {
         let c = match &self.backend {
             Backend::Local { .. } => {
                 return replication::apply(&self.engine, chunk, op)
@@ -1485,7 +1536,12 @@ impl FsService {
     /// Reads a range of a chunk: this node's copy when it is a current holder, else a current
     /// holder's. A local copy that fails its checksums is recorded stale (repair rewrites it)
     /// and the read goes to another holder.
-    fn chunk_read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Vec<u8>, ServiceError> {
+    pub(crate) fn chunk_read(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, ServiceError> {
         let c = match &self.backend {
             Backend::Raft(_) => self.group_for_chunk(chunk),
             Backend::Local { .. } => {
@@ -1603,7 +1659,13 @@ impl FsService {
         if at.is_multiple_of(CHUNK_BYTES) || old == new {
             return Ok(());
         }
-        let mapped = self.view(ino, |ns| ns.extents(ino, at, 1))?;
+        let _tier_locks = self
+            .tier()
+            .map(|t| t.write_locks(ino, at / CHUNK_BYTES, at / CHUNK_BYTES));
+        let (mapped, evicted) = self.view(ino, |ns| {
+            Ok((ns.extents(ino, at, 1)?, Self::evicted_in(ns, ino, at, 1)?))
+        })?;
+        self.restore_all(ino, &evicted, true)?;
         if let Some((_, c)) = mapped.first() {
             self.chunk_change(
                 *c,
@@ -1645,28 +1707,45 @@ impl FsService {
             }
         }
         let len = data.len() as u64;
-        let (chunks, new_chunks) = match self.local() {
+        // Object tier: back-pressure while the store is down, and no eviction of these chunks
+        // from before we look at them until the write is committed.
+        if let Some(t) = self.tier() {
+            t.admit_write(len)?;
+        }
+        let _tier_locks = self
+            .tier()
+            .map(|t| t.write_locks(ino, offset / CHUNK_BYTES, (offset + len - 1) / CHUNK_BYTES));
+        let (chunks, new_chunks, evicted, tiered) = match self.local() {
             Some(mut m) => {
                 // Mapped in memory now, committed with the write (see the module docs).
-                let existing = m.ns.extents(ino, offset, len).map_err(errno)?.len();
+                let before = m.ns.extents(ino, offset, len).map_err(errno)?;
+                let evicted = Self::evicted_in(&m.ns, ino, offset, len).map_err(errno)?;
+                let tiered = before.iter().any(|(_, c)| m.ns.tier().extent(*c).is_some());
                 let chunks = m.ns.map_chunks(ino, offset, len).map_err(errno)?;
-                let new = chunks.len() != existing;
-                (chunks, new)
+                let new = chunks.len() != before.len();
+                (chunks, new, evicted, tiered)
             }
             None => {
-                let existing = self.view(ino, |ns| ns.extents(ino, offset, len))?;
+                let (existing, evicted) = self.view(ino, |ns| {
+                    Ok((
+                        ns.extents(ino, offset, len)?,
+                        Self::evicted_in(ns, ino, offset, len)?,
+                    ))
+                })?;
                 if existing.len() as u64
                     == (offset + len - 1) / CHUNK_BYTES - offset / CHUNK_BYTES + 1
                 {
-                    (existing, false)
+                    (existing, false, evicted, false)
                 } else {
                     match self.exec(creds, Op::MapChunks { ino, offset, len })? {
-                        Outcome::Chunks(c) => (c, true),
+                        Outcome::Chunks(c) => (c, true, evicted, false),
                         other => return Err(internal(format!("expected chunks, got {other:?}"))),
                     }
                 }
             }
         };
+        // A partial write to an evicted chunk needs the rest of its bytes back first.
+        self.restore_all(ino, &evicted, true)?;
         for ((_, off, n, at), (_, c)) in pieces(offset, data.len() as u64).zip(&chunks) {
             let piece = &data[at as usize..(at + n) as usize];
             self.chunk_change(
@@ -1693,7 +1772,8 @@ impl FsService {
             let before = m.ns.getattr(ino).map_err(errno)?;
             let res = m.ns.wrote(creds, ino, offset, len, &chunks, t);
             if let Ok(a) = &res {
-                if !new_chunks && a.size == before.size && a.perm == before.perm {
+                // (Not when a stored copy just died: the index change must be durable.)
+                if !new_chunks && !tiered && a.size == before.size && a.perm == before.perm {
                     // Only the times changed (an overwrite inside the file, no new chunk, no
                     // setuid to drop): the data is durable; the times ride along with the next
                     // commit, fsync or close instead of costing a commit per write.
@@ -1708,9 +1788,37 @@ impl FsService {
 
     fn read(&self, ino: InodeId, offset: u64, len: u32) -> Result<Reply, ServiceError> {
         let want = u64::from(len.min(MAX_IO));
-        let (attr, mapped) = self.view(ino, |ns| {
-            Ok((ns.getattr(ino)?, ns.extents(ino, offset, want)?))
-        })?;
+        if want == 0 {
+            return Ok(Reply::Data(Vec::new()));
+        }
+        let (first, last) = (
+            offset / CHUNK_BYTES,
+            offset.saturating_add(want - 1) / CHUNK_BYTES,
+        );
+        let mut tries = 0;
+        // Shared tier locks: no eviction of these chunks while they are read.
+        let (attr, mapped, _shared) = loop {
+            let shared = self.tier().map(|t| t.read_locks(ino, first, last));
+            let (attr, mapped, evicted) = self.view(ino, |ns| {
+                Ok((
+                    ns.getattr(ino)?,
+                    ns.extents(ino, offset, want)?,
+                    Self::evicted_in(ns, ino, offset, want)?,
+                ))
+            })?;
+            if evicted.is_empty() {
+                break (attr, mapped, shared);
+            }
+            drop(shared);
+            tries += 1;
+            if tries > 3 {
+                return Err(ServiceError::new(
+                    ErrorCode::Busy,
+                    format!("{ino}: evicted again while being read back"),
+                ));
+            }
+            self.restore_all(ino, &evicted, false)?;
+        };
         let end = attr
             .size
             .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
@@ -1731,7 +1839,23 @@ impl FsService {
     /// Makes `[offset, offset+len)` read as zeros in the store, except whole chunks, which
     /// the namespace unmaps (`Namespace::punched`).
     fn zero_partial_chunks(&self, ino: InodeId, offset: u64, len: u64) -> Result<(), ServiceError> {
-        let mapped = self.view(ino, |ns| ns.extents(ino, offset, len))?;
+        let (first, last) = (
+            offset / CHUNK_BYTES,
+            (offset + len.max(1) - 1) / CHUNK_BYTES,
+        );
+        let _tier_locks = self.tier().map(|t| t.write_locks(ino, first, last));
+        let (mapped, evicted) = self.view(ino, |ns| {
+            Ok((
+                ns.extents(ino, offset, len)?,
+                Self::evicted_in(ns, ino, offset, len)?,
+            ))
+        })?;
+        // Only chunks cut in part need their bytes back (whole ones are dropped).
+        let partial: Vec<u64> = evicted
+            .into_iter()
+            .filter(|idx| idx * CHUNK_BYTES < offset || (idx + 1) * CHUNK_BYTES > offset + len)
+            .collect();
+        self.restore_all(ino, &partial, true)?;
         for (idx, off, n, _) in pieces(offset, len) {
             if n == CHUNK_BYTES {
                 continue;
@@ -2386,6 +2510,12 @@ impl Service for FsService {
             }
             if method & !FORWARDED == SCRUB_METHOD {
                 return this.scrub_call(method).await;
+            }
+            if method == crate::tier::TIER_METHOD {
+                let svc = this.clone();
+                return tokio::task::spawn_blocking(move || svc.tier_call(&payload))
+                    .await
+                    .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?;
             }
             if method == cfs_proto::rma::RMA_HELLO_METHOD {
                 return this.rma_hello(&payload);

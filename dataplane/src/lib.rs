@@ -21,4 +21,5 @@ pub mod replication;
 pub mod rma;
 pub mod sharding;
 pub mod store;
+pub mod tier;
 pub mod workload;

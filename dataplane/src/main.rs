@@ -542,6 +542,24 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
         }
     };
     service.set_rma(start_rma(cfg, &engine, &service, rt.handle())?);
+    if let Some(t) = &cfg.tier {
+        let node = service.cluster().map(|c| c.node_id()).unwrap_or(0);
+        let tier = cfs_dataplane::tier::Tier::new(t, node)
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("cannot set up the object tier ([tier])")?;
+        tracing::info!(
+            "object tier: blobs of {} KiB to {} bucket {} under {}/",
+            t.blob_kib,
+            if t.endpoint.is_empty() {
+                "AWS"
+            } else {
+                &t.endpoint
+            },
+            t.bucket,
+            t.prefix
+        );
+        service.set_tier(Arc::new(tier), rt.handle().clone());
+    }
     let groups = service.groups().to_vec();
     let server = rt
         .block_on(cfs_fabric::Server::bind(

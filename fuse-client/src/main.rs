@@ -5,6 +5,9 @@
 
 mod fs;
 mod rma;
+#[allow(unsafe_code)]
+mod sys;
+mod tier_cli;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -82,10 +85,47 @@ enum Cmd {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// The object tier: what is on flash and on the object store, flush now, pin files.
+    Tier {
+        #[command(subcommand)]
+        cmd: TierCmd,
+    },
     /// Unmount a ClaudeFS mount point.
     Umount {
         /// The mount point.
         mountpoint: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TierCmd {
+    /// Bytes on flash and on the object store, the flush queue, the store's health.
+    Status {
+        /// One or more servers, separated by commas, or the cluster's join token.
+        servers: String,
+        /// Print each server's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flush everything not yet on the object store, whatever its age.
+    Flush {
+        /// One or more servers, separated by commas, or the cluster's join token.
+        servers: String,
+        /// Wait until it is done, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Keep files on flash: still copied to the object store, never evicted.
+    Pin {
+        /// Files in a ClaudeFS mount.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Remove the pin instead.
+        #[arg(long)]
+        unpin: bool,
     },
 }
 
@@ -476,6 +516,15 @@ fn main() -> Result<()> {
         Cmd::Umount { mountpoint } => umount(&mountpoint),
         Cmd::Status { servers, json } => status(&servers, json),
         Cmd::Resolve { servers, paths } => resolve(&servers, &paths),
+        Cmd::Tier { cmd } => match cmd {
+            TierCmd::Status { servers, json } => tier_cli::status(&servers, json),
+            TierCmd::Flush {
+                servers,
+                wait,
+                timeout,
+            } => tier_cli::flush(&servers, wait, timeout),
+            TierCmd::Pin { paths, unpin } => tier_cli::pin(&paths, unpin),
+        },
         Cmd::Mount {
             server,
             mountpoint,

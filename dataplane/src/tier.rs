@@ -1,0 +1,735 @@
+//! The object tier in the data plane: a loop on every node that, for the metadata shards the
+//! node leads, flushes cold chunks to the object store in blobs, evicts flushed chunks from
+//! flash above the watermark, rewrites blobs that are mostly dead and deletes empty ones; and
+//! the hooks the read and write paths use to bring evicted chunks back.
+//!
+//! Ordering (why nothing acknowledged is ever lost):
+//! - Flush: the chunk's tier version is read *before* its bytes; the blob is PUT; then
+//!   `TierFlushed` commits. A write that landed meanwhile bumped the version (its `Wrote`
+//!   commits after its data), so the extent is dead on arrival.
+//! - Evict: under the chunk's tier lock (writers of the chunk hold it from before they look
+//!   at the chunk until their `Wrote` committed), the flash bytes are read and compared with
+//!   the extent's CRC32C; only then `TierEvicted` commits (refused if the version moved) and
+//!   the holders' copies are cut to nothing.
+//! - Restore: under the same lock, a fresh look at the index, a ranged GET checked against
+//!   the CRC, the bytes written to every holder, then `TierRestored` commits.
+//! - Delete: `BlobDeleteStarted` commits (only for a blob nothing live points at), then the
+//!   DELETE, then `BlobDeleted`. A crash between leaves a marked blob that the next round
+//!   DELETEs again (a DELETE of a missing object succeeds).
+
+use crate::config::TierSection;
+use crate::fs_service::{errno, internal, FsService};
+use crate::replication::ChunkOp;
+use cfs_fabric::ServiceError;
+use cfs_meta::command::{Op, Outcome};
+use cfs_meta::tier::{Flushed, TierExtent};
+use cfs_meta::{ChunkId, Creds, Errno, FileType, InodeId, Namespace, CHUNK_BYTES};
+use cfs_objtier::blob::{BlobBuilder, BlobId, Placed};
+use cfs_objtier::mover::{Mover, MoverConfig};
+use cfs_objtier::policy::{self, FlashExtent, PolicyConfig, Pressure};
+use cfs_objtier::s3::{BlobStore, S3Config};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// The extended attribute `cfs tier pin` sets: the file's chunks stay on flash.
+pub const PIN_XATTR: &[u8] = b"user.cfs.pin";
+
+/// RPC method of tier requests (payload JSON `{"op": "status"}` or `{"op": "flush"}`).
+pub const TIER_METHOD: u32 = 0x0100_0020;
+
+/// Stripes of the per-(file, chunk index) tier locks.
+const LOCK_STRIPES: usize = 256;
+
+/// What the last round saw, for `cfs tier status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TierStats {
+    /// Bytes of file data on flash (chunks not evicted).
+    pub flash_bytes: u64,
+    /// Bytes of file data the index points at on the object store.
+    pub store_bytes: u64,
+    /// Of those, bytes whose flash copy was evicted.
+    pub evicted_bytes: u64,
+    /// Chunks not (or no longer) on the store.
+    pub unflushed_chunks: u64,
+    /// Their bytes (the flush queue).
+    pub unflushed_bytes: u64,
+    /// Age of the oldest unflushed write, ms.
+    pub oldest_unflushed_ms: u64,
+    /// Blobs in the index.
+    pub blobs: u64,
+    /// Blobs marked for deletion.
+    pub blobs_deleting: u64,
+    /// Blobs uploaded by this node since start.
+    pub blobs_put: u64,
+    /// Blobs deleted by this node since start.
+    pub blobs_deleted: u64,
+    /// Chunks evicted by this node since start.
+    pub evictions: u64,
+    /// Chunks read back by this node since start.
+    pub restores: u64,
+    /// Blobs rewritten by compaction since start.
+    pub compactions: u64,
+    /// Rounds completed.
+    pub rounds: u64,
+}
+
+/// The tier of one node (see the module documentation).
+pub struct Tier {
+    cfg: TierSection,
+    policy: PolicyConfig,
+    mover: Mover,
+    locks: Vec<RwLock<()>>,
+    /// Flush everything now, whatever its age (`cfs tier flush`): the round number asked.
+    flush_asked: AtomicU64,
+    stats: Mutex<TierStats>,
+    /// Unflushed bytes as of the last round (back-pressure reads it on every write).
+    unflushed: AtomicU64,
+    /// Blob ids: node id, a start-time nonce and a counter.
+    blob_seq: AtomicU64,
+    nonce: u64,
+    node: u64,
+    wake: (Mutex<bool>, std::sync::Condvar),
+    /// Last time writers were told the store is down (one log line a few seconds).
+    last_full_log: Mutex<Option<Instant>>,
+    started: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Tier {
+    /// Opens the store client for `[tier]` (no request is made yet).
+    pub fn new(cfg: &TierSection, node: u64) -> Result<Tier, String> {
+        let s3 = S3Config {
+            endpoint: (!cfg.endpoint.is_empty()).then(|| cfg.endpoint.clone()),
+            region: cfg.region.clone(),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            path_style: !cfg.virtual_host,
+            access_key: cfg.access_key_id.clone(),
+            secret_key: cfg.secret_access_key.clone(),
+            request_timeout_ms: cfg.request_timeout_ms,
+            retries: 1,
+        };
+        let store = BlobStore::new(&s3).map_err(|e| e.to_string())?;
+        let mover = Mover::new(
+            store,
+            MoverConfig {
+                deadline_ms: cfg.deadline_ms,
+                ..MoverConfig::default()
+            },
+        );
+        Ok(Tier {
+            policy: PolicyConfig {
+                min_age_ms: cfg.min_age_ms,
+                evict_above_pct: cfg.evict_above_pct,
+                evict_to_pct: cfg.evict_to_pct,
+                reserve_bytes: cfg.reserve_mib << 20,
+                reserve_slack_bytes: (cfg.reserve_slack_mib << 20).max(1),
+                compact_below_pct: cfg.compact_below_pct,
+            },
+            cfg: cfg.clone(),
+            mover,
+            locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            flush_asked: AtomicU64::new(0),
+            stats: Mutex::new(TierStats::default()),
+            unflushed: AtomicU64::new(0),
+            blob_seq: AtomicU64::new(0),
+            nonce: now_ms() ^ (u64::from(std::process::id()) << 40),
+            node,
+            wake: (Mutex::new(false), std::sync::Condvar::new()),
+            last_full_log: Mutex::new(None),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    fn stripe(&self, ino: InodeId, idx: u64) -> usize {
+        let h = ino.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ idx.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        (h >> 32) as usize % LOCK_STRIPES
+    }
+
+    /// Shared lock of a (file, chunk index) for a read: no eviction while it is held.
+    pub fn read_lock(&self, ino: InodeId, idx: u64) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.locks[self.stripe(ino, idx)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Shared locks of the chunk indexes `first..=last` of a file, in stripe order.
+    pub fn read_locks(
+        &self,
+        ino: InodeId,
+        first: u64,
+        last: u64,
+    ) -> Vec<std::sync::RwLockReadGuard<'_, ()>> {
+        let mut s: Vec<usize> = (first..=last).map(|i| self.stripe(ino, i)).collect();
+        s.sort_unstable();
+        s.dedup();
+        s.into_iter()
+            .map(|i| self.locks[i].read().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    /// Exclusive locks of the chunk indexes `first..=last` of a file, in stripe order (no
+    /// deadlock between two writers).
+    pub fn write_locks(
+        &self,
+        ino: InodeId,
+        first: u64,
+        last: u64,
+    ) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
+        let mut s: Vec<usize> = (first..=last).map(|i| self.stripe(ino, i)).collect();
+        s.sort_unstable();
+        s.dedup();
+        s.into_iter()
+            .map(|i| self.locks[i].write().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut TierStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Back-pressure for a write of `bytes`: `Ok` to go on (after the delay it asks), or
+    /// ENOSPC once the unflushed data is past the reserve while the store is down. Counts the
+    /// bytes as unflushed until the next round recounts (a round stuck on a store that is
+    /// down never does, so the count grows with every write meanwhile).
+    pub fn admit_write(&self, bytes: u64) -> Result<(), ServiceError> {
+        let healthy = !self.mover.status().breaker_open;
+        match policy::pressure(
+            &self.policy,
+            self.unflushed.load(Ordering::Relaxed),
+            healthy,
+        ) {
+            Pressure::Normal => {
+                self.unflushed.fetch_add(bytes, Ordering::Relaxed);
+                Ok(())
+            }
+            Pressure::Throttle(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                self.unflushed.fetch_add(bytes, Ordering::Relaxed);
+                Ok(())
+            }
+            Pressure::Full => {
+                let mut last = self.last_full_log.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    *last = Some(Instant::now());
+                    tracing::error!(
+                        "object store unreachable ({}) and {} MiB unflushed, past the reserve of {} MiB: refusing new data with ENOSPC until the store is back (written data is safe on flash)",
+                        self.mover.status().last_error.unwrap_or_default(),
+                        self.unflushed.load(Ordering::Relaxed) >> 20,
+                        self.cfg.reserve_mib
+                    );
+                }
+                Err(errno(Errno::NoSpc))
+            }
+        }
+    }
+
+    fn new_blob_id(&self, shard: u16) -> u128 {
+        let seq = self.blob_seq.fetch_add(1, Ordering::Relaxed);
+        (u128::from(self.node) << 112)
+            | (u128::from(self.nonce & 0xFFFF_FFFF_FFFF) << 64)
+            | (u128::from(seq & 0xFFFF_FFFF_FFFF) << 16)
+            | u128::from(shard)
+    }
+
+    /// Status for `cfs tier status`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let s = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let m = self.mover.status();
+        serde_json::json!({
+            "stats": s,
+            "store": {
+                "endpoint": self.cfg.endpoint,
+                "bucket": self.cfg.bucket,
+                "prefix": self.cfg.prefix,
+                "puts": m.puts,
+                "gets": m.gets,
+                "retries": m.retries,
+                "missing_blobs": m.missing,
+                "breaker_open": m.breaker_open,
+                "last_error": m.last_error,
+            },
+            "flush_asked": self.flush_asked.load(Ordering::Relaxed),
+        })
+    }
+
+    fn wake(&self) {
+        let (m, cv) = &self.wake;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    fn sleep(&self) {
+        let (m, cv) = &self.wake;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, _) = cv
+            .wait_timeout_while(g, Duration::from_millis(self.cfg.scan_interval_ms), |w| !*w)
+            .unwrap_or_else(|p| p.into_inner());
+        *g = false;
+    }
+}
+
+/// One chunk as a round sees it.
+#[derive(Clone, Debug)]
+struct Cand {
+    ino: InodeId,
+    idx: u64,
+    chunk: ChunkId,
+    /// Logical bytes of the chunk (from the file size).
+    len: u64,
+    written_ms: u64,
+    pinned: bool,
+    version: u64,
+    extent: Option<TierExtent>,
+}
+
+/// What a round reads from one shard's namespace.
+struct Scan {
+    cands: Vec<Cand>,
+    blobs: Vec<(u128, cfs_meta::tier::BlobInfo)>,
+}
+
+fn scan(ns: &Namespace) -> Scan {
+    let mut cands = Vec::new();
+    for (ino, idx, chunk) in ns.all_extents() {
+        let Ok(a) = ns.getattr(ino) else { continue };
+        if a.kind != FileType::Regular || a.size <= idx * CHUNK_BYTES {
+            continue;
+        }
+        let len = (a.size - idx * CHUNK_BYTES).min(CHUNK_BYTES);
+        let written_ms = (a.mtime.sec.max(0) as u64) * 1000 + u64::from(a.mtime.nsec) / 1_000_000;
+        cands.push(Cand {
+            ino,
+            idx,
+            chunk,
+            len,
+            written_ms,
+            pinned: ns.getxattr(&Creds::root(), ino, PIN_XATTR).is_ok(),
+            version: ns.tier().version(chunk),
+            extent: ns.tier().extent(chunk).copied(),
+        });
+    }
+    Scan {
+        cands,
+        blobs: ns.tier().blobs().map(|(k, v)| (k, *v)).collect(),
+    }
+}
+
+fn placed(chunk: ChunkId, e: &TierExtent) -> Placed {
+    Placed {
+        chunk: chunk.0,
+        chunk_offset: 0,
+        generation: e.version,
+        blob: BlobId(e.blob),
+        blob_offset: e.blob_offset,
+        len: e.len,
+        crc32c: e.crc32c,
+    }
+}
+
+impl FsService {
+    /// Starts the tier loop (once).
+    pub fn start_tier(&self, tier: Arc<Tier>, rt: tokio::runtime::Handle) {
+        if tier.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let svc = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cfs-tier".into())
+            .spawn(move || {
+                let _rt = rt.enter();
+                loop {
+                    let asked = tier.flush_asked.load(Ordering::Relaxed);
+                    if let Err(e) = svc.tier_round(&tier, &rt, asked > 0) {
+                        tracing::warn!("tier round: {e}");
+                    }
+                    tier.bump(|s| s.rounds += 1);
+                    // A flush asked during the round is served by the next one.
+                    let _ = tier.flush_asked.compare_exchange(
+                        asked,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    tier.sleep();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the tier thread: {e}");
+        }
+    }
+
+    /// The shards this node tiers (those it leads), each scanned.
+    fn tier_scans(&self) -> Vec<(u16, Scan)> {
+        if self.cluster().is_none() {
+            return self
+                .view(InodeId::ROOT, |ns| Ok(scan(ns)))
+                .map(|s| vec![(0, s)])
+                .unwrap_or_default();
+        }
+        let mut out = Vec::new();
+        for c in self.groups() {
+            if !c.replica().is_leader() {
+                continue;
+            }
+            match c.read(scan) {
+                Ok(s) => out.push((c.shard().index, s)),
+                Err(e) => tracing::debug!("tier scan of shard {}: {e}", c.shard().index),
+            }
+        }
+        out
+    }
+
+    /// One round: flush, evict, compact, delete (see the module documentation).
+    fn tier_round(
+        &self,
+        tier: &Tier,
+        rt: &tokio::runtime::Handle,
+        force: bool,
+    ) -> Result<(), ServiceError> {
+        let now = now_ms();
+        let scans = self.tier_scans();
+        let (used, capacity) = self.flash_usage();
+        let mut totals = TierStats::default();
+        for (shard, s) in &scans {
+            let flash: Vec<FlashExtent> = s
+                .cands
+                .iter()
+                .filter(|c| !c.extent.is_some_and(|e| e.evicted))
+                .map(|c| FlashExtent {
+                    chunk: c.chunk.0,
+                    bytes: c.len,
+                    written_ms: c.written_ms,
+                    flushed: c.extent.is_some(),
+                    pinned: c.pinned,
+                    read_ms: 0,
+                })
+                .collect();
+            // Flush.
+            let mut cfg = tier.policy;
+            if force {
+                cfg.min_age_ms = 0;
+            }
+            let mut pending: Vec<&Cand> = {
+                let picked = policy::to_flush(&cfg, now, &flash, u64::MAX);
+                let by_chunk: std::collections::HashMap<u64, &Cand> =
+                    s.cands.iter().map(|c| (c.chunk.0, c)).collect();
+                picked
+                    .iter()
+                    .filter_map(|c| by_chunk.get(c).copied())
+                    .collect()
+            };
+            while !pending.is_empty() {
+                let take = self.flush_blob(tier, rt, *shard, &pending)?;
+                pending.drain(..take.max(1));
+            }
+            // Evict.
+            let flushed_now = self.tier_scans();
+            if let Some((_, s2)) = flushed_now.iter().find(|(k, _)| k == shard) {
+                let flash2: Vec<FlashExtent> = s2
+                    .cands
+                    .iter()
+                    .filter(|c| !c.extent.is_some_and(|e| e.evicted))
+                    .map(|c| FlashExtent {
+                        chunk: c.chunk.0,
+                        bytes: c.len,
+                        written_ms: c.written_ms,
+                        flushed: c.extent.is_some(),
+                        pinned: c.pinned,
+                        read_ms: 0,
+                    })
+                    .collect();
+                for chunk in policy::to_evict(&tier.policy, used, capacity, &flash2) {
+                    if let Some(c) = s2.cands.iter().find(|c| c.chunk.0 == chunk) {
+                        if let Err(e) = self.evict(tier, c) {
+                            tracing::warn!("evicting {}: {e}", c.chunk);
+                        }
+                    }
+                }
+                // Compact, then delete what nothing points at.
+                self.compact(tier, rt, *shard, s2)?;
+            }
+            self.delete_dead_blobs(tier, rt)?;
+        }
+        // Totals for status, from a fresh look.
+        for (_, s) in self.tier_scans() {
+            for c in &s.cands {
+                match c.extent {
+                    Some(e) => {
+                        totals.store_bytes += u64::from(e.len);
+                        if e.evicted {
+                            totals.evicted_bytes += u64::from(e.len);
+                        } else {
+                            totals.flash_bytes += c.len;
+                        }
+                    }
+                    None => {
+                        totals.flash_bytes += c.len;
+                        totals.unflushed_chunks += 1;
+                        totals.unflushed_bytes += c.len;
+                        totals.oldest_unflushed_ms = totals
+                            .oldest_unflushed_ms
+                            .max(now.saturating_sub(c.written_ms));
+                    }
+                }
+            }
+            totals.blobs += s.blobs.len() as u64;
+            totals.blobs_deleting += s.blobs.iter().filter(|(_, b)| b.deleting).count() as u64;
+        }
+        tier.unflushed
+            .store(totals.unflushed_bytes, Ordering::Relaxed);
+        tier.bump(|st| {
+            st.flash_bytes = totals.flash_bytes;
+            st.store_bytes = totals.store_bytes;
+            st.evicted_bytes = totals.evicted_bytes;
+            st.unflushed_chunks = totals.unflushed_chunks;
+            st.unflushed_bytes = totals.unflushed_bytes;
+            st.oldest_unflushed_ms = totals.oldest_unflushed_ms;
+            st.blobs = totals.blobs;
+            st.blobs_deleting = totals.blobs_deleting;
+        });
+        Ok(())
+    }
+
+    /// Flash in use and its capacity, bytes (this node's store).
+    fn flash_usage(&self) -> (u64, u64) {
+        let block = crate::store::format::BLOCK as u64;
+        match self.engine.stats() {
+            Ok(v) => v.iter().fold((0, 0), |(u, c), (_, s)| {
+                (
+                    u + s.live_blocks * block,
+                    c + (s.live_blocks + s.free_blocks) * block,
+                )
+            }),
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// Packs chunks from the front of `pending` into one blob, uploads it and records it;
+    /// returns how many were taken.
+    fn flush_blob(
+        &self,
+        tier: &Tier,
+        rt: &tokio::runtime::Handle,
+        shard: u16,
+        pending: &[&Cand],
+    ) -> Result<usize, ServiceError> {
+        let id = tier.new_blob_id(shard);
+        let mut b = BlobBuilder::new(BlobId(id), tier.cfg.blob_kib << 10);
+        let mut versions = Vec::new();
+        let mut taken = 0;
+        for c in pending {
+            // The version before the bytes: a write in between makes the extent dead.
+            let data = {
+                let _shared = tier.read_lock(c.ino, c.idx);
+                self.chunk_read(c.chunk, 0, c.len)?
+            };
+            match b.add(c.chunk.0, 0, c.version, &data) {
+                Ok(true) => {
+                    versions.push((c.chunk, c.version));
+                    taken += 1;
+                }
+                Ok(false) => break,
+                Err(e) => return Err(internal(format!("blob of {}: {e}", c.chunk))),
+            }
+        }
+        if b.is_empty() {
+            return Ok(taken);
+        }
+        let (bytes, placed) = b.finish(now_ms() / 1000);
+        let payload_offset = placed.first().map(|p| p.blob_offset).unwrap_or(0);
+        let payload_bytes: u64 = placed.iter().map(|p| u64::from(p.len)).sum();
+        rt.block_on(tier.mover.put_blob(BlobId(id), bytes::Bytes::from(bytes)))
+            .map_err(|e| internal(format!("PUT of blob {id:032x}: {e}")))?;
+        tier.bump(|s| s.blobs_put += 1);
+        let extents: Vec<Flushed> = placed
+            .iter()
+            .zip(&versions)
+            .map(|(p, (chunk, version))| Flushed {
+                chunk: *chunk,
+                version: *version,
+                blob_offset: p.blob_offset,
+                len: p.len,
+                crc32c: p.crc32c,
+            })
+            .collect();
+        self.exec(
+            &Creds::root(),
+            Op::TierFlushed {
+                blob: id,
+                payload_offset,
+                payload_bytes,
+                extents,
+            },
+        )?;
+        tracing::info!(
+            "flushed {} chunk(s), {} bytes, to blob {id:032x}",
+            placed.len(),
+            payload_bytes
+        );
+        Ok(taken)
+    }
+
+    /// Drops the flash copies of a flushed chunk whose bytes are still the blob's.
+    fn evict(&self, tier: &Tier, c: &Cand) -> Result<bool, ServiceError> {
+        let Some(e) = c.extent else { return Ok(false) };
+        let _excl = tier.write_locks(c.ino, c.idx, c.idx);
+        let data = self.chunk_read(c.chunk, 0, u64::from(e.len))?;
+        if crc32c::crc32c(&data) != e.crc32c {
+            return Ok(false); // changed since the flush (its Wrote is on the way)
+        }
+        match self.exec(
+            &Creds::root(),
+            Op::TierEvicted {
+                chunk: c.chunk,
+                version: e.version,
+            },
+        )? {
+            Outcome::Committed(true) => {}
+            _ => return Ok(false),
+        }
+        self.chunk_change(c.chunk, ChunkOp::Truncate { len: 0 })?;
+        tier.bump(|s| s.evictions += 1);
+        Ok(true)
+    }
+
+    /// Rewrites blobs mostly dead: their live extents go into new blobs (read from flash, or
+    /// from the old blob when evicted: restored first), which moves them; the old blobs then
+    /// hold nothing live and are deleted.
+    fn compact(
+        &self,
+        tier: &Tier,
+        rt: &tokio::runtime::Handle,
+        shard: u16,
+        s: &Scan,
+    ) -> Result<(), ServiceError> {
+        let blobs: Vec<(u128, u64, u64)> = s
+            .blobs
+            .iter()
+            .filter(|(_, b)| !b.deleting && b.live_bytes > 0)
+            .map(|(k, b)| (*k, b.live_bytes, b.payload_bytes))
+            .collect();
+        for blob in policy::to_compact(&tier.policy, &blobs) {
+            let live: Vec<&Cand> = s
+                .cands
+                .iter()
+                .filter(|c| c.extent.is_some_and(|e| e.blob == blob))
+                .collect();
+            for c in &live {
+                if c.extent.is_some_and(|e| e.evicted) {
+                    self.restore(tier, c.ino, c.idx)?;
+                }
+            }
+            let mut pending = live;
+            while !pending.is_empty() {
+                let take = self.flush_blob(tier, rt, shard, &pending)?;
+                pending.drain(..take.max(1));
+            }
+            tier.bump(|st| st.compactions += 1);
+            tracing::info!("compacted blob {blob:032x}");
+        }
+        Ok(())
+    }
+
+    /// Deletes blobs nothing live points at (and finishes deletions a crash interrupted).
+    fn delete_dead_blobs(
+        &self,
+        tier: &Tier,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), ServiceError> {
+        for (_, s) in self.tier_scans() {
+            for (blob, info) in s.blobs {
+                if info.live_bytes > 0 {
+                    continue;
+                }
+                if !info.deleting {
+                    self.exec(&Creds::root(), Op::BlobDeleteStarted { blob })?;
+                }
+                match rt.block_on(tier.mover.delete_blob(BlobId(blob))) {
+                    Ok(()) => {
+                        self.exec(&Creds::root(), Op::BlobDeleted { blob })?;
+                        tier.bump(|st| st.blobs_deleted += 1);
+                        tracing::info!("deleted blob {blob:032x}");
+                    }
+                    Err(e) => tracing::warn!("DELETE of blob {blob:032x}: {e} (tried again later)"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings chunk `idx` of `ino` back to flash if it is evicted. The caller holds no tier
+    /// lock of it.
+    pub(crate) fn restore(&self, tier: &Tier, ino: InodeId, idx: u64) -> Result<(), ServiceError> {
+        let _excl = tier.write_locks(ino, idx, idx);
+        self.restore_locked(tier, ino, idx)
+    }
+
+    /// [`FsService::restore`] with the chunk's tier lock held exclusively by the caller.
+    pub(crate) fn restore_locked(
+        &self,
+        tier: &Tier,
+        ino: InodeId,
+        idx: u64,
+    ) -> Result<(), ServiceError> {
+        // A fresh look: another reader may have restored it, a writer changed it since.
+        let found = self.view(ino, |ns| {
+            let c = ns.extents(ino, idx * CHUNK_BYTES, 1)?;
+            Ok(c.first()
+                .and_then(|(_, c)| Some((*c, *ns.tier().extent(*c)?))))
+        })?;
+        let Some((chunk, e)) = found.filter(|(_, e)| e.evicted) else {
+            return Ok(());
+        };
+        let rt = tokio::runtime::Handle::current();
+        let data = rt
+            .block_on(tier.mover.get_extent(&placed(chunk, &e)))
+            .map_err(|err| {
+                tracing::error!(
+                    "reading evicted {chunk} back from blob {:032x}: {err}",
+                    e.blob
+                );
+                errno(Errno::Io)
+            })?;
+        self.chunk_change(chunk, ChunkOp::Truncate { len: 0 })?;
+        self.chunk_change(chunk, ChunkOp::Write { offset: 0, data })?;
+        self.exec(&Creds::root(), Op::TierRestored { chunk })?;
+        tier.bump(|s| s.restores += 1);
+        Ok(())
+    }
+
+    /// Answers a tier request (`TIER_METHOD`) about the shards this node leads.
+    pub(crate) fn tier_call(&self, payload: &[u8]) -> Result<bytes::Bytes, ServiceError> {
+        let Some(tier) = self.tier() else {
+            return Err(ServiceError::new(
+                cfs_fabric::ErrorCode::BadRequest,
+                "no object tier configured on this node ([tier] in its config)",
+            ));
+        };
+        let q: serde_json::Value = serde_json::from_slice(payload)
+            .map_err(|e| ServiceError::new(cfs_fabric::ErrorCode::BadRequest, e.to_string()))?;
+        match q.get("op").and_then(|v| v.as_str()) {
+            Some("status") => {}
+            Some("flush") => {
+                tier.flush_asked.fetch_add(1, Ordering::Relaxed);
+                tier.wake();
+            }
+            _ => {
+                return Err(ServiceError::new(
+                    cfs_fabric::ErrorCode::BadRequest,
+                    "tier request: op must be \"status\" or \"flush\"",
+                ))
+            }
+        }
+        let mut v = tier.status_json();
+        v["node"] = serde_json::json!(self.cluster().map(|c| c.node_id()).unwrap_or(0));
+        Ok(bytes::Bytes::from(v.to_string()))
+    }
+}

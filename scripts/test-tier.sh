@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# scripts/test-tier.sh - the object tier through a real FUSE mount, against two independent
+# real S3 servers (s3s-fs and moto_server, started here on loopback), root only:
+#   - flush, evict, read back: files written through the mount are flushed (`cfs tier flush
+#     --wait`) into small blobs, evicted from flash, and read back byte-identical (ranged GETs,
+#     checked, repopulating flash); a pinned file stays on flash; the store saw only PUT, GET
+#     with a Range, and DELETE under the cluster's prefix (a recording proxy), never a LIST;
+#   - compaction: overwrites leave blobs mostly dead; they are rewritten and exactly the blobs
+#     nothing points at any more are DELETEd (what the store still holds = PUT - DELETE, and
+#     all of it is referenced: every file reads back after everything is evicted again);
+#   - the store killed in the middle of a flush and restarted: the flush completes by itself,
+#     nothing is lost;
+#   - an outage: writes go on into flash until the reserve, then ENOSPC with a clear log line
+#     (never lost data); when the store is back, flushing resumes and writes are accepted;
+#   - a proxy adding 200 ms and failing or truncating 5% of responses: tiering completes and
+#     every byte reads back;
+#   - the same flush/evict/read-back against moto_server.
+# Starts everything under a temporary directory; stops its processes by PID and cleans up.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PASSED=0
+FAILED=0
+pass() { PASSED=$((PASSED + 1)); echo "ok   - $1"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL - $1"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "SKIP: the tier test mounts FUSE and needs root"
+  echo "0 passed, 0 failed"
+  exit 0
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+for tool in fusermount3 s3s-fs moto_server; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: run 'scripts/deps test'" >&2; exit 1; }
+done
+
+(cd "$ROOT" && cargo build --release -q -p cfs-dataplane -p cfs-fuse-client -p cfs-objtier)
+BIN=$ROOT/target/release/cfs-dataplane
+CFS=$ROOT/target/release/cfs
+PROXY=$ROOT/target/release/cfs-s3proxy
+WORK=$(mktemp -d /tmp/cfs-tier.XXXXXX)
+BASE=$((20000 + RANDOM % 20000))
+KEY=cfstest
+SECRET=cfstestsecret
+BUCKET=tier
+SERVER_PID=""
+MOUNT_PIDS=()
+S3_PID=""
+PROXY_PID=""
+
+cleanup() {
+  set +e
+  stop_watchdog
+  stop_pids "${MOUNT_PIDS[@]}"
+  for m in "$WORK"/m*; do
+    if grep -q " $m fuse" /proc/mounts; then fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; fi
+  done
+  # shellcheck disable=SC2086 # may be empty
+  stop_pids $SERVER_PID $PROXY_PID $S3_PID
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+# shellcheck source=lib/watchdog.sh
+source "$ROOT/scripts/lib/watchdog.sh"
+start_watchdog test-tier
+[[ -n ${KEEP_WORK:-} ]] && trap - EXIT
+
+wait_port() { # wait_port PORT: until something listens there
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+# start_s3s PORT DIR: s3s-fs over DIR (bucket directory made), pid in S3_PID.
+start_s3s() {
+  mkdir -p "$2/$BUCKET"
+  s3s-fs --host 127.0.0.1 --port "$1" --access-key "$KEY" --secret-key "$SECRET" "$2" \
+    >>"$WORK/s3s.log" 2>&1 &
+  S3_PID=$!
+  wait_port "$1"
+}
+# start_moto PORT: moto_server with the bucket made, pid in S3_PID.
+start_moto() {
+  moto_server -H 127.0.0.1 -p "$1" >>"$WORK/moto.log" 2>&1 &
+  S3_PID=$!
+  wait_port "$1"
+  python3 - "$1" "$BUCKET" <<'PY'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+c.request("PUT", "/" + sys.argv[2])
+r = c.getresponse()
+assert r.status == 200, r.status
+PY
+}
+# start_proxy PORT UPSTREAM [options]: the recording (and faulty) proxy, log $WORK/requests.
+start_proxy() {
+  local port=$1 up=$2
+  shift 2
+  "$PROXY" "$port" "$up" "$WORK/requests" "$@" >>"$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  wait_port "$port"
+}
+# start_server NAME PORT S3PORT [TIER OPTIONS...]: a one-node server tiering to the store at
+# S3PORT (1 MiB blobs, nothing old enough to flush by itself, everything flushed evicted).
+start_server() {
+  local name=$1 port=$2 s3=$3
+  shift 3
+  mkdir -p "$WORK/$name"
+  cat >"$WORK/$name.toml" <<CONF
+data_dir = "$WORK/$name"
+[[devices]]
+path = "data0.img"
+size = "1G"
+[hugepages]
+pool_mib = 16
+[server]
+listen = "127.0.0.1:$port"
+[rma]
+transport = "tcp"
+[tier]
+endpoint = "http://127.0.0.1:$s3"
+bucket = "$BUCKET"
+prefix = "t1"
+access_key_id = "$KEY"
+secret_access_key = "$SECRET"
+blob_kib = 1024
+min_age_ms = 3600000
+evict_above_pct = 0
+evict_to_pct = 0
+scan_interval_ms = 300
+deadline_ms = 20000
+request_timeout_ms = 5000
+$(printf '%s\n' "$@")
+CONF
+  [[ -e "$WORK/$name/data0.img" ]] || "$BIN" format --config "$WORK/$name.toml" >/dev/null
+  "$BIN" run --config "$WORK/$name.toml" >>"$WORK/$name.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 100); do
+    grep -q "serving on" "$WORK/$name.log" 2>/dev/null && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/$name.log"; return 1; }
+    sleep 0.1
+  done
+  return 1
+}
+stop_server() {
+  stop_pids "${MOUNT_PIDS[@]}"
+  MOUNT_PIDS=()
+  for m in "$WORK"/m*; do
+    if grep -q " $m fuse" /proc/mounts; then fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; fi
+  done
+  # shellcheck disable=SC2086
+  stop_pids $SERVER_PID
+  SERVER_PID=""
+}
+mount_at() { # mount_at DIR PORT
+  mkdir -p "$1"
+  "$CFS" mount "127.0.0.1:$2" "$1" --transport tcp >>"$1.log" 2>&1 &
+  MOUNT_PIDS+=($!)
+  for _ in $(seq 1 100); do
+    grep -q " $1 fuse" /proc/mounts && return 0
+    kill -0 "${MOUNT_PIDS[-1]}" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+# write_files DIR SEED [PREFIX]: files of 1 byte to 3 MiB, fsync'd; digests in $WORK/digests.
+write_files() {
+  python3 - "$1" "$WORK/digests" "$2" "${3:-f}" <<'PY'
+import hashlib, os, random, sys
+d, out, seed, prefix = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rng = random.Random(seed)
+sizes = [1, 4096, 65537, 1 << 20, (1 << 20) + 1, 3 << 20] + [rng.randrange(1, 2 << 20) for _ in range(6)]
+old = {}
+if os.path.exists(out):
+    for line in open(out):
+        n, h = line.split()
+        old[n] = h
+for i, n in enumerate(sizes):
+    data = rng.randbytes(n)
+    name = f"{prefix}{i}"
+    with open(f"{d}/{name}", "wb") as f:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(f.fileno(), view):]
+        os.fsync(f.fileno())
+    old[name] = hashlib.sha256(data).hexdigest()
+with open(out, "w") as o:
+    for n, h in sorted(old.items()):
+        o.write(f"{n} {h}\n")
+PY
+}
+# check_files DIR: every file in $WORK/digests reads back as written (page cache dropped).
+check_files() {
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  python3 - "$1" "$WORK/digests" <<'PY'
+import hashlib, sys
+d, digests = sys.argv[1], sys.argv[2]
+bad = 0
+for line in open(digests):
+    name, want = line.split()
+    got = hashlib.sha256(open(f"{d}/{name}", "rb").read()).hexdigest()
+    if got != want:
+        bad += 1
+        print(f"{name}: content differs", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+}
+# stat_of PORT KEY: a number from the node's tier status.
+stat_of() {
+  "$CFS" tier status "127.0.0.1:$1" --json | python3 -c "
+import json, sys
+for line in sys.stdin:
+    v = json.loads(line.split(' ', 1)[1])
+    k = '$2'
+    print(v['stats'][k] if k in v['stats'] else v['store'][k])
+    break"
+}
+# wait_stat PORT KEY OP VALUE: until the status number compares so (up to 30 s).
+wait_stat() {
+  for _ in $(seq 1 150); do
+    local v
+    v=$(stat_of "$1" "$2" 2>/dev/null || echo -1)
+    python3 -c "import sys; sys.exit(0 if $v $3 $4 else 1)" && return 0
+    sleep 0.2
+  done
+  return 1
+}
+# requests_ok: every request the store saw was a PUT, a ranged GET or a DELETE of a blob key.
+requests_ok() {
+  python3 - "$WORK/requests" "$BUCKET" <<'PY'
+import re, sys
+bad = [l.strip() for l in open(sys.argv[1]) if not re.fullmatch(
+    r"(PUT /%s/t1/blobs/[0-9a-f]{32} -|GET /%s/t1/blobs/[0-9a-f]{32} bytes=\d+-\d+|DELETE /%s/t1/blobs/[0-9a-f]{32} -)( FAILED| DOWN)?"
+    % ((sys.argv[2],) * 3), l.strip())]
+for l in bad[:5]:
+    print("unexpected request:", l, file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+}
+count_req() { grep -c "^$1 " "$WORK/requests" || true; }
+
+# --- s3s-fs: flush, evict, read back; pin; compaction ------------------------------------
+S3=$((BASE)); PX=$((BASE + 1)); FS=$((BASE + 2))
+start_s3s "$S3" "$WORK/s3" || { echo "s3s-fs does not start"; cat "$WORK/s3s.log"; exit 1; }
+start_proxy "$PX" "$S3"
+start_server n1 "$FS" "$PX"
+M=$WORK/m1
+mount_at "$M" "$FS"
+write_files "$M" 1
+"$CFS" tier pin "$M/f5" >/dev/null
+if "$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 120 >"$WORK/flush1.out" 2>&1; then
+  pass "cfs tier flush --wait finishes ($(tail -1 "$WORK/flush1.out"))"
+else
+  fail "cfs tier flush --wait: $(tail -3 "$WORK/flush1.out")"
+fi
+PUTS=$(count_req PUT)
+total=$(python3 -c "import os; print(sum(os.path.getsize('$M/'+l.split()[0]) for l in open('$WORK/digests')))")
+pinned=$(stat -c %s "$M/f5")
+if wait_stat "$FS" evicted_bytes == "$((total - pinned))"; then
+  pass "$PUTS blobs PUT; everything but the pinned file evicted ($((total - pinned)) bytes)"
+else
+  fail "evicted $(stat_of "$FS" evicted_bytes) bytes, expected $((total - pinned)) (total $total, pinned $pinned)"
+fi
+"$CFS" tier status "127.0.0.1:$FS" >"$WORK/status1" 2>&1 || true
+grep -q "on object store" "$WORK/status1" && pass "cfs tier status: $(grep 'on object store' "$WORK/status1")" || fail "cfs tier status: $(cat "$WORK/status1")"
+if check_files "$M"; then
+  pass "every file reads back byte-identical from the object store"
+else
+  fail "files read back from the object store differ"
+fi
+GETS=$(count_req GET)
+restores=$(stat_of "$FS" restores)
+[[ $GETS -gt 0 && $restores -gt 0 ]] && pass "read back by $GETS ranged GETs, $restores chunks repopulated on flash" || fail "GETs $GETS restores $restores"
+requests_ok && pass "the store saw only PUT, ranged GET and DELETE of blob keys" || fail "the store saw other requests"
+
+echo "$PASSED passed, $FAILED failed"
+[[ $FAILED -eq 0 ]]
