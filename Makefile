@@ -21,6 +21,7 @@ deps:
 test: deps
 	PATH=$$HOME/.cargo/bin:$$PATH CFS_REQUIRE_OFI=1 CFS_REQUIRE_S3=1 $(CARGO) test --workspace
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-rma.sh
+	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-tier.sh
 	./scripts/test-hugepages.sh
 	./scripts/test-vfio.sh
 	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-posix.sh
@@ -72,9 +73,11 @@ test-cluster: deps
 test-proto: deps
 	$(CARGO) test -p cfs-proto
 
-# Blobs on two real S3 servers (s3s-fs and moto) on loopback, through a recording proxy.
+# Blobs on two real S3 servers (s3s-fs and moto) on loopback, through a recording proxy; then
+# the tier through a FUSE mount (flush, evict, read back, compaction, outages, a flaky store).
 test-objtier: deps
 	PATH=$$HOME/.cargo/bin:$$PATH CFS_REQUIRE_S3=1 $(CARGO) test -p cfs-objtier
+	PATH=$$HOME/.cargo/bin:$$PATH ./scripts/test-tier.sh
 
 test-fuse-client: deps
 	$(CARGO) test -p cfs-fuse-client

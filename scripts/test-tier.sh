@@ -103,8 +103,13 @@ start_proxy() {
 # start_server NAME PORT S3PORT [TIER OPTIONS...]: a one-node server tiering to the store at
 # S3PORT (1 MiB blobs, nothing old enough to flush by itself, everything flushed evicted).
 start_server() {
-  local name=$1 port=$2 s3=$3
+  local name=$1 port=$2 s3=$3 d
   shift 3
+  local opts=("$@")
+  for d in "blob_kib = 1024" "min_age_ms = 3600000" "evict_above_pct = 0" "evict_to_pct = 0" \
+    "scan_interval_ms = 300" "deadline_ms = 20000" "request_timeout_ms = 5000"; do
+    printf '%s\n' "$@" | grep -q "^${d%% =*} =" || opts+=("$d")
+  done
   mkdir -p "$WORK/$name"
   cat >"$WORK/$name.toml" <<CONF
 data_dir = "$WORK/$name"
@@ -123,14 +128,7 @@ bucket = "$BUCKET"
 prefix = "t1"
 access_key_id = "$KEY"
 secret_access_key = "$SECRET"
-blob_kib = 1024
-min_age_ms = 3600000
-evict_above_pct = 0
-evict_to_pct = 0
-scan_interval_ms = 300
-deadline_ms = 20000
-request_timeout_ms = 5000
-$(printf '%s\n' "$@")
+$(printf '%s\n' "${opts[@]}")
 CONF
   [[ -e "$WORK/$name/data0.img" ]] || "$BIN" format --config "$WORK/$name.toml" >/dev/null
   "$BIN" run --config "$WORK/$name.toml" >>"$WORK/$name.log" 2>&1 &
@@ -163,11 +161,12 @@ mount_at() { # mount_at DIR PORT
   done
   return 1
 }
-# write_files DIR SEED [PREFIX]: files of 1 byte to 3 MiB, fsync'd; digests in $WORK/digests.
+# write_files DIR SEED [PREFIX [COUNT]]: files of 1 byte to 3 MiB, fsync'd; digests in
+# $WORK/digests.
 write_files() {
-  python3 - "$1" "$WORK/digests" "$2" "${3:-f}" <<'PY'
+  python3 - "$1" "$WORK/digests" "$2" "${3:-f}" "${4:-12}" <<'PY'
 import hashlib, os, random, sys
-d, out, seed, prefix = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+d, out, seed, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 rng = random.Random(seed)
 sizes = [1, 4096, 65537, 1 << 20, (1 << 20) + 1, 3 << 20] + [rng.randrange(1, 2 << 20) for _ in range(6)]
 old = {}
@@ -175,7 +174,7 @@ if os.path.exists(out):
     for line in open(out):
         n, h = line.split()
         old[n] = h
-for i, n in enumerate(sizes):
+for i, n in enumerate(sizes[:count]):
     data = rng.randbytes(n)
     name = f"{prefix}{i}"
     with open(f"{d}/{name}", "wb") as f:
@@ -231,14 +230,14 @@ requests_ok() {
   python3 - "$WORK/requests" "$BUCKET" <<'PY'
 import re, sys
 bad = [l.strip() for l in open(sys.argv[1]) if not re.fullmatch(
-    r"(PUT /%s/t1/blobs/[0-9a-f]{32} -|GET /%s/t1/blobs/[0-9a-f]{32} bytes=\d+-\d+|DELETE /%s/t1/blobs/[0-9a-f]{32} -)( FAILED| DOWN)?"
+    r"(PUT /%s/t1/blobs/[0-9a-f]{32} -|GET /%s/t1/blobs/[0-9a-f]{32} bytes=\d+-\d+|DELETE /%s/t1/blobs/[0-9a-f]{32} -)( FAILED| DOWN| CUT)?"
     % ((sys.argv[2],) * 3), l.strip())]
 for l in bad[:5]:
     print("unexpected request:", l, file=sys.stderr)
 sys.exit(1 if bad else 0)
 PY
 }
-count_req() { grep -c "^$1 " "$WORK/requests" || true; }
+count_req() { grep -E "^$1 " "$WORK/requests" | grep -vcE "FAILED|DOWN|CUT" || true; }
 
 # --- s3s-fs: flush, evict, read back; pin; compaction ------------------------------------
 S3=$((BASE)); PX=$((BASE + 1)); FS=$((BASE + 2))
@@ -273,6 +272,200 @@ GETS=$(count_req GET)
 restores=$(stat_of "$FS" restores)
 [[ $GETS -gt 0 && $restores -gt 0 ]] && pass "read back by $GETS ranged GETs, $restores chunks repopulated on flash" || fail "GETs $GETS restores $restores"
 requests_ok && pass "the store saw only PUT, ranged GET and DELETE of blob keys" || fail "the store saw other requests"
+
+# Compaction: 16 files of 200 KiB share blobs four or five to a blob; overwriting three in
+# four leaves those blobs below half live: they are rewritten, and every blob left with nothing
+# live is DELETEd, and nothing else.
+small_files() { # small_files SEED STEP: files s0..s15 whose index is not a multiple of STEP
+  python3 - "$M" "$WORK/digests" "$1" "$2" <<'PY'
+import hashlib, os, random, sys
+d, out, seed, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+old = dict(l.split() for l in open(out))
+for i in range(16):
+    data = rng.randbytes(200 << 10)
+    if step and i % step == 0:
+        continue
+    with open(f"{d}/s{i}", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    old[f"s{i}"] = hashlib.sha256(data).hexdigest()
+with open(out, "w") as o:
+    o.writelines(f"{n} {h}\n" for n, h in sorted(old.items()))
+PY
+}
+small_files 6 0
+"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 120 >/dev/null 2>&1 || true
+small_files 7 4
+"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 120 >/dev/null 2>&1 || true
+# Rounds go on: wait for the deletions to settle (no blob being deleted, none dead).
+wait_stat "$FS" blobs_deleting == 0 || true
+sleep 1
+python3 - "$WORK/requests" "$WORK/s3/$BUCKET/t1/blobs" <<'PY' >"$WORK/compaction" 2>&1 && pass "compaction: $(cat "$WORK/compaction")" || fail "compaction: $(cat "$WORK/compaction")"
+import os, re, sys
+puts, dels = [], []
+for l in open(sys.argv[1]):
+    m = re.match(r"(PUT|DELETE) /\S+/blobs/([0-9a-f]{32}) - *$", l.strip())
+    if m:
+        (puts if m.group(1) == "PUT" else dels).append(m.group(2))
+held = set(f for f in os.listdir(sys.argv[2]) if re.fullmatch(r"[0-9a-f]{32}", f))
+problems = []
+if not dels:
+    problems.append("no DELETE")
+if len(set(dels)) != len(dels):
+    problems.append("a blob DELETEd twice")
+if set(dels) - set(puts):
+    problems.append("DELETE of a blob never PUT")
+if held != set(puts) - set(dels):
+    problems.append(f"store holds {len(held)} blobs, PUT - DELETE is {len(set(puts) - set(dels))}")
+print("; ".join(problems) if problems else f"{len(puts)} PUTs, {len(dels)} DELETEs, the store holds exactly PUT - DELETE ({len(held)} blobs)")
+sys.exit(1 if problems else 0)
+PY
+held=$(find "$WORK/s3/$BUCKET/t1/blobs" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{32}' | wc -l)
+indexed=$(stat_of "$FS" blobs)
+compactions=$(stat_of "$FS" compactions)
+[[ $held -eq $indexed && $compactions -gt 0 ]] && pass "$compactions blobs rewritten; the index names every blob the store holds ($indexed)" || fail "store holds $held blobs, index $indexed, compactions $compactions"
+if check_files "$M"; then
+  pass "after compaction every file reads back byte-identical (blobs DELETEd were unreferenced)"
+else
+  fail "files differ after compaction"
+fi
+
+# The store killed in the middle of a flush (each request slowed to 300 ms so it is caught
+# in the act) and started again: the flush completes by itself, nothing is lost.
+stop_pids "$PROXY_PID"
+start_proxy "$PX" "$S3" --delay-ms 300
+write_files "$M" 3 g
+puts0=$(count_req PUT)
+"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 180 >"$WORK/flush3.out" 2>&1 &
+FLUSH_PID=$!
+for _ in $(seq 1 100); do
+  [[ $(count_req PUT) -gt $puts0 ]] && break
+  sleep 0.1
+done
+kill -9 "$S3_PID"
+wait "$S3_PID" 2>/dev/null || true
+if wait_stat "$FS" failing == True; then
+  pass "store killed after $(($(count_req PUT) - puts0)) PUT(s) of the flush: status shows it down"
+else
+  fail "store killed, but status does not show it down"
+fi
+sleep 2
+kill -0 "$FLUSH_PID" 2>/dev/null && pass "the flush waits while the store is down" || fail "the flush ended while the store was down: $(cat "$WORK/flush3.out")"
+start_s3s "$S3" "$WORK/s3"
+if wait "$FLUSH_PID"; then
+  pass "store restarted: the flush completed by itself ($(tail -1 "$WORK/flush3.out"))"
+else
+  fail "flush after the restart: $(tail -3 "$WORK/flush3.out")"
+fi
+wait_stat "$FS" unflushed_bytes == 0 || true
+if check_files "$M"; then
+  pass "nothing lost: every file reads back byte-identical"
+else
+  fail "files differ after the store's restart"
+fi
+
+# An outage: with flushing running continuously (min_age 500 ms) and a reserve of 4 MiB (+4
+# MiB of slack), writes go on into flash, then slow down, then get ENOSPC; nothing written
+# is lost, and when the store returns flushing resumes and writes are accepted again.
+stop_server
+stop_pids "$PROXY_PID"
+start_proxy "$PX" "$S3"
+start_server n1 "$FS" "$PX" "min_age_ms = 500" "reserve_mib = 4" "reserve_slack_mib = 4"
+mount_at "$M" "$FS"
+wait_stat "$FS" unflushed_bytes == 0 || true
+kill -9 "$S3_PID"
+wait "$S3_PID" 2>/dev/null || true
+# The first write after the kill is flushed half a second later; that PUT fails: the store
+# is known down from then on (as `cfs tier status` shows).
+head -c 1048576 /dev/urandom >"$WORK/o-first"
+cp "$WORK/o-first" "$M/o-first" && sync
+echo "o-first $(sha256sum <"$WORK/o-first" | cut -d' ' -f1)" >>"$WORK/digests"
+wait_stat "$FS" failing == True || fail "the store's outage is not seen"
+python3 - "$M" "$WORK/digests" <<'PY' >"$WORK/outage" 2>&1 && pass "outage: $(cat "$WORK/outage")" || fail "outage: $(cat "$WORK/outage")"
+import errno, hashlib, os, random, sys, time
+d, out = sys.argv[1], sys.argv[2]
+rng = random.Random(9)
+ok = 0
+start = time.time()
+for i in range(40):
+    data = rng.randbytes(1 << 20)
+    try:
+        with open(f"{d}/o{i}", "wb") as f:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(f.fileno(), view):]
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"{ok} MiB more accepted while the store was down, then ENOSPC after {time.time() - start:.1f} s")
+        sys.exit(0 if ok >= 4 else 1)
+    with open(out, "a") as o:
+        o.write(f"o{i} {hashlib.sha256(data).hexdigest()}\n")
+    ok += 1
+print(f"{ok} MiB accepted and never ENOSPC")
+sys.exit(1)
+PY
+grep -q "refusing new data with ENOSPC" "$WORK/n1.log" && pass "the server says why: $(grep -m1 -o 'object store unreachable.*' "$WORK/n1.log" | cut -c1-150)" || fail "no log line about ENOSPC"
+start_s3s "$S3" "$WORK/s3"
+if wait_stat "$FS" unflushed_bytes == 0; then
+  pass "store back: flushing resumed by itself and caught up"
+else
+  fail "store back, but $(stat_of "$FS" unflushed_bytes) bytes still unflushed"
+fi
+if head -c 1048576 /dev/urandom >"$M/after" && sync; then
+  pass "writes accepted again"
+else
+  fail "writes still refused after the store came back"
+fi
+if check_files "$M"; then
+  pass "nothing acknowledged was lost in the outage"
+else
+  fail "files differ after the outage"
+fi
+
+# A slow, flaky store: 200 ms per request, one in 20 answered 503, one in 20 cut short.
+stop_pids "$PROXY_PID"
+start_proxy "$PX" "$S3" --delay-ms 200 --fail-every 20 --cut-every 20
+write_files "$M" 4 h
+if "$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 300 >"$WORK/flush4.out" 2>&1; then
+  pass "flaky store: the flush completes"
+else
+  fail "flaky store: $(tail -3 "$WORK/flush4.out")"
+fi
+if check_files "$M"; then
+  pass "flaky store: every file reads back byte-identical ($(grep -c FAILED "$WORK/requests") requests answered 503, $(grep -c CUT "$WORK/requests") cut short on the way)"
+else
+  fail "flaky store: files differ"
+fi
+requests_ok && pass "still only PUT, ranged GET and DELETE" || fail "the store saw other requests"
+stop_server
+stop_pids "$PROXY_PID" "$S3_PID"
+PROXY_PID=""
+S3_PID=""
+
+# The same against moto_server.
+MO=$((BASE + 3)); FS2=$((BASE + 4))
+mv "$WORK/requests" "$WORK/requests.s3s"
+rm -f "$WORK/digests"
+start_moto "$MO" || { fail "moto_server does not start: $(tail -3 "$WORK/moto.log")"; }
+start_proxy "$PX" "$MO"
+start_server n2 "$FS2" "$PX"
+M2=$WORK/m2
+mount_at "$M2" "$FS2"
+write_files "$M2" 5
+if "$CFS" tier flush "127.0.0.1:$FS2" --wait --timeout 120 >/dev/null 2>&1 && wait_stat "$FS2" flash_bytes == 0; then
+  pass "moto: flushed and evicted"
+else
+  fail "moto: flush/evict (flash $(stat_of "$FS2" flash_bytes) bytes)"
+fi
+if check_files "$M2"; then
+  pass "moto: every file reads back byte-identical ($(count_req GET) ranged GETs)"
+else
+  fail "moto: files differ"
+fi
+requests_ok && pass "moto: only PUT, ranged GET and DELETE" || fail "moto: other requests"
 
 echo "$PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

@@ -200,7 +200,8 @@ impl Tier {
     /// bytes as unflushed until the next round recounts (a round stuck on a store that is
     /// down never does, so the count grows with every write meanwhile).
     pub fn admit_write(&self, bytes: u64) -> Result<(), ServiceError> {
-        let healthy = !self.mover.status().breaker_open;
+        let st = self.mover.status();
+        let healthy = !st.breaker_open && !st.failing;
         match policy::pressure(
             &self.policy,
             self.unflushed.load(Ordering::Relaxed),
@@ -254,6 +255,7 @@ impl Tier {
                 "retries": m.retries,
                 "missing_blobs": m.missing,
                 "breaker_open": m.breaker_open,
+                "failing": m.failing,
                 "last_error": m.last_error,
             },
             "flush_asked": self.flush_asked.load(Ordering::Relaxed),

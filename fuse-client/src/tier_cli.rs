@@ -99,7 +99,13 @@ pub fn status(servers: &str, json: bool) -> Result<()> {
             x["stats"]["restores"],
             x["stats"]["compactions"],
             x["stats"]["blobs_deleted"],
-            if s["breaker_open"].as_bool().unwrap_or(false) { "DOWN (backing off)" } else { "up" },
+            if s["breaker_open"].as_bool().unwrap_or(false) {
+                "DOWN (backing off)"
+            } else if s["failing"].as_bool().unwrap_or(false) {
+                "FAILING (retrying)"
+            } else {
+                "up"
+            },
             s["last_error"]
                 .as_str()
                 .map(|e| format!("; last error: {e}"))
@@ -143,10 +149,9 @@ pub fn flush(servers: &str, wait: bool, timeout_s: u64) -> Result<()> {
         let err = v
             .iter()
             .find_map(|(_, x)| {
-                x["store"]["breaker_open"]
-                    .as_bool()
-                    .filter(|o| *o)
-                    .and(x["store"]["last_error"].as_str())
+                let down = x["store"]["breaker_open"].as_bool().unwrap_or(false)
+                    || x["store"]["failing"].as_bool().unwrap_or(false);
+                x["store"]["last_error"].as_str().filter(|_| down)
             })
             .map(|e| format!("  store down: {e}"))
             .unwrap_or_default();

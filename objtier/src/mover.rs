@@ -54,6 +54,8 @@ pub struct MoverStatus {
     pub missing: u64,
     /// Whether the breaker is open (the store is being left alone).
     pub breaker_open: bool,
+    /// Whether the last request failed (the store is unreachable or failing right now).
+    pub failing: bool,
     /// The last error, if any.
     pub last_error: Option<String>,
 }
@@ -69,6 +71,7 @@ pub struct Mover {
     puts: AtomicU64,
     gets: AtomicU64,
     missing: AtomicU64,
+    failing: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -85,6 +88,7 @@ impl Mover {
             puts: AtomicU64::new(0),
             gets: AtomicU64::new(0),
             missing: AtomicU64::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
     }
@@ -122,6 +126,7 @@ impl Mover {
             match op().await {
                 Ok(v) => {
                     self.breaker().success();
+                    self.failing.store(false, Ordering::Relaxed);
                     return Ok(v);
                 }
                 Err(e @ (S3Error::Missing { .. } | S3Error::Config(_))) => {
@@ -137,6 +142,7 @@ impl Mover {
                 }
                 Err(e) => {
                     self.breaker().failure(self.now_ms());
+                    self.failing.store(true, Ordering::Relaxed);
                     self.retries.fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
@@ -212,6 +218,7 @@ impl Mover {
             gets: self.gets.load(Ordering::Relaxed),
             missing: self.missing.load(Ordering::Relaxed),
             breaker_open: !matches!(self.breaker().state(), BreakerState::Closed),
+            failing: self.failing.load(Ordering::Relaxed),
             last_error: self
                 .last_error
                 .lock()

@@ -97,6 +97,10 @@ fn serve(client: TcpStream, p: &Proxy) {
             p.cut_due.store(true, Ordering::Relaxed);
         }
         if resp.len() > 400 && p.cut_due.swap(false, Ordering::Relaxed) {
+            let _ = writeln!(
+                p.log.lock().unwrap_or_else(|e| e.into_inner()),
+                "{line} CUT"
+            );
             let _ = out.write_all(&resp[..resp.len() * 2 / 3]);
             return;
         }
