@@ -542,6 +542,7 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
         }
     };
     service.set_rma(start_rma(cfg, &engine, &service, rt.handle())?);
+    let mut tier_handle = None;
     if let Some(t) = &cfg.tier {
         let node = service.cluster().map(|c| c.node_id()).unwrap_or(0);
         let tier = cfs_dataplane::tier::Tier::new(t, node)
@@ -558,7 +559,9 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
             t.bucket,
             t.prefix
         );
-        service.set_tier(Arc::new(tier), rt.handle().clone());
+        let tier = Arc::new(tier);
+        service.set_tier(Arc::clone(&tier), rt.handle().clone());
+        tier_handle = Some(tier);
     }
     let groups = service.groups().to_vec();
     let server = rt
@@ -601,6 +604,10 @@ fn cmd_run(cfg: &Config, stats_every: u64) -> Result<()> {
         }
     }
     println!("stopping: closing connections, checkpointing shards");
+    if let Some(t) = &tier_handle {
+        // The tier loop holds the service; an upload in flight is abandoned (done again later).
+        t.stop(Duration::from_secs(5));
+    }
     rt.block_on(server.stop());
     for g in &groups {
         g.stop();
