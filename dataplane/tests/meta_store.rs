@@ -194,3 +194,81 @@ fn a_schema_1_database_gets_its_extent_map_from_the_old_fixed_layout() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The object tier's index is persisted with the change that made it and loaded at open: a
+/// restarted single node still knows which chunks live in which blob, and which are evicted.
+#[test]
+fn the_tier_index_survives_reopen() {
+    use cfs_meta::command::{Command, Op, Outcome};
+    use cfs_meta::tier::Flushed;
+    let dir = std::env::temp_dir().join(format!("cfs-meta-tier-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meta.redb");
+    let t = Timespec::new(5, 0);
+    let run = |store: &MetaStore, ns: &mut Namespace, op: Op| {
+        let out = ns.apply(&Command {
+            creds: Creds::root(),
+            now: t,
+            op,
+            session: None,
+        });
+        store.persist(ns).unwrap();
+        out
+    };
+    let (chunk, index) = {
+        let (store, mut ns) = MetaStore::open(&path, t).unwrap();
+        let a = match run(
+            &store,
+            &mut ns,
+            Op::Create {
+                parent: InodeId::ROOT,
+                name: b"f".to_vec(),
+                perm: 0o644,
+            },
+        ) {
+            Ok(Outcome::Attr(a)) => a,
+            other => panic!("{other:?}"),
+        };
+        let chunks = ns.map_chunks(a.ino, 0, 8192).unwrap();
+        run(
+            &store,
+            &mut ns,
+            Op::Wrote {
+                ino: a.ino,
+                offset: 0,
+                len: 8192,
+                chunks: chunks.clone(),
+            },
+        )
+        .unwrap();
+        let chunk = chunks[0].1;
+        let version = ns.tier().version(chunk);
+        run(
+            &store,
+            &mut ns,
+            Op::TierFlushed {
+                blob: 0xAB << 16,
+                payload_offset: 4096,
+                payload_bytes: 8192,
+                extents: vec![Flushed {
+                    chunk,
+                    version,
+                    blob_offset: 4096,
+                    len: 8192,
+                    crc32c: 7,
+                }],
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            run(&store, &mut ns, Op::TierEvicted { chunk, version }),
+            Ok(Outcome::Committed(true))
+        );
+        (chunk, ns.tier().clone())
+    };
+    let (_store, ns) = MetaStore::open(&path, t).unwrap();
+    assert_eq!(ns.tier(), &index);
+    assert!(ns.tier().extent(chunk).unwrap().evicted);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
