@@ -332,6 +332,29 @@ else
   fail "files differ after compaction"
 fi
 
+# A blob lost on the store (deleted behind our back): the read fails with EIO, not with wrong
+# data, and the status reports it loudly (and exits non-zero).
+head -c 300000 /dev/urandom >"$M/lost"
+sync
+"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 60 >/dev/null 2>&1 || true
+wait_stat "$FS" flash_bytes == 0 || true
+newest=$(ls -t "$WORK/s3/$BUCKET/t1/blobs" | head -1)
+rm -f "$WORK/s3/$BUCKET/t1/blobs/$newest"
+sync
+echo 3 >/proc/sys/vm/drop_caches
+if cat "$M/lost" >/dev/null 2>"$WORK/lost.err"; then
+  fail "a file whose blob is gone read without an error"
+elif grep -q "Input/output error" "$WORK/lost.err"; then
+  if ! "$CFS" tier status "127.0.0.1:$FS" >"$WORK/status-lost" 2>&1 && grep -q "MISSING" "$WORK/status-lost"; then
+    pass "a missing blob: EIO for its file, and cfs tier status says: $(grep MISSING "$WORK/status-lost" | cut -c1-100)"
+  else
+    fail "a missing blob is not reported: $(cat "$WORK/status-lost")"
+  fi
+else
+  fail "a missing blob gave: $(cat "$WORK/lost.err")"
+fi
+rm -f "$M/lost"
+
 # The store killed in the middle of a flush (each request slowed to 300 ms so it is caught
 # in the act) and started again: the flush completes by itself, nothing is lost.
 stop_pids "$PROXY_PID"

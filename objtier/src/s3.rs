@@ -217,13 +217,14 @@ impl BlobStore {
     /// Deletes a blob (one DELETE; deleting a missing blob is no error on S3).
     pub async fn delete_blob(&self, id: BlobId) -> Result<(), S3Error> {
         let path = self.path(id);
-        self.s3
-            .delete(&path)
-            .await
-            .map_err(|source| S3Error::Request {
+        match self.s3.delete(&path).await {
+            // Already gone (a DELETE repeated after a crash, or lost on the store): done.
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(S3Error::Request {
                 op: "DELETE",
                 key: path.to_string(),
                 source,
-            })
+            }),
+        }
     }
 }
