@@ -91,6 +91,10 @@ pub struct TierSection {
     /// Reads and deletes give up after this long (uploads never do).
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// Sign each blob's SHA-256 (SigV4) rather than send `UNSIGNED-PAYLOAD` (blobs carry
+    /// CRC32Cs checked on every read; signing costs a hash of every byte).
+    #[serde(default)]
+    pub sign_payload: bool,
 }
 
 fn default_region() -> String {

@@ -30,6 +30,10 @@ pub struct S3Config {
     pub secret_key: Option<String>,
     /// How long one request may take.
     pub request_timeout_ms: u64,
+    /// Sign the payload's SHA-256 (SigV4) instead of sending it as `UNSIGNED-PAYLOAD`: hashing
+    /// a 64 MiB blob costs CPU, and every extent and the table carry their own CRC32C, checked
+    /// on every read; stores behind plain HTTP proxies that must not alter bodies may want it.
+    pub sign_payload: bool,
     /// Retries of one request by the client library (transient errors); the tier's own
     /// backoff and circuit breaker sit above this.
     pub retries: usize,
@@ -48,6 +52,7 @@ impl S3Config {
             access_key: None,
             secret_key: None,
             request_timeout_ms: 30_000,
+            sign_payload: false,
             retries: 2,
         }
     }
@@ -116,6 +121,7 @@ impl BlobStore {
             .with_secret_access_key(secret)
             .with_virtual_hosted_style_request(!cfg.path_style)
             .with_disable_bulk_delete(true)
+            .with_unsigned_payload(!cfg.sign_payload)
             .with_retry(RetryConfig {
                 max_retries: cfg.retries,
                 retry_timeout: Duration::from_millis(cfg.request_timeout_ms),
