@@ -208,8 +208,7 @@ impl Tier {
     /// bytes as unflushed until the next round recounts (a round stuck on a store that is
     /// down never does, so the count grows with every write meanwhile).
     pub fn admit_write(&self, bytes: u64) -> Result<(), ServiceError> {
-        let st = self.mover.status();
-        let healthy = !st.breaker_open && !st.failing;
+        let healthy = self.mover.healthy();
         match policy::pressure(
             &self.policy,
             self.unflushed.load(Ordering::Relaxed),

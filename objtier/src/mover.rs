@@ -210,6 +210,13 @@ impl Mover {
             .await
     }
 
+    /// Whether the store answers: the last request succeeded and the breaker is closed (cheap:
+    /// asked on every write for back-pressure).
+    pub fn healthy(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+            && matches!(self.breaker().state(), BreakerState::Closed)
+    }
+
     /// Health and counters.
     pub fn status(&self) -> MoverStatus {
         MoverStatus {
