@@ -1092,6 +1092,8 @@ impl FsService {
                 | Op::TierRestored { .. }
                 | Op::BlobDeleteStarted { .. }
                 | Op::BlobDeleted { .. }
+                | Op::TierUploadStarted { .. }
+                | Op::TierUploadAbandoned { .. }
         );
         let op_code = op.code();
         let cmd = Command {

@@ -347,6 +347,8 @@ struct Packed {
 struct Scan {
     cands: Vec<Cand>,
     blobs: Vec<(u128, cfs_meta::tier::BlobInfo)>,
+    /// Uploads started and never recorded (by a leader that died or lost its lead).
+    pending: Vec<u128>,
 }
 
 fn scan(ns: &Namespace) -> Scan {
@@ -372,6 +374,7 @@ fn scan(ns: &Namespace) -> Scan {
     Scan {
         cands,
         blobs: ns.tier().blobs().map(|(k, v)| (k, *v)).collect(),
+        pending: ns.tier().pending().collect(),
     }
 }
 
@@ -640,7 +643,12 @@ impl FsService {
                 })
             };
             if let Some((p, upload, sent)) = inflight.take() {
-                tier.run(rt, upload)?
+                let abort = upload.abort_handle();
+                let waited = tier.run(rt, upload);
+                if waited.is_err() {
+                    abort.abort(); // stopping: the upload is left to the next leader's cleanup
+                }
+                waited?
                     .map_err(|e| internal(format!("upload task of blob {:032x}: {e}", p.id)))?
                     .map_err(|e| internal(format!("PUT of blob {:032x}: {e}", p.id)))?;
                 tier.bump(|s| s.blobs_put += 1);
@@ -648,6 +656,9 @@ impl FsService {
             }
             match next? {
                 Some(mut p) => {
+                    // Recorded first: if this upload is never recorded, the next leader finds
+                    // it and DELETEs it (see the module documentation).
+                    self.exec(&Creds::root(), Op::TierUploadStarted { blob: p.id })?;
                     let bytes = bytes::Bytes::from(std::mem::take(&mut p.bytes));
                     let (t, id) = (Arc::clone(tier), p.id);
                     let upload = rt.spawn(async move { t.mover.put_blob(BlobId(id), bytes).await });
@@ -764,13 +775,24 @@ impl FsService {
         Ok(())
     }
 
-    /// Deletes blobs nothing live points at (and finishes deletions a crash interrupted).
+    /// Deletes blobs nothing live points at (and finishes deletions a crash interrupted), and
+    /// the objects of uploads started and never recorded. Runs between flushes, when this
+    /// loop has no upload of its own in flight.
     fn delete_dead_blobs(
         &self,
         tier: &Tier,
         rt: &tokio::runtime::Handle,
     ) -> Result<(), ServiceError> {
         for (_, s) in self.tier_scans() {
+            for blob in s.pending {
+                match tier.run(rt, tier.mover.delete_blob(BlobId(blob)))? {
+                    Ok(()) => {
+                        self.exec(&Creds::root(), Op::TierUploadAbandoned { blob })?;
+                        tracing::warn!("deleted blob {blob:032x}: its upload was never recorded");
+                    }
+                    Err(e) => tracing::warn!("DELETE of unrecorded blob {blob:032x}: {e}"),
+                }
+            }
             for (blob, info) in s.blobs {
                 if info.live_bytes > 0 {
                     continue;

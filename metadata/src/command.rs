@@ -232,6 +232,14 @@ pub enum Op {
     BlobDeleted {
         blob: u128,
     },
+    /// Object tier: the upload of `blob` is about to start.
+    TierUploadStarted {
+        blob: u128,
+    },
+    /// Object tier: the upload of `blob` was never recorded; its object is deleted.
+    TierUploadAbandoned {
+        blob: u128,
+    },
 }
 
 /// A mutation with who asked and when (the leader's clock).
@@ -454,6 +462,16 @@ impl Namespace {
                 self.dirty_tier = true;
                 Outcome::Unit
             }
+            Op::TierUploadStarted { blob } => {
+                self.tier.upload_started(*blob).map_err(tier_errno)?;
+                self.dirty_tier = true;
+                Outcome::Unit
+            }
+            Op::TierUploadAbandoned { blob } => {
+                self.tier.upload_abandoned(*blob);
+                self.dirty_tier = true;
+                Outcome::Unit
+            }
         })
     }
 }
@@ -474,7 +492,7 @@ impl Op {
     /// The code of [`Op::Wrote`].
     pub const WROTE_CODE: u8 = 15;
 
-    /// The op's code in the encoding (1..=34).
+    /// The op's code in the encoding (1..=36).
     pub fn code(&self) -> u8 {
         match self {
             Op::Mknod { .. } => 1,
@@ -511,6 +529,8 @@ impl Op {
             Op::TierRestored { .. } => 32,
             Op::BlobDeleteStarted { .. } => 33,
             Op::BlobDeleted { .. } => 34,
+            Op::TierUploadStarted { .. } => 35,
+            Op::TierUploadAbandoned { .. } => 36,
         }
     }
 }
@@ -805,6 +825,14 @@ impl Command {
                 w.u8(34);
                 w.u128(*blob);
             }
+            Op::TierUploadStarted { blob } => {
+                w.u8(35);
+                w.u128(*blob);
+            }
+            Op::TierUploadAbandoned { blob } => {
+                w.u8(36);
+                w.u128(*blob);
+            }
         }
         w.0
     }
@@ -1039,6 +1067,8 @@ impl Command {
             },
             33 => Op::BlobDeleteStarted { blob: r.u128()? },
             34 => Op::BlobDeleted { blob: r.u128()? },
+            35 => Op::TierUploadStarted { blob: r.u128()? },
+            36 => Op::TierUploadAbandoned { blob: r.u128()? },
             _ => return None,
         };
         r.end()?;

@@ -336,19 +336,19 @@ impl Namespace {
 
     /// Encodes the whole namespace, open-handle counts included (under Raft, opens and
     /// releases are replicated commands, so handles are part of the state):
-    /// `u8 version (7) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
+    /// `u8 version (8) | u64 next_ino | u64 next_generation | u64 next_chunk | u32 n_inodes |
     /// n x (u32 len | inode record | u32 open | u32 n_extents | n x (u64 index | u64 chunk)) |
     /// u32 n_entries | n x (bytes key | bytes entry) | placement | sessions | u16 shard |
     /// u16 shards | transactions | tier index` (bytes: a u32
     /// length, then the bytes; placement as in [`Placement::encode`], sessions as in
     /// [`Sessions::encode`], transactions as in [`TxnState::encode`], the tier index as in
-    /// [`crate::tier::TierIndex::encode`]; version 6 had no tier index, version 5 no shard
+    /// [`crate::tier::TierIndex::encode`]; version 7 no pending uploads in it, version 6 no tier index, version 5 no shard
     /// or transactions (one shard), version 4 no chunk generations in the placement, version 3
     /// no sessions either, version 2 only the placement's stale
     /// list, version 1 neither).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = crate::codec::Writer::default();
-        w.u8(7);
+        w.u8(8);
         w.u64(self.next_ino);
         w.u64(self.next_generation);
         w.u64(self.next_chunk);
@@ -391,7 +391,8 @@ impl Namespace {
     /// Loads the tier index from a local database's record.
     pub fn load_tier_record(&mut self, b: &[u8]) -> Result<(), String> {
         let mut r = crate::codec::Reader::new(b);
-        let t = crate::tier::TierIndex::decode(&mut r).ok_or("malformed tier index record")?;
+        let t =
+            crate::tier::TierIndex::decode(&mut r, true).ok_or("malformed tier index record")?;
         r.end()
             .ok_or("trailing bytes after the tier index record")?;
         t.check()?;
@@ -439,7 +440,7 @@ impl Namespace {
         let bad = || "malformed namespace snapshot".to_string();
         let mut r = crate::codec::Reader::new(b);
         let version = r.u8().ok_or_else(bad)?;
-        if !(1..=7).contains(&version) {
+        if !(1..=8).contains(&version) {
             return Err("unknown namespace snapshot version".into());
         }
         let (next_ino, next_gen, next_chunk) = (
@@ -473,7 +474,7 @@ impl Namespace {
             ));
         }
         let placement = match version {
-            5..=7 => Placement::decode(&mut r).ok_or_else(bad)?,
+            5..=8 => Placement::decode(&mut r).ok_or_else(bad)?,
             3 | 4 => Placement::decode_versioned(&mut r, false).ok_or_else(bad)?,
             2 => {
                 let mut p = Placement::default();
@@ -495,7 +496,7 @@ impl Namespace {
             (ShardSlot::SINGLE, TxnState::default())
         };
         let tier = if version >= 7 {
-            crate::tier::TierIndex::decode(&mut r)
+            crate::tier::TierIndex::decode(&mut r, version >= 8)
                 .ok_or("malformed tier index in namespace snapshot")?
         } else {
             crate::tier::TierIndex::default()

@@ -8,6 +8,11 @@
 //! chunk's current data, so its flash copy may be evicted; a change to an evicted chunk needs
 //! its bytes back on flash first ([`TierError::Evicted`]).
 //!
+//! Uploads are recorded before they start ([`TierIndex::upload_started`]): a blob PUT whose
+//! `flushed` never committed (the leader crashed or lost its lead in between) is found there
+//! by the next leader, DELETEd and forgotten ([`TierIndex::upload_abandoned`]), so the store
+//! never keeps a blob nothing knows about (there is no LIST to find one).
+//!
 //! Blobs are deleted in a crash-safe order: a blob with no live extent is first marked
 //! `deleting` (committed), then DELETEd on the store, then forgotten
 //! ([`TierIndex::blob_deleted`]); after a crash the marked ones are DELETEd again (a DELETE
@@ -93,6 +98,8 @@ pub struct TierIndex {
     extents: BTreeMap<ChunkId, TierExtent>,
     blobs: BTreeMap<u128, BlobInfo>,
     versions: BTreeMap<ChunkId, u64>,
+    /// Blobs being uploaded (recorded before the PUT, cleared by `flushed` or `upload_abandoned`).
+    pending: std::collections::BTreeSet<u128>,
     /// Versions come from one counter that never repeats, so a flush report about a chunk
     /// that was freed (and a later chunk under the same id) can never pass as current.
     next_version: u64,
@@ -107,6 +114,24 @@ impl TierIndex {
     /// Where the chunk's bytes are on the store, if they are (and current).
     pub fn extent(&self, chunk: ChunkId) -> Option<&TierExtent> {
         self.extents.get(&chunk)
+    }
+
+    /// Blobs whose upload started and was neither recorded nor abandoned.
+    pub fn pending(&self) -> impl Iterator<Item = u128> + '_ {
+        self.pending.iter().copied()
+    }
+
+    /// An upload of `blob` is about to start.
+    pub fn upload_started(&mut self, blob: u128) -> Result<(), TierError> {
+        if self.blobs.contains_key(&blob) || !self.pending.insert(blob) {
+            return Err(TierError::BlobExists(blob));
+        }
+        Ok(())
+    }
+
+    /// The upload of `blob` will never be recorded (its object, if any, was DELETEd).
+    pub fn upload_abandoned(&mut self, blob: u128) {
+        self.pending.remove(&blob);
     }
 
     /// A blob's bookkeeping.
@@ -174,7 +199,9 @@ impl TierIndex {
         if self.blobs.contains_key(&blob) {
             return Err(TierError::BlobExists(blob));
         }
-        let end = payload_offset + payload_bytes;
+        let end = payload_offset
+            .checked_add(payload_bytes)
+            .ok_or_else(|| TierError::BadFlush("payload end overflows".into()))?;
         let mut next = payload_offset;
         for f in extents {
             if f.blob_offset != next || f.blob_offset + u64::from(f.len) > end {
@@ -185,6 +212,7 @@ impl TierIndex {
             }
             next += u64::from(f.len);
         }
+        self.pending.remove(&blob);
         self.blobs.insert(
             blob,
             BlobInfo {
@@ -274,7 +302,8 @@ impl TierIndex {
     /// `u64 next_version | u32 n | n x (u64 chunk | u64 version) | u32 n | n x (u64 blob lo |
     /// u64 blob hi | u64 payload bytes | u64 live bytes | u8 deleting) | u32 n | n x (u64 chunk
     /// | u64 blob lo | u64 blob hi | u64 blob offset | u32 len | u32 crc32c | u64 version | u8
-    /// evicted)`.
+    /// evicted) | u32 n | n x (u64 blob lo | u64 blob hi)` (the last list, uploads pending,
+    /// is absent in namespace snapshots before version 8).
     pub fn encode(&self, w: &mut Writer) {
         w.u64(self.next_version);
         w.u32(self.versions.len() as u32);
@@ -301,10 +330,16 @@ impl TierIndex {
             w.u64(e.version);
             w.u8(u8::from(e.evicted));
         }
+        w.u32(self.pending.len() as u32);
+        for id in &self.pending {
+            w.u64(*id as u64);
+            w.u64((*id >> 64) as u64);
+        }
     }
 
-    /// Reads what [`TierIndex::encode`] wrote; `None` if malformed or inconsistent.
-    pub fn decode(r: &mut Reader) -> Option<TierIndex> {
+    /// Reads what [`TierIndex::encode`] wrote (`with_pending`: with the pending uploads'
+    /// list, from snapshot version 8 on); `None` if malformed or inconsistent.
+    pub fn decode(r: &mut Reader, with_pending: bool) -> Option<TierIndex> {
         let flag = |b: u8| match b {
             0 => Some(false),
             1 => Some(true),
@@ -342,13 +377,19 @@ impl TierIndex {
             };
             t.extents.insert(c, e);
         }
+        if with_pending {
+            for _ in 0..r.u32()? {
+                t.pending
+                    .insert(u128::from(r.u64()?) | u128::from(r.u64()?) << 64);
+            }
+        }
         t.check().ok()?;
         Some(t)
     }
 
     /// Whether nothing is tiered (no blob, no version recorded).
     pub fn is_empty(&self) -> bool {
-        self.blobs.is_empty() && self.versions.is_empty()
+        self.blobs.is_empty() && self.versions.is_empty() && self.pending.is_empty()
     }
 
     /// Checks the index's invariants (tests and debug assertions): every extent's blob is
@@ -402,6 +443,8 @@ mod tests {
         Evict(u64),
         Restore(u64),
         DeleteDead,
+        /// An upload started and never recorded (its leader died), then cleaned up.
+        Abandon,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -412,6 +455,7 @@ mod tests {
             (0u64..8).prop_map(Step::Evict),
             (0u64..8).prop_map(Step::Restore),
             Just(Step::DeleteDead),
+            Just(Step::Abandon),
         ]
     }
 
@@ -441,7 +485,11 @@ mod tests {
                             fl.push(Flushed { chunk: ChunkId(c), version, blob_offset: off, len: 100 + c as u32, crc32c: 0 });
                             off += 100 + c;
                         }
+                        t.upload_started(next_blob).unwrap();
+                        prop_assert!(t.pending().any(|b| b == next_blob));
                         t.flushed(next_blob, 4096, off - 4096, &fl).unwrap();
+                        prop_assert!(!t.pending().any(|b| b == next_blob));
+                        prop_assert!(t.upload_started(next_blob).is_err());
                         next_blob += 1;
                     }
                     Step::Evict(c) => {
@@ -455,12 +503,22 @@ mod tests {
                             t.blob_deleted(b).unwrap();
                         }
                     }
+                    Step::Abandon => {
+                        t.upload_started(next_blob).unwrap();
+                        let mut w = Writer::default();
+                        t.encode(&mut w);
+                        let back = TierIndex::decode(&mut Reader::new(&w.0), true).unwrap();
+                        prop_assert!(back.pending().any(|b| b == next_blob));
+                        t.upload_abandoned(next_blob);
+                        prop_assert!(t.blob(next_blob).is_none());
+                        next_blob += 1;
+                    }
                 }
                 prop_assert_eq!(t.check(), Ok(()));
                 let mut w = Writer::default();
                 t.encode(&mut w);
                 let mut r = Reader::new(&w.0);
-                let back = TierIndex::decode(&mut r);
+                let back = TierIndex::decode(&mut r, true);
                 prop_assert_eq!(back.as_ref(), Some(&t));
                 prop_assert!(r.end().is_some());
             }
@@ -468,7 +526,7 @@ mod tests {
 
         #[test]
         fn decoding_is_total(b in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = TierIndex::decode(&mut Reader::new(&b));
+            let _ = TierIndex::decode(&mut Reader::new(&b), true);
         }
     }
 

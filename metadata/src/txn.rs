@@ -1123,7 +1123,9 @@ pub fn home_shard(count: u16, op: &Op) -> u16 {
         }
         Op::TierFlushed { blob, .. }
         | Op::BlobDeleteStarted { blob }
-        | Op::BlobDeleted { blob } => return crate::tier::blob_shard(*blob) % count.max(1),
+        | Op::BlobDeleted { blob }
+        | Op::TierUploadStarted { blob }
+        | Op::TierUploadAbandoned { blob } => return crate::tier::blob_shard(*blob) % count.max(1),
         Op::TxnPrepare { id, .. }
         | Op::TxnDecide { id, .. }
         | Op::TxnCommit { id, .. }

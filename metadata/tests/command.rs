@@ -178,6 +178,8 @@ fn op() -> impl Strategy<Value = Op> {
         (1u64..20).prop_map(|c| Op::TierRestored { chunk: ChunkId(c) }),
         (0u128..4).prop_map(|blob| Op::BlobDeleteStarted { blob }),
         (0u128..4).prop_map(|blob| Op::BlobDeleted { blob }),
+        (0u128..6).prop_map(|blob| Op::TierUploadStarted { blob }),
+        (0u128..6).prop_map(|blob| Op::TierUploadAbandoned { blob }),
     ]
 }
 
