@@ -351,6 +351,24 @@ struct Scan {
     pending: Vec<u128>,
 }
 
+impl Scan {
+    /// The chunks with bytes on flash, as the policy sees them.
+    fn on_flash(&self) -> Vec<FlashExtent> {
+        self.cands
+            .iter()
+            .filter(|c| !c.extent.is_some_and(|e| e.evicted))
+            .map(|c| FlashExtent {
+                chunk: c.chunk.0,
+                bytes: c.len,
+                written_ms: c.written_ms,
+                flushed: c.extent.is_some(),
+                pinned: c.pinned,
+                read_ms: 0,
+            })
+            .collect()
+    }
+}
+
 fn scan(ns: &Namespace) -> Scan {
     let mut cands = Vec::new();
     for (ino, idx, chunk) in ns.all_extents() {
@@ -457,19 +475,7 @@ impl FsService {
         let (used, capacity) = self.flash_usage();
         let mut totals = TierStats::default();
         for (shard, s) in &scans {
-            let flash: Vec<FlashExtent> = s
-                .cands
-                .iter()
-                .filter(|c| !c.extent.is_some_and(|e| e.evicted))
-                .map(|c| FlashExtent {
-                    chunk: c.chunk.0,
-                    bytes: c.len,
-                    written_ms: c.written_ms,
-                    flushed: c.extent.is_some(),
-                    pinned: c.pinned,
-                    read_ms: 0,
-                })
-                .collect();
+            let flash = s.on_flash();
             // Flush.
             let mut cfg = tier.policy;
             if force {
@@ -488,20 +494,7 @@ impl FsService {
             // Evict.
             let flushed_now = self.tier_scans();
             if let Some((_, s2)) = flushed_now.iter().find(|(k, _)| k == shard) {
-                let flash2: Vec<FlashExtent> = s2
-                    .cands
-                    .iter()
-                    .filter(|c| !c.extent.is_some_and(|e| e.evicted))
-                    .map(|c| FlashExtent {
-                        chunk: c.chunk.0,
-                        bytes: c.len,
-                        written_ms: c.written_ms,
-                        flushed: c.extent.is_some(),
-                        pinned: c.pinned,
-                        read_ms: 0,
-                    })
-                    .collect();
-                for chunk in policy::to_evict(&tier.policy, used, capacity, &flash2) {
+                for chunk in policy::to_evict(&tier.policy, used, capacity, &s2.on_flash()) {
                     if let Some(c) = s2.cands.iter().find(|c| c.chunk.0 == chunk) {
                         if let Err(e) = self.evict(tier, c) {
                             tracing::warn!("evicting {}: {e}", c.chunk);
