@@ -14,7 +14,9 @@
 #     (never lost data); when the store is back, flushing resumes and writes are accepted;
 #   - a proxy adding 200 ms and failing or truncating 5% of responses: tiering completes and
 #     every byte reads back;
-#   - the same flush/evict/read-back against moto_server.
+#   - against moto_server too: flush, evict, read back, compaction (checked by listing moto
+#     directly), and the slow, flaky proxy (a kill and restart applies to s3s-fs only: moto
+#     keeps its objects in memory, so a restarted moto is an empty store).
 # Starts everything under a temporary directory; stops its processes by PID and cleans up.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -242,6 +244,8 @@ count_req() { grep -E "^$1 " "$WORK/requests" | grep -vcE "FAILED|DOWN|CUT" || t
 
 # --- s3s-fs: flush, evict, read back; pin; compaction ------------------------------------
 S3=$((BASE)); PX=$((BASE + 1)); FS=$((BASE + 2))
+STORE=s3s
+STORE_PORT=$S3
 start_s3s "$S3" "$WORK/s3" || { echo "s3s-fs does not start"; cat "$WORK/s3s.log"; exit 1; }
 start_proxy "$PX" "$S3"
 start_server n1 "$FS" "$PX"
@@ -262,6 +266,47 @@ if wait_stat "$FS" evicted_bytes == "$((total - pinned))"; then
 else
   fail "evicted $(stat_of "$FS" evicted_bytes) bytes, expected $((total - pinned)) (total $total, pinned $pinned)"
 fi
+# A small read of an evicted file: answered by a ranged GET of the 1 MiB block around it
+# (after the blob's table), checked; the whole chunk comes back to flash in the background.
+restores0=$(stat_of "$FS" restores)
+echo 3 >/proc/sys/vm/drop_caches
+if python3 - "$M" "$WORK/digests" "$WORK/requests" <<'PY' >"$WORK/piece" 2>&1; then
+import os, re, sys
+d, digests, log = sys.argv[1:4]
+names = [l.split()[0] for l in open(digests)]
+name = max((n for n in names if n != "f5"), key=lambda n: os.path.getsize(f"{d}/{n}"))
+size = os.path.getsize(f"{d}/{name}")
+off = size // 2
+n0 = sum(1 for _ in open(log))
+with open(f"{d}/{name}", "rb") as f:
+    f.seek(off)
+    piece = f.read(4096)
+assert len(piece) == min(4096, size - off), len(piece)
+ranges = []
+for l in list(open(log))[n0:]:
+    m = re.match(r"GET \S+ bytes=(\d+)-(\d+)$", l.strip())
+    if m and int(m.group(1)) != 0:  # not the table's GETs (from byte 0)
+        ranges.append(int(m.group(2)) - int(m.group(1)) + 1)
+if not ranges or ranges[0] > 1 << 20:
+    print(f"the read of 4 KiB of {name} ({size} bytes) fetched {ranges}")
+    sys.exit(1)
+# The piece is the file's bytes there (the whole file checked against its digest).
+import hashlib
+whole = open(f"{d}/{name}", "rb").read()
+want = dict(l.split() for l in open(digests))[name]
+assert hashlib.sha256(whole).hexdigest() == want, "the file differs"
+assert whole[off:off + 4096] == piece, "the piece read from the store differs"
+print(f"4 KiB of {name} ({size} bytes) at {off}: a GET of {ranges[0]} bytes, the right bytes")
+PY
+  pass "a small read of an evicted file: $(cat "$WORK/piece")"
+else
+  fail "a small read of an evicted file: $(cat "$WORK/piece")"
+fi
+if wait_stat "$FS" restores ">" "$restores0" && [[ $(stat_of "$FS" store_reads) -gt 0 ]]; then
+  pass "the chunk read from the store is back on flash ($(stat_of "$FS" store_reads) reads by blocks, $(stat_of "$FS" store_read_bytes) bytes)"
+else
+  fail "no background restore after a read from the store (restores $(stat_of "$FS" restores), store reads $(stat_of "$FS" store_reads))"
+fi
 "$CFS" tier status "127.0.0.1:$FS" >"$WORK/status1" 2>&1 || true
 grep -q "on object store" "$WORK/status1" && pass "cfs tier status: $(grep 'on object store' "$WORK/status1")" || fail "cfs tier status: $(cat "$WORK/status1")"
 if check_files "$M"; then
@@ -274,11 +319,30 @@ restores=$(stat_of "$FS" restores)
 [[ $GETS -gt 0 && $restores -gt 0 ]] && pass "read back by $GETS ranged GETs, $restores chunks repopulated on flash" || fail "GETs $GETS restores $restores"
 requests_ok && pass "the store saw only PUT, ranged GET and DELETE of blob keys" || fail "the store saw other requests"
 
-# Compaction: 16 files of 200 KiB share blobs four or five to a blob; overwriting three in
-# four leaves those blobs below half live: they are rewritten, and every blob left with nothing
-# live is DELETEd, and nothing else.
-small_files() { # small_files SEED STEP: files s0..s15 whose index is not a multiple of STEP
-  python3 - "$M" "$WORK/digests" "$1" "$2" <<'PY'
+# held_blobs: the blob ids the store holds now, one a line. The test looks for itself (the
+# s3s-fs directory, or a LIST sent straight to moto_server, not through the proxy): ClaudeFS
+# never lists.
+held_blobs() {
+  if [[ $STORE == s3s ]]; then
+    find "$WORK/s3/$BUCKET/t1/blobs" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{32}' -printf '%f\n'
+  else
+    python3 - "$STORE_PORT" "$BUCKET" <<'PY'
+import http.client, re, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+c.request("GET", f"/{sys.argv[2]}?list-type=2&prefix=t1/blobs/&max-keys=1000")
+body = c.getresponse().read().decode()
+assert "<IsTruncated>false</IsTruncated>" in body, "listing truncated"
+for k in re.findall(r"<Key>t1/blobs/([0-9a-f]{32})</Key>", body):
+    print(k)
+PY
+  fi
+}
+
+# Compaction (compaction_test LABEL MOUNT PORT): 16 files of 200 KiB share blobs four or five
+# to a blob; overwriting three in four leaves those blobs below half live: they are rewritten,
+# and every blob left with nothing live is DELETEd, and nothing else.
+small_files() { # small_files DIR SEED STEP: files s0..s15 whose index is not a multiple of STEP
+  python3 - "$1" "$WORK/digests" "$2" "$3" <<'PY'
 import hashlib, os, random, sys
 d, out, seed, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
@@ -295,21 +359,24 @@ with open(out, "w") as o:
     o.writelines(f"{n} {h}\n" for n, h in sorted(old.items()))
 PY
 }
-small_files 6 0
-"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 120 >/dev/null 2>&1 || true
-small_files 7 4
-"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 120 >/dev/null 2>&1 || true
-# Rounds go on: wait for the deletions to settle (no blob being deleted, none dead).
-wait_stat "$FS" blobs_deleting == 0 || true
-sleep 1
-python3 - "$WORK/requests" "$WORK/s3/$BUCKET/t1/blobs" <<'PY' >"$WORK/compaction" 2>&1 && pass "compaction: $(cat "$WORK/compaction")" || fail "compaction: $(cat "$WORK/compaction")"
-import os, re, sys
+compaction_test() {
+  local label=$1 mnt=$2 port=$3
+  small_files "$mnt" 6 0
+  "$CFS" tier flush "127.0.0.1:$port" --wait --timeout 120 >/dev/null 2>&1 || true
+  small_files "$mnt" 7 4
+  "$CFS" tier flush "127.0.0.1:$port" --wait --timeout 120 >/dev/null 2>&1 || true
+  # Rounds go on: wait for the deletions to settle (no blob being deleted, none dead).
+  wait_stat "$port" blobs_deleting == 0 || true
+  sleep 1
+  held_blobs >"$WORK/held"
+  if python3 - "$WORK/requests" "$WORK/held" <<'PY' >"$WORK/compaction" 2>&1; then
+import re, sys
 puts, dels = [], []
 for l in open(sys.argv[1]):
     m = re.match(r"(PUT|DELETE) /\S+/blobs/([0-9a-f]{32}) - *$", l.strip())
     if m:
         (puts if m.group(1) == "PUT" else dels).append(m.group(2))
-held = set(f for f in os.listdir(sys.argv[2]) if re.fullmatch(r"[0-9a-f]{32}", f))
+held = set(l.strip() for l in open(sys.argv[2]) if l.strip())
 problems = []
 if not dels:
     problems.append("no DELETE")
@@ -322,15 +389,22 @@ if held != set(puts) - set(dels):
 print("; ".join(problems) if problems else f"{len(puts)} PUTs, {len(dels)} DELETEs, the store holds exactly PUT - DELETE ({len(held)} blobs)")
 sys.exit(1 if problems else 0)
 PY
-held=$(find "$WORK/s3/$BUCKET/t1/blobs" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{32}' | wc -l)
-indexed=$(stat_of "$FS" blobs)
-compactions=$(stat_of "$FS" compactions)
-[[ $held -eq $indexed && $compactions -gt 0 ]] && pass "$compactions blobs rewritten; the index names every blob the store holds ($indexed)" || fail "store holds $held blobs, index $indexed, compactions $compactions"
-if check_files "$M"; then
-  pass "after compaction every file reads back byte-identical (blobs DELETEd were unreferenced)"
-else
-  fail "files differ after compaction"
-fi
+    pass "${label}compaction: $(cat "$WORK/compaction")"
+  else
+    fail "${label}compaction: $(cat "$WORK/compaction")"
+  fi
+  local held indexed compactions
+  held=$(wc -l <"$WORK/held")
+  indexed=$(stat_of "$port" blobs)
+  compactions=$(stat_of "$port" compactions)
+  [[ $held -eq $indexed && $compactions -gt 0 ]] && pass "${label}$compactions blobs rewritten; the index names every blob the store holds ($indexed)" || fail "${label}store holds $held blobs, index $indexed, compactions $compactions"
+  if check_files "$mnt"; then
+    pass "${label}after compaction every file reads back byte-identical (blobs DELETEd were unreferenced)"
+  else
+    fail "${label}files differ after compaction"
+  fi
+}
+compaction_test "" "$M" "$FS"
 
 # A blob lost on the store (deleted behind our back): the read fails with EIO, not with wrong
 # data, and the status reports it loudly (and exits non-zero).
@@ -410,7 +484,7 @@ start_server n1 "$FS" "$PX"
 mount_at "$M" "$FS"
 "$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 180 >/dev/null 2>&1 || true
 "$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 180 >/dev/null 2>&1 || true
-held=$(find "$WORK/s3/$BUCKET/t1/blobs" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{32}' | wc -l)
+held=$(held_blobs | wc -l)
 indexed=$(stat_of "$FS" blobs)
 abandoned=$(grep -c "its upload was never recorded" "$WORK/n1.log" || true)
 if [[ $held -eq $indexed ]]; then
@@ -506,6 +580,8 @@ S3_PID=""
 
 # The same against moto_server.
 MO=$((BASE + 3)); FS2=$((BASE + 4))
+STORE=moto
+STORE_PORT=$MO
 mv "$WORK/requests" "$WORK/requests.s3s"
 rm -f "$WORK/digests"
 start_moto "$MO" || { fail "moto_server does not start: $(tail -3 "$WORK/moto.log")"; }
@@ -523,6 +599,21 @@ if check_files "$M2"; then
   pass "moto: every file reads back byte-identical ($(count_req GET) ranged GETs)"
 else
   fail "moto: files differ"
+fi
+compaction_test "moto: " "$M2" "$FS2"
+# A slow, flaky moto: tiering completes and every byte reads back.
+stop_pids "$PROXY_PID"
+start_proxy "$PX" "$MO" --delay-ms 200 --fail-every 20 --cut-every 20
+write_files "$M2" 11 h
+if "$CFS" tier flush "127.0.0.1:$FS2" --wait --timeout 300 >"$WORK/flush5.out" 2>&1 && wait_stat "$FS2" flash_bytes == 0; then
+  pass "moto, flaky: flushed and evicted"
+else
+  fail "moto, flaky: $(tail -3 "$WORK/flush5.out") (flash $(stat_of "$FS2" flash_bytes) bytes)"
+fi
+if check_files "$M2"; then
+  pass "moto, flaky: every file reads back byte-identical ($(grep -c FAILED "$WORK/requests") requests answered 503, $(grep -c CUT "$WORK/requests") cut short)"
+else
+  fail "moto, flaky: files differ"
 fi
 requests_ok && pass "moto: only PUT, ranged GET and DELETE" || fail "moto: other requests"
 stop_server

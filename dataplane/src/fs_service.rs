@@ -1193,15 +1193,28 @@ impl FsService {
         self.tier.get()
     }
 
-    /// Chunk indexes of `ino` in `[offset, offset+len)` whose chunk is evicted to the store.
-    fn evicted_in(ns: &Namespace, ino: InodeId, offset: u64, len: u64) -> Result<Vec<u64>, Errno> {
+    /// Chunk indexes of `ino` in `[offset, offset+len)` whose chunk is evicted to the store,
+    /// with their extents.
+    fn evicted_extents(
+        ns: &Namespace,
+        ino: InodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, cfs_meta::tier::TierExtent)>, Errno> {
         if ns.tier().is_empty() || len == 0 {
             return Ok(Vec::new());
         }
         Ok(ns
             .extents(ino, offset, len)?
             .into_iter()
-            .filter(|(_, c)| ns.tier().extent(*c).is_some_and(|e| e.evicted))
+            .filter_map(|(idx, c)| Some((idx, *ns.tier().extent(c).filter(|e| e.evicted)?)))
+            .collect())
+    }
+
+    /// Chunk indexes of `ino` in `[offset, offset+len)` whose chunk is evicted to the store.
+    fn evicted_in(ns: &Namespace, ino: InodeId, offset: u64, len: u64) -> Result<Vec<u64>, Errno> {
+        Ok(Self::evicted_extents(ns, ino, offset, len)?
+            .into_iter()
             .map(|(idx, _)| idx)
             .collect())
     }
@@ -1798,20 +1811,52 @@ impl FsService {
             offset.saturating_add(want - 1) / CHUNK_BYTES,
         );
         let mut tries = 0;
-        // Shared tier locks: no eviction of these chunks while they are read.
-        let (attr, mapped, _shared) = loop {
-            let shared = self.tier().map(|t| t.read_locks(ino, first, last));
+        loop {
+            // Shared tier locks: no eviction, restore or write of these chunks while they
+            // are read (from flash, or from the store when evicted).
+            let _shared = self.tier().map(|t| t.read_locks(ino, first, last));
             let (attr, mapped, evicted) = self.view(ino, |ns| {
                 Ok((
                     ns.getattr(ino)?,
                     ns.extents(ino, offset, want)?,
-                    Self::evicted_in(ns, ino, offset, want)?,
+                    Self::evicted_extents(ns, ino, offset, want)?,
                 ))
             })?;
-            if evicted.is_empty() {
-                break (attr, mapped, shared);
+            let end = attr.size.min(offset.saturating_add(want));
+            if offset >= end {
+                return Ok(Reply::Data(Vec::new()));
             }
-            drop(shared);
+            let mut out = vec![0u8; (end - offset) as usize];
+            // Evicted chunks whose blob has no block CRCs: brought back whole, then again.
+            let mut whole = Vec::new();
+            for (idx, off, n, at) in pieces(offset, end - offset) {
+                let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) else {
+                    continue; // a hole: zeros
+                };
+                let d = match evicted.iter().find(|(i, _)| *i == idx) {
+                    None => self.chunk_read(*c, off, n)?,
+                    Some((_, e)) => {
+                        let Some(t) = self.tier() else {
+                            tracing::error!(
+                                "{ino} has data on the object store but no [tier] is configured here"
+                            );
+                            return Err(errno(Errno::Io));
+                        };
+                        match self.read_evicted_piece(t, (ino, idx, *c), e, off, n)? {
+                            Some(d) => d,
+                            None => {
+                                whole.push(idx);
+                                continue;
+                            }
+                        }
+                    }
+                };
+                out[at as usize..at as usize + d.len()].copy_from_slice(&d);
+            }
+            if whole.is_empty() {
+                return Ok(Reply::Data(out));
+            }
+            drop(_shared);
             tries += 1;
             if tries > 3 {
                 return Err(ServiceError::new(
@@ -1819,23 +1864,8 @@ impl FsService {
                     format!("{ino}: evicted again while being read back"),
                 ));
             }
-            self.restore_all(ino, &evicted, false)?;
-        };
-        let end = attr
-            .size
-            .min(offset.saturating_add(u64::from(len.min(MAX_IO))));
-        if offset >= end {
-            return Ok(Reply::Data(Vec::new()));
+            self.restore_all(ino, &whole, false)?;
         }
-        let mut out = vec![0u8; (end - offset) as usize];
-        for (idx, off, n, at) in pieces(offset, end - offset) {
-            let Some((_, c)) = mapped.iter().find(|(i, _)| *i == idx) else {
-                continue; // a hole: zeros
-            };
-            let d = self.chunk_read(*c, off, n)?;
-            out[at as usize..at as usize + d.len()].copy_from_slice(&d);
-        }
-        Ok(Reply::Data(out))
     }
 
     /// Makes `[offset, offset+len)` read as zeros in the store, except whole chunks, which

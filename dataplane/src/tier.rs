@@ -13,6 +13,11 @@
 //!   the holders' copies are cut to nothing.
 //! - Restore: under the same lock, a fresh look at the index, a ranged GET checked against
 //!   the CRC, the bytes written to every holder, then `TierRestored` commits.
+//! - Read of an evicted chunk: under the chunk's shared lock (no eviction, restore or write
+//!   meanwhile), the piece asked for is fetched as the 1 MiB blocks around it, each checked
+//!   against the blob's block CRCs, which are checked against the extent's CRC32C in the
+//!   index; the whole chunk is then brought back to flash in the background (a bounded queue
+//!   served by its own thread). Blobs of format 1 (no block CRCs) are restored whole first.
 //! - Delete: `BlobDeleteStarted` commits (only for a blob nothing live points at), then the
 //!   DELETE, then `BlobDeleted`. A crash between leaves a marked blob that the next round
 //!   DELETEs again (a DELETE of a missing object succeeds).
@@ -24,7 +29,7 @@ use cfs_fabric::ServiceError;
 use cfs_meta::command::{Op, Outcome};
 use cfs_meta::tier::{Flushed, TierExtent};
 use cfs_meta::{ChunkId, Creds, Errno, FileType, InodeId, Namespace, CHUNK_BYTES};
-use cfs_objtier::blob::{BlobBuilder, BlobId, Placed};
+use cfs_objtier::blob::{BlobBuilder, BlobId, Placed, Table};
 use cfs_objtier::mover::{Mover, MoverConfig};
 use cfs_objtier::policy::{self, FlashExtent, PolicyConfig, Pressure};
 use cfs_objtier::s3::{BlobStore, S3Config};
@@ -40,6 +45,14 @@ pub const TIER_METHOD: u32 = 0x0100_0020;
 
 /// Stripes of the per-(file, chunk index) tier locks.
 const LOCK_STRIPES: usize = 256;
+
+/// Extent tables of blobs read lately (for their block CRCs); blobs never change, so an
+/// entry is never stale, only unused. At this many the cache starts again.
+const TABLE_CACHE: usize = 256;
+
+/// Chunks waiting to be brought back to flash after a read from the store; one more is left
+/// to a later read.
+const RESTORE_QUEUE: usize = 64;
 
 /// What the last round saw, for `cfs tier status`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -70,6 +83,10 @@ pub struct TierStats {
     pub restores: u64,
     /// Blobs rewritten by compaction since start.
     pub compactions: u64,
+    /// Reads of evicted chunks answered from the store by blocks since start.
+    pub store_reads: u64,
+    /// Bytes those reads fetched from the store (whole blocks).
+    pub store_read_bytes: u64,
     /// Rounds completed.
     pub rounds: u64,
 }
@@ -96,8 +113,13 @@ pub struct Tier {
     /// Set by [`Tier::stop`]: the loop ends and any request to the store it waits on is
     /// abandoned (an upload that never landed is simply done again after the restart).
     stop_tx: tokio::sync::watch::Sender<bool>,
-    /// The loop ended and let go of the service (and with it the engine).
-    finished: AtomicBool,
+    /// Threads (the loop, the restorer) still holding the service (and with it the engine).
+    running: std::sync::atomic::AtomicUsize,
+    tables: Mutex<std::collections::HashMap<u128, Arc<Table>>>,
+    /// Chunks read from the store, to bring back to flash (the restorer takes them).
+    restore_tx: std::sync::mpsc::SyncSender<(InodeId, u64)>,
+    restore_rx: Mutex<Option<std::sync::mpsc::Receiver<(InodeId, u64)>>>,
+    restore_queued: Mutex<std::collections::HashSet<(InodeId, u64)>>,
 }
 
 fn now_ms() -> u64 {
@@ -130,7 +152,13 @@ impl Tier {
                 ..MoverConfig::default()
             },
         );
+        let (restore_tx, restore_rx) = std::sync::mpsc::sync_channel(RESTORE_QUEUE);
         Ok(Tier {
+            running: std::sync::atomic::AtomicUsize::new(0),
+            tables: Mutex::new(std::collections::HashMap::new()),
+            restore_tx,
+            restore_rx: Mutex::new(Some(restore_rx)),
+            restore_queued: Mutex::new(std::collections::HashSet::new()),
             policy: PolicyConfig {
                 min_age_ms: cfg.min_age_ms,
                 evict_above_pct: cfg.evict_above_pct,
@@ -152,7 +180,6 @@ impl Tier {
             last_full_log: Mutex::new(None),
             started: AtomicBool::new(false),
             stop_tx: tokio::sync::watch::channel(false).0,
-            finished: AtomicBool::new(false),
         })
     }
 
@@ -274,10 +301,7 @@ impl Tier {
         self.stop_tx.send_replace(true);
         self.wake();
         let until = Instant::now() + wait;
-        while self.started.load(Ordering::SeqCst)
-            && !self.finished.load(Ordering::SeqCst)
-            && Instant::now() < until
-        {
+        while self.running.load(Ordering::SeqCst) > 0 && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -302,6 +326,46 @@ impl Tier {
                 )),
             }
         })
+    }
+
+    /// A blob's extent table, from the cache or the store.
+    fn table(&self, rt: &tokio::runtime::Handle, blob: u128) -> Result<Arc<Table>, ServiceError> {
+        if let Some(t) = self
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&blob)
+        {
+            return Ok(Arc::clone(t));
+        }
+        let t = Arc::new(
+            rt.block_on(self.mover.read_table(BlobId(blob)))
+                .map_err(|err| {
+                    tracing::error!("reading the table of blob {blob:032x}: {err}");
+                    errno(Errno::Io)
+                })?,
+        );
+        let mut cache = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TABLE_CACHE {
+            cache.clear();
+        }
+        cache.insert(blob, Arc::clone(&t));
+        Ok(t)
+    }
+
+    /// Asks the restorer to bring chunk `idx` of `ino` back to flash (once; a full queue
+    /// leaves it to a later read).
+    fn queue_restore(&self, ino: InodeId, idx: u64) {
+        let mut q = self
+            .restore_queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if q.contains(&(ino, idx)) {
+            return;
+        }
+        if self.restore_tx.try_send((ino, idx)).is_ok() {
+            q.insert((ino, idx));
+        }
     }
 
     fn wake(&self) {
@@ -415,6 +479,8 @@ impl FsService {
             return;
         }
         let svc = self.clone();
+        let (t, rt_restore) = (Arc::clone(&tier), rt.clone());
+        tier.running.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name("cfs-tier".into())
             .spawn(move || {
@@ -435,10 +501,45 @@ impl FsService {
                     tier.sleep();
                 }
                 drop(svc);
-                tier.finished.store(true, Ordering::SeqCst);
+                tier.running.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            t.running.fetch_sub(1, Ordering::SeqCst);
             tracing::error!("cannot start the tier thread: {e}");
+        }
+        let Some(rx) = t
+            .restore_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let svc = self.clone();
+        let (tier, rt) = (Arc::clone(&t), rt_restore);
+        tier.running.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("cfs-tier-restore".into())
+            .spawn(move || {
+                let _rt = rt.enter();
+                while !tier.stopping() {
+                    let Ok((ino, idx)) = rx.recv_timeout(Duration::from_millis(200)) else {
+                        continue;
+                    };
+                    if let Err(e) = svc.restore(&tier, ino, idx) {
+                        tracing::warn!("bringing chunk {idx} of {ino} back to flash: {e}");
+                    }
+                    tier.restore_queued
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&(ino, idx));
+                }
+                drop(svc);
+                tier.running.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            t.running.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!("cannot start the tier's restore thread: {e}");
         }
     }
 
@@ -853,6 +954,62 @@ impl FsService {
         self.exec(&Creds::root(), Op::TierRestored { chunk })?;
         tier.bump(|s| s.restores += 1);
         Ok(())
+    }
+
+    /// Reads `[offset, offset + len)` of evicted chunk `chunk` (chunk index `idx` of `ino`,
+    /// extent `e`) from the store by blocks, checked, and asks for the chunk to be brought
+    /// back to flash; `None` when its blob has no block CRCs (format 1: restore it whole).
+    /// The caller holds the chunk's tier lock shared. Bytes past the extent are not returned
+    /// (they read as zeros).
+    pub(crate) fn read_evicted_piece(
+        &self,
+        tier: &Tier,
+        (ino, idx, chunk): (InodeId, u64, ChunkId),
+        e: &TierExtent,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, ServiceError> {
+        let rt = tokio::runtime::Handle::current();
+        let table = tier.table(&rt, e.blob)?;
+        let want = placed(chunk, e);
+        let Some((p, blocks)) = table.at(e.blob_offset) else {
+            tracing::error!(
+                "blob {:032x} has no extent at {} where the index puts {chunk}",
+                e.blob,
+                e.blob_offset
+            );
+            return Err(errno(Errno::Io));
+        };
+        if (p.chunk, p.len, p.crc32c) != (want.chunk, want.len, want.crc32c) {
+            tracing::error!(
+                "blob {:032x} at {}: chunk {:#x} ({} bytes, crc {:08x}), the index says {chunk} ({} bytes, crc {:08x})",
+                e.blob, e.blob_offset, p.chunk, p.len, p.crc32c, want.len, want.crc32c
+            );
+            return Err(errno(Errno::Io));
+        }
+        let Some(blocks) = blocks else {
+            return Ok(None);
+        };
+        if let Err(err) = blocks.check(&want) {
+            tracing::error!("blob {:032x}: {err}", e.blob);
+            return Err(errno(Errno::Io));
+        }
+        let fetched = blocks.cover(&want, offset, len).1;
+        let data = rt
+            .block_on(tier.mover.get_piece(&want, blocks, offset, len))
+            .map_err(|err| {
+                tracing::error!(
+                    "reading evicted {chunk} at {offset}+{len} from blob {:032x}: {err}",
+                    e.blob
+                );
+                errno(Errno::Io)
+            })?;
+        tier.bump(|s| {
+            s.store_reads += 1;
+            s.store_read_bytes += fetched.end - fetched.start;
+        });
+        tier.queue_restore(ino, idx);
+        Ok(Some(data))
     }
 
     /// Answers a tier request (`TIER_METHOD`) about the shards this node leads.

@@ -90,12 +90,14 @@ pub fn status(servers: &str, json: bool) -> Result<()> {
         let s = &x["store"];
         missing += s["missing_blobs"].as_u64().unwrap_or(0);
         println!(
-            "{a:<22} node {:>3}: {} PUTs, {} GETs, {} retries, {} evictions, {} read back, {} compactions, {} DELETEs, store {}{}",
+            "{a:<22} node {:>3}: {} PUTs, {} GETs, {} retries, {} evictions, {} reads from the store ({}), {} chunks back on flash, {} compactions, {} DELETEs, store {}{}",
             x["node"],
             s["puts"],
             s["gets"],
             s["retries"],
             x["stats"]["evictions"],
+            x["stats"]["store_reads"],
+            mib(x["stats"]["store_read_bytes"].as_u64().unwrap_or(0)),
             x["stats"]["restores"],
             x["stats"]["compactions"],
             x["stats"]["blobs_deleted"],

@@ -6,7 +6,7 @@
 //! deadline with the last error. A blob the store says is missing is not retried: it is
 //! reported at once, loudly (the index points at it).
 
-use crate::blob::{BlobId, Placed};
+use crate::blob::{BlobId, ExtentBlocks, Placed, Table};
 use crate::policy::{backoff_ms, Breaker, BreakerState};
 use crate::s3::{BlobStore, S3Error};
 use std::future::Future;
@@ -198,6 +198,35 @@ impl Mover {
         let what = format!("GET blob {} at {}", p.blob, p.blob_offset);
         let d = self
             .retry(&what, self.deadline(), || self.store.get_extent(p))
+            .await?;
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        Ok(d)
+    }
+
+    /// Reads a blob's extent table with its block CRCs (checked), trying until the deadline.
+    pub async fn read_table(&self, id: BlobId) -> Result<Table, S3Error> {
+        let what = format!("GET table of blob {id}");
+        let t = self
+            .retry(&what, self.deadline(), || self.store.read_full_table(id))
+            .await?;
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        Ok(t)
+    }
+
+    /// Reads `[offset, offset + len)` of extent `p` by its blocks (checked), trying until the
+    /// deadline.
+    pub async fn get_piece(
+        &self,
+        p: &Placed,
+        blocks: &ExtentBlocks,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, S3Error> {
+        let what = format!("GET blob {} at {}+{offset}", p.blob, p.blob_offset);
+        let d = self
+            .retry(&what, self.deadline(), || {
+                self.store.get_piece(p, blocks, offset, len)
+            })
             .await?;
         self.gets.fetch_add(1, Ordering::Relaxed);
         Ok(d)

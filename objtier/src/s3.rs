@@ -4,7 +4,7 @@
 //! LIST, a multipart upload or a bulk delete (`with_disable_bulk_delete`). A test records what
 //! the server saw to hold us to that.
 
-use crate::blob::{self, BlobError, BlobId, Header, Placed};
+use crate::blob::{self, BlobError, BlobId, ExtentBlocks, Header, Placed, Table};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload, RetryConfig};
@@ -209,15 +209,71 @@ impl BlobStore {
 
     /// Reads a blob's header and extent table (two ranged GETs) and checks them.
     pub async fn read_table(&self, id: BlobId) -> Result<(Header, Vec<Placed>), S3Error> {
-        let corrupt = |source| S3Error::Corrupt {
+        let t = self.read_full_table(id).await?;
+        Ok((t.header, t.extents))
+    }
+
+    /// [`BlobStore::read_table`] with the extents' block CRCs (format 2); a short or
+    /// damaged answer is asked again (up to three tries).
+    pub async fn read_full_table(&self, id: BlobId) -> Result<Table, S3Error> {
+        let mut last = None;
+        for _ in 0..self.get_tries {
+            let head = self.get_range(id, 0..blob::HEADER_BYTES as u64).await?;
+            let parsed = match blob::parse_header(&head) {
+                Ok(h) => {
+                    let table = self.get_range(id, 0..h.table_end()).await?;
+                    blob::parse_full_table(&h, &table)
+                }
+                Err(e) => Err(e),
+            };
+            match parsed {
+                Ok(t) => return Ok(t),
+                Err(e) => {
+                    tracing::warn!("blob {id}: table: {e}; asking again");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(S3Error::Corrupt {
             key: self.path(id).to_string(),
-            source,
-        };
-        let head = self.get_range(id, 0..blob::HEADER_BYTES as u64).await?;
-        let h = blob::parse_header(&head).map_err(corrupt)?;
-        let table = self.get_range(id, 0..h.table_end()).await?;
-        let placed = blob::parse_table(&h, &table).map_err(corrupt)?;
-        Ok((h, placed))
+            source: last.expect("at least one try"),
+        })
+    }
+
+    /// Reads `[offset, offset + len)` of extent `p` (clipped to it) by a ranged GET of the
+    /// whole blocks around it, each checked against `blocks` (which the caller checked
+    /// against the extent with [`ExtentBlocks::check`]); asked again up to three times.
+    pub async fn get_piece(
+        &self,
+        p: &Placed,
+        blocks: &ExtentBlocks,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, S3Error> {
+        let (first, range) = blocks.cover(p, offset, len);
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = None;
+        for _ in 0..self.get_tries {
+            let b = self.get_range(p.blob, range.clone()).await?;
+            match blocks.verify(p, first, &range, &b) {
+                Ok(()) => {
+                    let from = (p.blob_offset + offset - range.start) as usize;
+                    let to = (p.blob_offset + offset.saturating_add(len).min(u64::from(p.len))
+                        - range.start) as usize;
+                    return Ok(b[from..to].to_vec());
+                }
+                Err(e) => {
+                    tracing::warn!("blob {}: {e}; asking again", p.blob);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(S3Error::Corrupt {
+            key: self.path(p.blob).to_string(),
+            source: last.expect("at least one try"),
+        })
     }
 
     /// Deletes a blob (one DELETE; deleting a missing blob is no error on S3).

@@ -7,6 +7,7 @@
 
 mod common;
 
+use cfs_objtier::blob::{BlobBuilder, BlobId};
 use cfs_objtier::s3::S3Error;
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -71,6 +72,12 @@ fn forward_requests(client: TcpStream, mut server: TcpStream, log: &Mutex<Vec<St
                         .collect::<Vec<_>>()
                         .join(" "),
                 );
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("range:") {
+                if let Some(last) = log.lock().unwrap().last_mut() {
+                    last.push(' ');
+                    last.push_str(v.trim());
+                }
             }
             if let Some(v) = line
                 .to_ascii_lowercase()
@@ -200,4 +207,94 @@ fn corrupted_bytes_and_bad_credentials_are_errors_not_data() {
         Err(S3Error::Request { op: "GET", .. }) => {}
         other => panic!("a wrong secret gave {:?}", other.map(|d| d.len())),
     }
+}
+
+/// A piece of an extent is read as the 1 MiB blocks around it (one ranged GET of exactly
+/// those), checked block by block; a damaged block is `Corrupt` while its neighbours read;
+/// blobs of format 1 (no block CRCs) still read whole.
+#[test]
+fn pieces_of_an_extent_are_read_by_their_blocks() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for srv in servers() {
+        let rec = Recorder::new(srv.port);
+        let st = store(&rec.endpoint(), SECRET);
+        let (id, bytes, placed, datas) = make_blob(21, 8 << 20);
+        rt.block_on(st.put_blob(id, bytes.into())).unwrap();
+        let (i, p) = placed
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.len == 3 << 20)
+            .unwrap();
+        rec.take();
+        let table = rt.block_on(st.read_full_table(id)).unwrap();
+        let (q, blocks) = table.at(p.blob_offset).unwrap();
+        assert_eq!(q, p);
+        let blocks = blocks.expect("format 2 has block CRCs").clone();
+        blocks.check(p).unwrap();
+        assert_eq!(blocks.crcs.len(), 3);
+        // 4 KiB at 1.5 MiB: block 1 only.
+        let off = (3 << 19) as u64;
+        let got = rt.block_on(st.get_piece(p, &blocks, off, 4096)).unwrap();
+        assert!(
+            got == datas[i][off as usize..off as usize + 4096],
+            "{}",
+            srv.name
+        );
+        // Across blocks 1 and 2, and past the extent's end (clipped).
+        let got = rt
+            .block_on(st.get_piece(p, &blocks, (2 << 20) - 10, 5 << 20))
+            .unwrap();
+        assert!(got == datas[i][(2 << 20) - 10..], "{}", srv.name);
+        let seen = rec.take();
+        let gets: Vec<&String> = seen.iter().filter(|l| l.starts_with("GET ")).collect();
+        let b1 = p.blob_offset + (1 << 20);
+        let want = [
+            format!("bytes={}-{}", b1, b1 + (1 << 20) - 1),
+            format!("bytes={}-{}", b1, b1 + (2 << 20) - 1),
+        ];
+        assert_eq!(
+            gets.len(),
+            4,
+            "{}: two table GETs, two pieces: {seen:?}",
+            srv.name
+        );
+        for (g, w) in gets[2..].iter().zip(&want) {
+            assert!(g.ends_with(w.as_str()), "{}: {g} should be {w}", srv.name);
+        }
+        // A blob of format 1: no block CRCs, read whole.
+        let mut v1 = BlobBuilder::v1(BlobId(22), 1 << 20);
+        v1.add(5, 0, 1, &datas[i][..100_000]).unwrap();
+        let (raw, placed1) = v1.finish(1);
+        rt.block_on(st.put_blob(BlobId(22), raw.into())).unwrap();
+        let t1 = rt.block_on(st.read_full_table(BlobId(22))).unwrap();
+        assert!(t1.at(placed1[0].blob_offset).unwrap().1.is_none());
+        assert!(rt.block_on(st.get_extent(&placed1[0])).unwrap() == datas[i][..100_000]);
+    }
+    // On s3s-fs's disk, damage a byte of block 1: that block is Corrupt, block 0 still reads.
+    let Some(srv) = s3s_fs() else { return };
+    let st = store(&format!("http://127.0.0.1:{}", srv.port), SECRET);
+    let (id, bytes, placed, datas) = make_blob(23, 8 << 20);
+    rt.block_on(st.put_blob(id, bytes.into())).unwrap();
+    let (i, p) = placed
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len == 3 << 20)
+        .unwrap();
+    let table = rt.block_on(st.read_full_table(id)).unwrap();
+    let blocks = table.at(p.blob_offset).unwrap().1.unwrap().clone();
+    let file = srv
+        .root
+        .clone()
+        .unwrap()
+        .join(BUCKET)
+        .join(id.key("cluster-a"));
+    let mut raw = std::fs::read(&file).unwrap();
+    raw[p.blob_offset as usize + (1 << 20) + 77] ^= 0x01;
+    std::fs::write(&file, raw).unwrap();
+    match rt.block_on(st.get_piece(p, &blocks, (1 << 20) + 5, 10)) {
+        Err(S3Error::Corrupt { .. }) => {}
+        other => panic!("a damaged block read as {:?}", other.map(|d| d.len())),
+    }
+    let got = rt.block_on(st.get_piece(p, &blocks, 100, 1000)).unwrap();
+    assert!(got == datas[i][100..1100]);
 }
