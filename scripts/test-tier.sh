@@ -5,6 +5,8 @@
 #     --wait`) into small blobs, evicted from flash, and read back byte-identical (ranged GETs,
 #     checked, repopulating flash); a pinned file stays on flash; the store saw only PUT, GET
 #     with a Range, and DELETE under the cluster's prefix (a recording proxy), never a LIST;
+#     a 4 KiB read of an evicted file is answered by one GET of the 1 MiB block around it
+#     (after the blob's table) and its chunk comes back to flash in the background;
 #   - compaction: overwrites leave blobs mostly dead; they are rewritten and exactly the blobs
 #     nothing points at any more are DELETEd (what the store still holds = PUT - DELETE, and
 #     all of it is referenced: every file reads back after everything is evicted again);

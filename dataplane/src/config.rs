@@ -64,6 +64,12 @@ pub struct TierSection {
     /// Target blob size, KiB (64 MiB by default; a larger chunk gets a blob of its own).
     #[serde(default = "default_blob_kib")]
     pub blob_kib: u64,
+    /// Blocks of new blobs carry their own CRC32C, KiB: a read of evicted data fetches the
+    /// blocks around it (smaller: less read amplification, a longer table). A power of two
+    /// from 4 KiB to 64 MiB; 0 writes blobs without block CRCs (format 1: every read of an
+    /// evicted chunk fetches the whole chunk first).
+    #[serde(default = "default_block_kib")]
+    pub block_kib: u64,
     /// Data not written for this long is flushed.
     #[serde(default = "default_min_age_ms")]
     pub min_age_ms: u64,
@@ -105,6 +111,9 @@ fn default_prefix() -> String {
 }
 fn default_blob_kib() -> u64 {
     64 << 10
+}
+fn default_block_kib() -> u64 {
+    1 << (cfs_objtier::blob::BLOCK_SHIFT - 10)
 }
 fn default_min_age_ms() -> u64 {
     300_000
@@ -671,6 +680,14 @@ impl Config {
             }
             if t.blob_kib < 4 {
                 return Err(invalid("tier.blob_kib", "must be at least 4"));
+            }
+            if t.block_kib != 0
+                && (!t.block_kib.is_power_of_two() || !(4..=65536).contains(&t.block_kib))
+            {
+                return Err(invalid(
+                    "tier.block_kib",
+                    "must be a power of two from 4 to 65536, or 0 (no block CRCs)",
+                ));
             }
             if t.evict_to_pct > t.evict_above_pct || t.evict_above_pct > 100 {
                 return Err(invalid(

@@ -671,7 +671,14 @@ impl FsService {
     ) -> Result<(usize, Option<Packed>), ServiceError> {
         let id = tier.new_blob_id(shard);
         let started = Instant::now();
-        let mut b = BlobBuilder::new(BlobId(id), tier.cfg.blob_kib << 10);
+        let mut b = match tier.cfg.block_kib {
+            0 => BlobBuilder::v1(BlobId(id), tier.cfg.blob_kib << 10),
+            k => BlobBuilder::with_block_shift(
+                BlobId(id),
+                tier.cfg.blob_kib << 10,
+                (k << 10).trailing_zeros() as u8,
+            ),
+        };
         let mut versions = Vec::new();
         let mut taken = 0;
         for c in pending {

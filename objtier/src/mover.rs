@@ -193,24 +193,27 @@ impl Mover {
         Ok(())
     }
 
+    /// A read (checked by the store client), tried until the deadline, counted.
+    async fn get<T, F, Fut>(&self, what: &str, op: F) -> Result<T, S3Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, S3Error>>,
+    {
+        let v = self.retry(what, self.deadline(), op).await?;
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        Ok(v)
+    }
+
     /// Reads an extent back (checked), trying until the deadline.
     pub async fn get_extent(&self, p: &Placed) -> Result<Vec<u8>, S3Error> {
         let what = format!("GET blob {} at {}", p.blob, p.blob_offset);
-        let d = self
-            .retry(&what, self.deadline(), || self.store.get_extent(p))
-            .await?;
-        self.gets.fetch_add(1, Ordering::Relaxed);
-        Ok(d)
+        self.get(&what, || self.store.get_extent(p)).await
     }
 
     /// Reads a blob's extent table with its block CRCs (checked), trying until the deadline.
     pub async fn read_table(&self, id: BlobId) -> Result<Table, S3Error> {
         let what = format!("GET table of blob {id}");
-        let t = self
-            .retry(&what, self.deadline(), || self.store.read_full_table(id))
-            .await?;
-        self.gets.fetch_add(1, Ordering::Relaxed);
-        Ok(t)
+        self.get(&what, || self.store.read_full_table(id)).await
     }
 
     /// Reads `[offset, offset + len)` of extent `p` by its blocks (checked), trying until the
@@ -223,13 +226,8 @@ impl Mover {
         len: u64,
     ) -> Result<Vec<u8>, S3Error> {
         let what = format!("GET blob {} at {}+{offset}", p.blob, p.blob_offset);
-        let d = self
-            .retry(&what, self.deadline(), || {
-                self.store.get_piece(p, blocks, offset, len)
-            })
-            .await?;
-        self.gets.fetch_add(1, Ordering::Relaxed);
-        Ok(d)
+        self.get(&what, || self.store.get_piece(p, blocks, offset, len))
+            .await
     }
 
     /// Deletes a blob, trying until the deadline.

@@ -185,51 +185,20 @@ impl BlobStore {
             })
     }
 
-    /// Reads an extent with a ranged GET and checks it; a short or corrupted answer is asked
-    /// again (up to three tries) before it is an error.
-    pub async fn get_extent(&self, p: &Placed) -> Result<Vec<u8>, S3Error> {
+    /// Runs `fetch` (GETs of blob `id` and a check of what came) until the check passes, up
+    /// to `get_tries` times: a short or corrupted answer is asked again before it is
+    /// `Corrupt`. A failed request is returned at once (the mover retries those).
+    async fn checked<T, F, Fut>(&self, id: BlobId, fetch: F) -> Result<T, S3Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, BlobError>, S3Error>>,
+    {
         let mut last = None;
         for _ in 0..self.get_tries {
-            let b = self
-                .get_range(p.blob, p.blob_offset..p.blob_offset + u64::from(p.len))
-                .await?;
-            match blob::verify_extent(p, &b) {
-                Ok(()) => return Ok(b.to_vec()),
+            match fetch().await? {
+                Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::warn!("blob {}: {e}; asking again", p.blob);
-                    last = Some(e);
-                }
-            }
-        }
-        Err(S3Error::Corrupt {
-            key: self.path(p.blob).to_string(),
-            source: last.expect("at least one try"),
-        })
-    }
-
-    /// Reads a blob's header and extent table (two ranged GETs) and checks them.
-    pub async fn read_table(&self, id: BlobId) -> Result<(Header, Vec<Placed>), S3Error> {
-        let t = self.read_full_table(id).await?;
-        Ok((t.header, t.extents))
-    }
-
-    /// [`BlobStore::read_table`] with the extents' block CRCs (format 2); a short or
-    /// damaged answer is asked again (up to three tries).
-    pub async fn read_full_table(&self, id: BlobId) -> Result<Table, S3Error> {
-        let mut last = None;
-        for _ in 0..self.get_tries {
-            let head = self.get_range(id, 0..blob::HEADER_BYTES as u64).await?;
-            let parsed = match blob::parse_header(&head) {
-                Ok(h) => {
-                    let table = self.get_range(id, 0..h.table_end()).await?;
-                    blob::parse_full_table(&h, &table)
-                }
-                Err(e) => Err(e),
-            };
-            match parsed {
-                Ok(t) => return Ok(t),
-                Err(e) => {
-                    tracing::warn!("blob {id}: table: {e}; asking again");
+                    tracing::warn!("blob {id}: {e}; asking again");
                     last = Some(e);
                 }
             }
@@ -240,9 +209,40 @@ impl BlobStore {
         })
     }
 
+    /// Reads an extent with a ranged GET and checks it (a bad answer is asked again).
+    pub async fn get_extent(&self, p: &Placed) -> Result<Vec<u8>, S3Error> {
+        self.checked(p.blob, || async {
+            let b = self
+                .get_range(p.blob, p.blob_offset..p.blob_offset + u64::from(p.len))
+                .await?;
+            Ok(blob::verify_extent(p, &b).map(|()| b.to_vec()))
+        })
+        .await
+    }
+
+    /// Reads a blob's header and extent table (two ranged GETs) and checks them.
+    pub async fn read_table(&self, id: BlobId) -> Result<(Header, Vec<Placed>), S3Error> {
+        let t = self.read_full_table(id).await?;
+        Ok((t.header, t.extents))
+    }
+
+    /// [`BlobStore::read_table`] with the extents' block CRCs (format 2).
+    pub async fn read_full_table(&self, id: BlobId) -> Result<Table, S3Error> {
+        self.checked(id, || async {
+            let head = self.get_range(id, 0..blob::HEADER_BYTES as u64).await?;
+            let h = match blob::parse_header(&head) {
+                Ok(h) => h,
+                Err(e) => return Ok(Err(e)),
+            };
+            let table = self.get_range(id, 0..h.table_end()).await?;
+            Ok(blob::parse_full_table(&h, &table))
+        })
+        .await
+    }
+
     /// Reads `[offset, offset + len)` of extent `p` (clipped to it) by a ranged GET of the
     /// whole blocks around it, each checked against `blocks` (which the caller checked
-    /// against the extent with [`ExtentBlocks::check`]); asked again up to three times.
+    /// against the extent with [`ExtentBlocks::check`]; a bad answer is asked again).
     pub async fn get_piece(
         &self,
         p: &Placed,
@@ -254,26 +254,16 @@ impl BlobStore {
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        let mut last = None;
-        for _ in 0..self.get_tries {
+        let from = (p.blob_offset + offset - range.start) as usize;
+        let to = (p.blob_offset + offset.saturating_add(len).min(u64::from(p.len)) - range.start)
+            as usize;
+        self.checked(p.blob, || async {
             let b = self.get_range(p.blob, range.clone()).await?;
-            match blocks.verify(p, first, &range, &b) {
-                Ok(()) => {
-                    let from = (p.blob_offset + offset - range.start) as usize;
-                    let to = (p.blob_offset + offset.saturating_add(len).min(u64::from(p.len))
-                        - range.start) as usize;
-                    return Ok(b[from..to].to_vec());
-                }
-                Err(e) => {
-                    tracing::warn!("blob {}: {e}; asking again", p.blob);
-                    last = Some(e);
-                }
-            }
-        }
-        Err(S3Error::Corrupt {
-            key: self.path(p.blob).to_string(),
-            source: last.expect("at least one try"),
+            Ok(blocks
+                .verify(p, first, &range, &b)
+                .map(|()| b[from..to].to_vec()))
         })
+        .await
     }
 
     /// Deletes a blob (one DELETE; deleting a missing blob is no error on S3).
