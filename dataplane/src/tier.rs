@@ -979,7 +979,7 @@ impl FsService {
         let rt = tokio::runtime::Handle::current();
         let table = tier.table(&rt, e.blob)?;
         let want = placed(chunk, e);
-        let Some((p, blocks)) = table.at(e.blob_offset) else {
+        let Some((p, blocks)) = table.at(&want) else {
             tracing::error!(
                 "blob {:032x} has no extent at {} where the index puts {chunk}",
                 e.blob,

@@ -297,12 +297,28 @@ pub struct Table {
 }
 
 impl Table {
-    /// The extent starting at `blob_offset`, and its block CRCs.
-    pub fn at(&self, blob_offset: u64) -> Option<(&Placed, Option<&ExtentBlocks>)> {
-        let i = self
+    /// The extent `want` (as the index records it), and its block CRCs. Empty extents share
+    /// their blob offset with the next extent, so the offset alone does not name one: among
+    /// those at `want.blob_offset` this is the one with `want`'s chunk, offset and length, or
+    /// else any of them (the caller compares and reports the mismatch).
+    pub fn at(&self, want: &Placed) -> Option<(&Placed, Option<&ExtentBlocks>)> {
+        let first = self
             .extents
-            .binary_search_by_key(&blob_offset, |p| p.blob_offset)
-            .ok()?;
+            .partition_point(|p| p.blob_offset < want.blob_offset);
+        let same = self.extents[first..]
+            .iter()
+            .take_while(|p| p.blob_offset == want.blob_offset)
+            .count();
+        if same == 0 {
+            return None;
+        }
+        let i = (first..first + same)
+            .find(|&i| {
+                let p = &self.extents[i];
+                (p.chunk, p.chunk_offset, p.generation, p.len)
+                    == (want.chunk, want.chunk_offset, want.generation, want.len)
+            })
+            .unwrap_or(first);
         Some((&self.extents[i], self.blocks[i].as_ref()))
     }
 }
@@ -672,7 +688,7 @@ mod tests {
                 let got = &blob[at..at + p.len as usize];
                 prop_assert_eq!(got, d.as_slice());
                 prop_assert!(verify_extent(p, got).is_ok());
-                let (q, blocks) = t.at(p.blob_offset).unwrap();
+                let (q, blocks) = t.at(p).unwrap();
                 prop_assert_eq!(q, p);
                 match blocks {
                     None => prop_assert!(v1),
@@ -697,7 +713,7 @@ mod tests {
             let h = parse_header(&blob).unwrap();
             let t = parse_full_table(&h, &blob).unwrap();
             let p = placed[1];
-            let bl = t.at(p.blob_offset).unwrap().1.unwrap().clone();
+            let bl = t.at(&p).unwrap().1.unwrap().clone();
             prop_assert!(bl.check(&p).is_ok());
             let (first, range) = bl.cover(&p, off, len);
             let block = 1u64 << shift;
@@ -757,6 +773,27 @@ mod tests {
                 let _ = parse_full_table(&h, &b);
             }
         }
+    }
+
+    #[test]
+    fn empty_extents_do_not_hide_the_extent_at_their_offset() {
+        let mut b = BlobBuilder::with_block_shift(BlobId(5), 1 << 20, 4);
+        assert!(b.add(1, 0, 1, &[]).unwrap());
+        assert!(b.add(2, 0, 1, &[]).unwrap());
+        assert!(b.add(3, 0, 1, &[9; 40]).unwrap());
+        let (blob, placed) = b.finish(0);
+        assert_eq!(placed[0].blob_offset, placed[2].blob_offset);
+        let t = parse_full_table(&parse_header(&blob).unwrap(), &blob).unwrap();
+        for p in &placed {
+            let (q, blocks) = t.at(p).unwrap();
+            assert_eq!(q, p);
+            assert!(blocks.unwrap().check(p).is_ok());
+        }
+        let elsewhere = Placed {
+            blob_offset: placed[2].blob_offset + 1,
+            ..placed[2]
+        };
+        assert!(t.at(&elsewhere).is_none());
     }
 
     #[test]

@@ -227,7 +227,7 @@ fn pieces_of_an_extent_are_read_by_their_blocks() {
             .unwrap();
         rec.take();
         let table = rt.block_on(st.read_full_table(id)).unwrap();
-        let (q, blocks) = table.at(p.blob_offset).unwrap();
+        let (q, blocks) = table.at(p).unwrap();
         assert_eq!(q, p);
         let blocks = blocks.expect("format 2 has block CRCs").clone();
         blocks.check(p).unwrap();
@@ -267,7 +267,7 @@ fn pieces_of_an_extent_are_read_by_their_blocks() {
         let (raw, placed1) = v1.finish(1);
         rt.block_on(st.put_blob(BlobId(22), raw.into())).unwrap();
         let t1 = rt.block_on(st.read_full_table(BlobId(22))).unwrap();
-        assert!(t1.at(placed1[0].blob_offset).unwrap().1.is_none());
+        assert!(t1.at(&placed1[0]).unwrap().1.is_none());
         assert!(rt.block_on(st.get_extent(&placed1[0])).unwrap() == datas[i][..100_000]);
     }
     // On s3s-fs's disk, damage a byte of block 1: that block is Corrupt, block 0 still reads.
@@ -281,7 +281,7 @@ fn pieces_of_an_extent_are_read_by_their_blocks() {
         .find(|(_, p)| p.len == 3 << 20)
         .unwrap();
     let table = rt.block_on(st.read_full_table(id)).unwrap();
-    let blocks = table.at(p.blob_offset).unwrap().1.unwrap().clone();
+    let blocks = table.at(p).unwrap().1.unwrap().clone();
     let file = srv
         .root
         .clone()
