@@ -560,6 +560,42 @@ else
   fail "files differ after the outage"
 fi
 
+# A sequential read of an evicted file (the kernel asks 128 KiB at a time) while its chunk is
+# brought back to flash in the background: the right bytes, small reads answered from the
+# block cache, each block fetched about once (reads and the restore share it; without the
+# cache every small read fetches its whole 1 MiB block).
+python3 - "$M/seq" <<'PY'
+import os, random, sys
+data = random.Random(7).randbytes(20 << 20)
+with open(sys.argv[1], "wb") as f:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(f.fileno(), view):]
+    os.fsync(f.fileno())
+PY
+SEQ_SUM=$(sha256sum "$M/seq" | cut -d' ' -f1)
+"$CFS" tier flush "127.0.0.1:$FS" --wait --timeout 120 >/dev/null 2>&1 || true
+seq_ok=""
+for _ in $(seq 1 20); do
+  fetched0=$(( $(stat_of "$FS" store_read_bytes) + $(stat_of "$FS" restore_bytes) ))
+  cached0=$(stat_of "$FS" cache_reads)
+  restores0=$(stat_of "$FS" restores)
+  echo 3 >/proc/sys/vm/drop_caches
+  got=$(sha256sum "$M/seq" | cut -d' ' -f1)
+  [[ $got == "$SEQ_SUM" ]] || { seq_ok="differs"; break; }
+  wait_stat "$FS" restores ">" "$restores0" || true
+  fetched=$(( $(stat_of "$FS" store_read_bytes) + $(stat_of "$FS" restore_bytes) - fetched0 ))
+  cached=$(( $(stat_of "$FS" cache_reads) - cached0 ))
+  if [[ $fetched -gt 0 ]]; then seq_ok="read"; break; fi
+  sleep 0.5 # still on flash: evicted by a later round
+done
+if [[ $seq_ok == read && $fetched -le $(( (40 + 2) << 20 )) && $cached -gt 0 ]]; then
+  pass "a sequential read of an evicted 20 MiB file: the right bytes, $((fetched >> 20)) MiB fetched from the store, $cached reads from the block cache"
+else
+  fail "a sequential read of an evicted 20 MiB file: ${seq_ok:-never evicted}, ${fetched:-?} bytes fetched, ${cached:-?} reads from the block cache"
+fi
+rm -f "$M/seq"
+
 # A slow, flaky store: 200 ms per request, one in 20 answered 503, one in 20 cut short.
 stop_pids "$PROXY_PID"
 start_proxy "$PX" "$S3" --delay-ms 200 --fail-every 20 --cut-every 20

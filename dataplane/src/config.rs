@@ -70,6 +70,10 @@ pub struct TierSection {
     /// evicted chunk fetches the whole chunk first).
     #[serde(default = "default_block_kib")]
     pub block_kib: u64,
+    /// Memory for blocks of evicted data read from the store lately (checked), MiB: reads
+    /// smaller than a block and the background restore of the chunk share them. 0: none.
+    #[serde(default = "default_read_cache_mib")]
+    pub read_cache_mib: u64,
     /// Data not written for this long is flushed.
     #[serde(default = "default_min_age_ms")]
     pub min_age_ms: u64,
@@ -114,6 +118,9 @@ fn default_blob_kib() -> u64 {
 }
 fn default_block_kib() -> u64 {
     1 << (cfs_objtier::blob::BLOCK_SHIFT - 10)
+}
+fn default_read_cache_mib() -> u64 {
+    64
 }
 fn default_min_age_ms() -> u64 {
     300_000

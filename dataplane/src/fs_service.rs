@@ -895,10 +895,12 @@ impl FsService {
         let (mark, settle_below) = self.epochs.round(shard, term);
         let members = c.members();
         let alive = c.election_timeout() * 4;
+        let mut silent = std::collections::HashSet::new();
         for &m in &members {
             // A member not heard from lately is asked once it is heard again (its lists
             // wait), rather than holding every round up for a timeout.
             if m != c.node_id() && c.silent_for(m).is_none_or(|d| d > alive) {
+                silent.insert(m);
                 continue;
             }
             let q = ChunkOp::Unsettled {
@@ -924,12 +926,17 @@ impl FsService {
         }
         let suspects: std::collections::BTreeSet<ChunkId> =
             asked.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+        // Members silent lately, and any whose call fails in transport this round, are not
+        // asked per chunk: each try would wait out a timeout, and with hundreds of suspect
+        // chunks and one dead member a round took minutes. Their copies count as not
+        // comparable, as they would after the timeout.
+        let mut unreachable = silent;
         let mut settled = std::collections::BTreeSet::new();
         for chunk in suspects {
             if c.is_stopped() || c.replica().term() != term {
                 break;
             }
-            match self.reconcile_chunk(c, chunk) {
+            match self.reconcile_chunk(c, chunk, &mut unreachable) {
                 Ok(()) => {
                     settled.insert(chunk);
                 }
@@ -960,7 +967,14 @@ impl FsService {
     /// their data if those differ) and records stale every copy that differs from the most
     /// common one (ties: this node's, else the lowest node's) and every copy that could not
     /// be compared.
-    fn reconcile_chunk(&self, c: &Cluster, chunk: ChunkId) -> Result<(), String> {
+    /// Members in `unreachable` are not asked (their copies count as not comparable); a
+    /// member whose call fails in transport joins it.
+    fn reconcile_chunk(
+        &self,
+        c: &Cluster,
+        chunk: ChunkId,
+        unreachable: &mut std::collections::HashSet<u64>,
+    ) -> Result<(), String> {
         use replication::Digest;
         let _order = self
             .chunk_lock(chunk)
@@ -972,16 +986,24 @@ impl FsService {
         }
         let (current, _) = self.current_holders(c, chunk);
         let me = c.node_id();
-        let digests = |op: ChunkOp, nodes: &[u64]| -> (Vec<(u64, Digest)>, Vec<u64>) {
+        let mut digests = |op: ChunkOp, nodes: &[u64]| -> (Vec<(u64, Digest)>, Vec<u64>) {
             let (mut got, mut missing) = (Vec::new(), Vec::new());
             for &n in nodes {
+                if unreachable.contains(&n) {
+                    tracing::debug!("copy of {chunk} on member {n} not comparable: unreachable");
+                    missing.push(n);
+                    continue;
+                }
                 match self.chunk_op_on(c, n, chunk, op.clone(), Fence::default()) {
                     Ok(b) => match Digest::decode(&b) {
                         Some(d) => got.push((n, d)),
                         None => missing.push(n),
                     },
-                    Err((_, e)) => {
+                    Err((remote, e)) => {
                         tracing::warn!("copy of {chunk} on member {n} not comparable: {e}");
+                        if !remote && n != me {
+                            unreachable.insert(n);
+                        }
                         missing.push(n);
                     }
                 }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod block_cache;
 pub mod cluster;
 pub mod config;
 pub mod exec;

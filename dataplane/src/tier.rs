@@ -11,17 +11,23 @@
 //!   at the chunk until their `Wrote` committed), the flash bytes are read and compared with
 //!   the extent's CRC32C; only then `TierEvicted` commits (refused if the version moved) and
 //!   the holders' copies are cut to nothing.
-//! - Restore: under the same lock, a fresh look at the index, a ranged GET checked against
-//!   the CRC, the bytes written to every holder, then `TierRestored` commits.
+//! - Restore (a write, compaction, format 1 reads): under the same lock, a fresh look at the
+//!   index, a ranged GET checked against the CRC, the bytes written to every holder, then
+//!   `TierRestored` commits.
 //! - Read of an evicted chunk: under the chunk's shared lock (no eviction, restore or write
 //!   meanwhile), the piece asked for is fetched as the 1 MiB blocks around it, each checked
 //!   against the blob's block CRCs, which are checked against the extent's CRC32C in the
-//!   index; the whole chunk is then brought back to flash in the background (a bounded queue
-//!   served by its own thread). Blobs of format 1 (no block CRCs) are restored whole first.
+//!   index, and kept in a bounded block cache. The whole chunk is then brought back to flash
+//!   in the background (a bounded queue served by its own thread) under the shared lock too,
+//!   so reads go on: fetched by 8 MiB GETs into the same cache and written to every holder
+//!   while the index still says evicted (no one reads that copy); then, under the exclusive
+//!   lock, a fresh look (same version, still evicted, the flash copy still the extent's
+//!   bytes) and `TierRestored`. Blobs of format 1 (no block CRCs) are restored whole first.
 //! - Delete: `BlobDeleteStarted` commits (only for a blob nothing live points at), then the
 //!   DELETE, then `BlobDeleted`. A crash between leaves a marked blob that the next round
 //!   DELETEs again (a DELETE of a missing object succeeds).
 
+use crate::block_cache::BlockCache;
 use crate::config::TierSection;
 use crate::fs_service::{errno, internal, FsService};
 use crate::replication::ChunkOp;
@@ -29,7 +35,7 @@ use cfs_fabric::ServiceError;
 use cfs_meta::command::{Op, Outcome};
 use cfs_meta::tier::{Flushed, TierExtent};
 use cfs_meta::{ChunkId, Creds, Errno, FileType, InodeId, Namespace, CHUNK_BYTES};
-use cfs_objtier::blob::{BlobBuilder, BlobId, Placed, Table};
+use cfs_objtier::blob::{BlobBuilder, BlobId, ExtentBlocks, FetchedBlocks, Placed, Table};
 use cfs_objtier::mover::{Mover, MoverConfig};
 use cfs_objtier::policy::{self, FlashExtent, PolicyConfig, Pressure};
 use cfs_objtier::s3::{BlobStore, S3Config};
@@ -53,6 +59,10 @@ const TABLE_CACHE: usize = 256;
 /// Chunks waiting to be brought back to flash after a read from the store; one more is left
 /// to a later read.
 const RESTORE_QUEUE: usize = 64;
+
+/// A background restore fetches a chunk by ranged GETs of this much (whole blocks), putting
+/// each in the block cache as it comes: a reader of the chunk meanwhile finds them there.
+const RESTORE_GET_BYTES: u64 = 8 << 20;
 
 /// What the last round saw, for `cfs tier status`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -87,6 +97,10 @@ pub struct TierStats {
     pub store_reads: u64,
     /// Bytes those reads fetched from the store (whole blocks).
     pub store_read_bytes: u64,
+    /// Reads of evicted chunks answered from the block cache since start.
+    pub cache_reads: u64,
+    /// Bytes the background restores fetched from the store since start.
+    pub restore_bytes: u64,
     /// Rounds completed.
     pub rounds: u64,
 }
@@ -116,6 +130,9 @@ pub struct Tier {
     /// Threads (the loop, the restorer) still holding the service (and with it the engine).
     running: std::sync::atomic::AtomicUsize,
     tables: Mutex<std::collections::HashMap<u128, Arc<Table>>>,
+    /// Checked blocks of evicted extents read lately; the condition is signalled when a
+    /// fetch ends.
+    blocks: (Mutex<BlockCache>, std::sync::Condvar),
     /// Chunks read from the store, to bring back to flash (the restorer takes them).
     restore_tx: std::sync::mpsc::SyncSender<(InodeId, u64)>,
     restore_rx: Mutex<Option<std::sync::mpsc::Receiver<(InodeId, u64)>>>,
@@ -156,6 +173,10 @@ impl Tier {
         Ok(Tier {
             running: std::sync::atomic::AtomicUsize::new(0),
             tables: Mutex::new(std::collections::HashMap::new()),
+            blocks: (
+                Mutex::new(BlockCache::new(cfg.read_cache_mib << 20)),
+                std::sync::Condvar::new(),
+            ),
             restore_tx,
             restore_rx: Mutex::new(Some(restore_rx)),
             restore_queued: Mutex::new(std::collections::HashSet::new()),
@@ -353,6 +374,63 @@ impl Tier {
         Ok(t)
     }
 
+    /// The checked blocks around `[offset, offset + len)` of extent `p`: from the block cache
+    /// when it holds them all (`true`), else by one ranged GET (then kept in the cache).
+    fn fetch_blocks(
+        &self,
+        rt: &tokio::runtime::Handle,
+        p: &Placed,
+        blocks: &ExtentBlocks,
+        offset: u64,
+        len: u64,
+    ) -> Result<(FetchedBlocks, bool), ServiceError> {
+        let (first, range) = blocks.cover(p, offset, len);
+        let block = 1u64 << blocks.shift;
+        let blob = p.blob.0;
+        let (lock, fetched) = &self.blocks;
+        let until = Instant::now() + Duration::from_millis(self.cfg.deadline_ms);
+        let mut cache = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(bytes) = cache.get_range(blob, range.clone(), block) {
+                let f = FetchedBlocks {
+                    first,
+                    range,
+                    bytes,
+                };
+                return Ok((f, true));
+            }
+            // Being fetched by another (the restore, mostly): wait for it rather than fetch
+            // the same blocks twice; if that fetch fails, fetch them here.
+            let now = Instant::now();
+            if !cache.being_fetched(blob, &range) || now >= until {
+                break;
+            }
+            cache = fetched
+                .wait_timeout(cache, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        cache.fetching(blob, range.clone());
+        drop(cache);
+        let got = self.run(rt, self.mover.get_blocks(p, blocks, offset, len));
+        let mut cache = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(Ok(f)) = &got {
+            cache.insert_range(blob, f.range.start, &f.bytes, block);
+        }
+        cache.fetched(blob, &range);
+        drop(cache);
+        fetched.notify_all();
+        let f = got?.map_err(|err| {
+            tracing::error!(
+                "reading evicted chunk {:#x} at {offset}+{len} from blob {}: {err}",
+                p.chunk,
+                p.blob
+            );
+            errno(Errno::Io)
+        })?;
+        Ok((f, false))
+    }
+
     /// Asks the restorer to bring chunk `idx` of `ino` back to flash (once; a full queue
     /// leaves it to a later read).
     fn queue_restore(&self, ino: InodeId, idx: u64) {
@@ -526,7 +604,7 @@ impl FsService {
                     let Ok((ino, idx)) = rx.recv_timeout(Duration::from_millis(200)) else {
                         continue;
                     };
-                    if let Err(e) = svc.restore(&tier, ino, idx) {
+                    if let Err(e) = svc.restore_in_background(&tier, ino, idx) {
                         tracing::warn!("bringing chunk {idx} of {ino} back to flash: {e}");
                     }
                     tier.restore_queued
@@ -914,11 +992,42 @@ impl FsService {
         Ok(())
     }
 
-    /// Brings chunk `idx` of `ino` back to flash if it is evicted. The caller holds no tier
-    /// lock of it.
+    /// Brings chunk `idx` of `ino` back to flash if it is evicted, holding its tier lock
+    /// exclusively throughout (writers, compaction, format 1 reads).
     pub(crate) fn restore(&self, tier: &Tier, ino: InodeId, idx: u64) -> Result<(), ServiceError> {
         let _excl = tier.write_locks(ino, idx, idx);
         self.restore_locked(tier, ino, idx)
+    }
+
+    /// The chunk at index `idx` of `ino` and its extent, if evicted (a fresh look: another
+    /// may have restored it, a writer changed it since).
+    fn evicted_chunk(
+        &self,
+        ino: InodeId,
+        idx: u64,
+    ) -> Result<Option<(ChunkId, TierExtent)>, ServiceError> {
+        let found = self.view(ino, |ns| {
+            let c = ns.extents(ino, idx * CHUNK_BYTES, 1)?;
+            Ok(c.first()
+                .and_then(|(_, c)| Some((*c, *ns.tier().extent(*c)?))))
+        })?;
+        Ok(found.filter(|(_, e)| e.evicted))
+    }
+
+    /// Writes a chunk's bytes back to every holder (what was there is cut first).
+    fn write_back(&self, chunk: ChunkId, data: &[u8]) -> Result<(), ServiceError> {
+        self.chunk_change(chunk, ChunkOp::Truncate { len: 0 })?;
+        for (off, n) in crate::replication::copy_pieces(data.len() as u64) {
+            let piece = data[off as usize..(off + n) as usize].to_vec();
+            self.chunk_change(
+                chunk,
+                ChunkOp::Write {
+                    offset: off,
+                    data: piece,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// [`FsService::restore`] with the chunk's tier lock held exclusively by the caller.
@@ -928,13 +1037,7 @@ impl FsService {
         ino: InodeId,
         idx: u64,
     ) -> Result<(), ServiceError> {
-        // A fresh look: another reader may have restored it, a writer changed it since.
-        let found = self.view(ino, |ns| {
-            let c = ns.extents(ino, idx * CHUNK_BYTES, 1)?;
-            Ok(c.first()
-                .and_then(|(_, c)| Some((*c, *ns.tier().extent(*c)?))))
-        })?;
-        let Some((chunk, e)) = found.filter(|(_, e)| e.evicted) else {
+        let Some((chunk, e)) = self.evicted_chunk(ino, idx)? else {
             return Ok(());
         };
         let rt = tokio::runtime::Handle::current();
@@ -947,35 +1050,92 @@ impl FsService {
                 );
                 errno(Errno::Io)
             })?;
-        self.chunk_change(chunk, ChunkOp::Truncate { len: 0 })?;
-        for (off, n) in crate::replication::copy_pieces(data.len() as u64) {
-            let piece = data[off as usize..(off + n) as usize].to_vec();
-            self.chunk_change(
-                chunk,
-                ChunkOp::Write {
-                    offset: off,
-                    data: piece,
-                },
-            )?;
+        self.write_back(chunk, &data)?;
+        self.exec(&Creds::root(), Op::TierRestored { chunk })?;
+        tier.bump(|s| {
+            s.restores += 1;
+            s.restore_bytes += data.len() as u64;
+        });
+        Ok(())
+    }
+
+    /// Brings chunk `idx` of `ino` back to flash after a read from the store, without holding
+    /// reads up: its blocks are fetched (the block cache has those reads left) and written
+    /// to flash under the shared lock, reads going on meanwhile from the store or the cache
+    /// (the index still says evicted, so nothing reads the flash copy half-written). Only
+    /// `TierRestored` takes the exclusive lock, after a fresh look: still evicted at the same
+    /// version, and the flash copy still the extent's bytes (a writer may have restored and
+    /// changed it in between, or it may have been restored and evicted again). Blobs of
+    /// format 1 are restored whole under the exclusive lock.
+    pub(crate) fn restore_in_background(
+        &self,
+        tier: &Tier,
+        ino: InodeId,
+        idx: u64,
+    ) -> Result<(), ServiceError> {
+        let (chunk, e) = {
+            let _shared = tier.read_locks(ino, idx, idx);
+            let Some((chunk, e)) = self.evicted_chunk(ino, idx)? else {
+                return Ok(());
+            };
+            let Some((want, blocks)) = self.extent_blocks(tier, chunk, &e)? else {
+                drop(_shared);
+                return self.restore(tier, ino, idx);
+            };
+            let rt = tokio::runtime::Handle::current();
+            let step = RESTORE_GET_BYTES.max(1u64 << blocks.shift);
+            let mut data = Vec::with_capacity(want.len as usize);
+            let mut at = 0u64;
+            while at < u64::from(want.len) {
+                if tier.stopping() {
+                    return Ok(());
+                }
+                let (f, from_cache) = tier.fetch_blocks(&rt, &want, &blocks, at, step)?;
+                if !from_cache {
+                    tier.bump(|s| s.restore_bytes += f.bytes.len() as u64);
+                }
+                data.extend_from_slice(f.piece(&want, at, step));
+                at += step;
+            }
+            // Every block was checked against its CRC and the block CRCs against the
+            // extent's: the whole is the extent (asserted: what goes to flash is the blob's).
+            assert_eq!(
+                data.len() as u64,
+                u64::from(want.len),
+                "{chunk}: restored length"
+            );
+            assert_eq!(
+                crc32c::crc32c(&data),
+                want.crc32c,
+                "{chunk}: restored bytes"
+            );
+            self.write_back(chunk, &data)?;
+            (chunk, e)
+        };
+        let _excl = tier.write_locks(ino, idx, idx);
+        match self.evicted_chunk(ino, idx)? {
+            Some((c, now)) if c == chunk && now.version == e.version => {}
+            _ => return Ok(()), // restored by another meanwhile (and maybe changed since)
+        }
+        let flash = self.read_whole(chunk, u64::from(e.len))?;
+        if crc32c::crc32c(&flash) != e.crc32c {
+            tracing::info!("{chunk}: its flash copy changed while it was brought back; later");
+            return Ok(());
         }
         self.exec(&Creds::root(), Op::TierRestored { chunk })?;
         tier.bump(|s| s.restores += 1);
         Ok(())
     }
 
-    /// Reads `[offset, offset + len)` of evicted chunk `chunk` (chunk index `idx` of `ino`,
-    /// extent `e`) from the store by blocks, checked, and asks for the chunk to be brought
-    /// back to flash; `None` when its blob has no block CRCs (format 1: restore it whole).
-    /// The caller holds the chunk's tier lock shared. Bytes past the extent are not returned
-    /// (they read as zeros).
-    pub(crate) fn read_evicted_piece(
+    /// The extent the index records for evicted `chunk` (`e`) as its blob's table has it,
+    /// with its block CRCs checked against the extent's CRC32C; `None` for a blob without
+    /// block CRCs (format 1). A table that disagrees with the index is an I/O error, loudly.
+    fn extent_blocks(
         &self,
         tier: &Tier,
-        (ino, idx, chunk): (InodeId, u64, ChunkId),
+        chunk: ChunkId,
         e: &TierExtent,
-        offset: u64,
-        len: u64,
-    ) -> Result<Option<Vec<u8>>, ServiceError> {
+    ) -> Result<Option<(Placed, ExtentBlocks)>, ServiceError> {
         let rt = tokio::runtime::Handle::current();
         let table = tier.table(&rt, e.blob)?;
         let want = placed(chunk, e);
@@ -1001,22 +1161,41 @@ impl FsService {
             tracing::error!("blob {:032x}: {err}", e.blob);
             return Err(errno(Errno::Io));
         }
-        let fetched = blocks.cover(&want, offset, len).1;
-        let data = rt
-            .block_on(tier.mover.get_piece(&want, blocks, offset, len))
-            .map_err(|err| {
-                tracing::error!(
-                    "reading evicted {chunk} at {offset}+{len} from blob {:032x}: {err}",
-                    e.blob
-                );
-                errno(Errno::Io)
-            })?;
+        Ok(Some((want, blocks.clone())))
+    }
+
+    /// Reads `[offset, offset + len)` of evicted chunk `chunk` (chunk index `idx` of `ino`,
+    /// extent `e`) by the blocks around it, checked (from the block cache, else the store),
+    /// and asks for the chunk to be brought back to flash (and the next one too once the
+    /// read is past the middle: reads of evicted files are mostly sequential); `None` when
+    /// its blob has no block CRCs (format 1: restore it whole). The caller holds the chunk's
+    /// tier lock shared. Bytes past the extent are not returned (they read as zeros).
+    pub(crate) fn read_evicted_piece(
+        &self,
+        tier: &Tier,
+        (ino, idx, chunk): (InodeId, u64, ChunkId),
+        e: &TierExtent,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, ServiceError> {
+        let Some((want, blocks)) = self.extent_blocks(tier, chunk, e)? else {
+            return Ok(None);
+        };
+        let rt = tokio::runtime::Handle::current();
+        let (f, from_cache) = tier.fetch_blocks(&rt, &want, &blocks, offset, len)?;
         tier.bump(|s| {
-            s.store_reads += 1;
-            s.store_read_bytes += fetched.end - fetched.start;
+            if from_cache {
+                s.cache_reads += 1;
+            } else {
+                s.store_reads += 1;
+                s.store_read_bytes += f.bytes.len() as u64;
+            }
         });
         tier.queue_restore(ino, idx);
-        Ok(Some(data))
+        if offset >= CHUNK_BYTES / 2 {
+            tier.queue_restore(ino, idx + 1);
+        }
+        Ok(Some(f.piece(&want, offset, len).to_vec()))
     }
 
     /// Answers a tier request (`TIER_METHOD`) about the shards this node leads.

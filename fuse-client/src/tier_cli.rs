@@ -90,7 +90,7 @@ pub fn status(servers: &str, json: bool) -> Result<()> {
         let s = &x["store"];
         missing += s["missing_blobs"].as_u64().unwrap_or(0);
         println!(
-            "{a:<22} node {:>3}: {} PUTs, {} GETs, {} retries, {} evictions, {} reads from the store ({}), {} chunks back on flash, {} compactions, {} DELETEs, store {}{}",
+            "{a:<22} node {:>3}: {} PUTs, {} GETs, {} retries, {} evictions, {} reads from the store ({}), {} from the read cache, {} chunks back on flash ({}), {} compactions, {} DELETEs, store {}{}",
             x["node"],
             s["puts"],
             s["gets"],
@@ -98,7 +98,9 @@ pub fn status(servers: &str, json: bool) -> Result<()> {
             x["stats"]["evictions"],
             x["stats"]["store_reads"],
             mib(x["stats"]["store_read_bytes"].as_u64().unwrap_or(0)),
+            x["stats"]["cache_reads"],
             x["stats"]["restores"],
+            mib(x["stats"]["restore_bytes"].as_u64().unwrap_or(0)),
             x["stats"]["compactions"],
             x["stats"]["blobs_deleted"],
             if s["breaker_open"].as_bool().unwrap_or(false) {

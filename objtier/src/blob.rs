@@ -285,6 +285,31 @@ impl ExtentBlocks {
     }
 }
 
+/// Whole blocks of one extent, fetched and checked ([`ExtentBlocks::cover`] then
+/// [`ExtentBlocks::verify`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchedBlocks {
+    /// Index of the first of them in the extent.
+    pub first: usize,
+    /// The blob bytes they are.
+    pub range: std::ops::Range<u64>,
+    /// Their bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl FetchedBlocks {
+    /// `[offset, offset + len)` of extent `p`, clipped to the extent and to these blocks.
+    pub fn piece(&self, p: &Placed, offset: u64, len: u64) -> &[u8] {
+        let end = offset.saturating_add(len).min(u64::from(p.len));
+        let start = p.blob_offset.saturating_add(offset).max(self.range.start);
+        let end = (p.blob_offset + end).min(self.range.end);
+        if start >= end {
+            return &[];
+        }
+        &self.bytes[(start - self.range.start) as usize..(end - self.range.start) as usize]
+    }
+}
+
 /// A parsed extent table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
@@ -727,6 +752,9 @@ mod tests {
             }
             let got = blob[range.start as usize..range.end as usize].to_vec();
             prop_assert!(bl.verify(&p, first, &range, &got).is_ok());
+            let fetched = FetchedBlocks { first, range: range.clone(), bytes: got.clone() };
+            let want: &[u8] = if off < end { &data[off as usize..end as usize] } else { &[] };
+            prop_assert_eq!(fetched.piece(&p, off, len), want);
             if !got.is_empty() {
                 prop_assert!(bl.verify(&p, first, &range, &got[..got.len() - 1]).is_err());
                 let i = range.start as usize + flip.index(got.len());

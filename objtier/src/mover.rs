@@ -6,7 +6,7 @@
 //! deadline with the last error. A blob the store says is missing is not retried: it is
 //! reported at once, loudly (the index points at it).
 
-use crate::blob::{BlobId, ExtentBlocks, Placed, Table};
+use crate::blob::{BlobId, ExtentBlocks, FetchedBlocks, Placed, Table};
 use crate::policy::{backoff_ms, Breaker, BreakerState};
 use crate::s3::{BlobStore, S3Error};
 use std::future::Future;
@@ -216,17 +216,17 @@ impl Mover {
         self.get(&what, || self.store.read_full_table(id)).await
     }
 
-    /// Reads `[offset, offset + len)` of extent `p` by its blocks (checked), trying until the
-    /// deadline.
-    pub async fn get_piece(
+    /// The checked blocks around a piece of an extent ([`BlobStore::get_blocks`]), trying
+    /// until the deadline.
+    pub async fn get_blocks(
         &self,
         p: &Placed,
         blocks: &ExtentBlocks,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<u8>, S3Error> {
+    ) -> Result<FetchedBlocks, S3Error> {
         let what = format!("GET blob {} at {}+{offset}", p.blob, p.blob_offset);
-        self.get(&what, || self.store.get_piece(p, blocks, offset, len))
+        self.get(&what, || self.store.get_blocks(p, blocks, offset, len))
             .await
     }
 

@@ -4,7 +4,7 @@
 //! LIST, a multipart upload or a bulk delete (`with_disable_bulk_delete`). A test records what
 //! the server saw to hold us to that.
 
-use crate::blob::{self, BlobError, BlobId, ExtentBlocks, Header, Placed, Table};
+use crate::blob::{self, BlobError, BlobId, ExtentBlocks, FetchedBlocks, Header, Placed, Table};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload, RetryConfig};
@@ -240,9 +240,38 @@ impl BlobStore {
         .await
     }
 
-    /// Reads `[offset, offset + len)` of extent `p` (clipped to it) by a ranged GET of the
-    /// whole blocks around it, each checked against `blocks` (which the caller checked
+    /// Fetches the whole blocks around `[offset, offset + len)` of extent `p` (clipped to
+    /// it) by one ranged GET, each checked against `blocks` (which the caller checked
     /// against the extent with [`ExtentBlocks::check`]; a bad answer is asked again).
+    pub async fn get_blocks(
+        &self,
+        p: &Placed,
+        blocks: &ExtentBlocks,
+        offset: u64,
+        len: u64,
+    ) -> Result<FetchedBlocks, S3Error> {
+        let (first, range) = blocks.cover(p, offset, len);
+        if range.is_empty() {
+            return Ok(FetchedBlocks {
+                first,
+                range,
+                bytes: Vec::new(),
+            });
+        }
+        self.checked(p.blob, || async {
+            let bytes = self.get_range(p.blob, range.clone()).await?.to_vec();
+            Ok(blocks
+                .verify(p, first, &range, &bytes)
+                .map(|()| FetchedBlocks {
+                    first,
+                    range: range.clone(),
+                    bytes,
+                }))
+        })
+        .await
+    }
+
+    /// `[offset, offset + len)` of extent `p` (clipped to it), by [`BlobStore::get_blocks`].
     pub async fn get_piece(
         &self,
         p: &Placed,
@@ -250,20 +279,8 @@ impl BlobStore {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, S3Error> {
-        let (first, range) = blocks.cover(p, offset, len);
-        if range.is_empty() {
-            return Ok(Vec::new());
-        }
-        let from = (p.blob_offset + offset - range.start) as usize;
-        let to = (p.blob_offset + offset.saturating_add(len).min(u64::from(p.len)) - range.start)
-            as usize;
-        self.checked(p.blob, || async {
-            let b = self.get_range(p.blob, range.clone()).await?;
-            Ok(blocks
-                .verify(p, first, &range, &b)
-                .map(|()| b[from..to].to_vec()))
-        })
-        .await
+        let f = self.get_blocks(p, blocks, offset, len).await?;
+        Ok(f.piece(p, offset, len).to_vec())
     }
 
     /// Deletes a blob (one DELETE; deleting a missing blob is no error on S3).
