@@ -1856,7 +1856,12 @@ impl FsService {
                     continue; // a hole: zeros
                 };
                 let d = match evicted.iter().find(|(i, _)| *i == idx) {
-                    None => self.chunk_read(*c, off, n)?,
+                    None => {
+                        if let Some(t) = self.tier() {
+                            t.note_read(*c);
+                        }
+                        self.chunk_read(*c, off, n)?
+                    }
                     Some((_, e)) => {
                         let Some(t) = self.tier() else {
                             tracing::error!(

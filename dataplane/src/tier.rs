@@ -64,6 +64,34 @@ const RESTORE_QUEUE: usize = 64;
 /// each in the block cache as it comes: a reader of the chunk meanwhile finds them there.
 const RESTORE_GET_BYTES: u64 = 8 << 20;
 
+/// Chunks whose last read time a node remembers; past this the older half is forgotten.
+const READS_REMEMBERED: usize = 1 << 20;
+
+/// When this node last served a read of each chunk (ms since the epoch), for eviction's
+/// "least recently read first". In memory and per node: a read another node served, or one
+/// before a restart, is not seen (the chunk's write time counts then).
+#[derive(Debug, Default)]
+struct ReadTimes {
+    at: std::collections::HashMap<u64, u64>,
+}
+
+impl ReadTimes {
+    fn note(&mut self, chunk: u64, now_ms: u64) {
+        if self.at.len() >= READS_REMEMBERED && !self.at.contains_key(&chunk) {
+            let mut times: Vec<u64> = self.at.values().copied().collect();
+            let mid = times.len() / 2;
+            let median = *times.select_nth_unstable(mid).1;
+            self.at.retain(|_, t| *t > median);
+        }
+        self.at.insert(chunk, now_ms);
+        assert!(self.at.len() <= READS_REMEMBERED, "read times unbounded");
+    }
+
+    fn last(&self, chunk: u64) -> u64 {
+        self.at.get(&chunk).copied().unwrap_or(0)
+    }
+}
+
 /// What the last round saw, for `cfs tier status`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TierStats {
@@ -130,6 +158,8 @@ pub struct Tier {
     /// Threads (the loop, the restorer) still holding the service (and with it the engine).
     running: std::sync::atomic::AtomicUsize,
     tables: Mutex<std::collections::HashMap<u128, Arc<Table>>>,
+    /// Last reads of chunks this node served.
+    reads: Mutex<ReadTimes>,
     /// Checked blocks of evicted extents read lately; the condition is signalled when a
     /// fetch ends.
     blocks: (Mutex<BlockCache>, std::sync::Condvar),
@@ -173,6 +203,7 @@ impl Tier {
         Ok(Tier {
             running: std::sync::atomic::AtomicUsize::new(0),
             tables: Mutex::new(std::collections::HashMap::new()),
+            reads: Mutex::new(ReadTimes::default()),
             blocks: (
                 Mutex::new(BlockCache::new(cfg.read_cache_mib << 20)),
                 std::sync::Condvar::new(),
@@ -431,6 +462,14 @@ impl Tier {
         Ok((f, false))
     }
 
+    /// Notes a read of `chunk` (eviction takes the least recently read first).
+    pub fn note_read(&self, chunk: ChunkId) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(chunk.0, now_ms());
+    }
+
     /// Asks the restorer to bring chunk `idx` of `ino` back to flash (once; a full queue
     /// leaves it to a later read).
     fn queue_restore(&self, ino: InodeId, idx: u64) {
@@ -494,8 +533,9 @@ struct Scan {
 }
 
 impl Scan {
-    /// The chunks with bytes on flash, as the policy sees them.
-    fn on_flash(&self) -> Vec<FlashExtent> {
+    /// The chunks with bytes on flash, as the policy sees them (`read_ms`: when one was last
+    /// read, 0 if not known).
+    fn on_flash(&self, read_ms: impl Fn(u64) -> u64) -> Vec<FlashExtent> {
         self.cands
             .iter()
             .filter(|c| !c.extent.is_some_and(|e| e.evicted))
@@ -505,7 +545,7 @@ impl Scan {
                 written_ms: c.written_ms,
                 flushed: c.extent.is_some(),
                 pinned: c.pinned,
-                read_ms: 0,
+                read_ms: read_ms(c.chunk.0),
             })
             .collect()
     }
@@ -654,7 +694,7 @@ impl FsService {
         let (used, capacity) = self.flash_usage();
         let mut totals = TierStats::default();
         for (shard, s) in &scans {
-            let flash = s.on_flash();
+            let flash = s.on_flash(|_| 0);
             // Flush.
             let mut cfg = tier.policy;
             if force {
@@ -673,7 +713,11 @@ impl FsService {
             // Evict.
             let flushed_now = self.tier_scans();
             if let Some((_, s2)) = flushed_now.iter().find(|(k, _)| k == shard) {
-                for chunk in policy::to_evict(&tier.policy, used, capacity, &s2.on_flash()) {
+                let flash = {
+                    let reads = tier.reads.lock().unwrap_or_else(|p| p.into_inner());
+                    s2.on_flash(|c| reads.last(c))
+                };
+                for chunk in policy::to_evict(&tier.policy, used, capacity, &flash) {
                     if let Some(c) = s2.cands.iter().find(|c| c.chunk.0 == chunk) {
                         if let Err(e) = self.evict(tier, c) {
                             tracing::warn!("evicting {}: {e}", c.chunk);
@@ -1191,6 +1235,7 @@ impl FsService {
                 s.store_read_bytes += f.bytes.len() as u64;
             }
         });
+        tier.note_read(chunk);
         tier.queue_restore(ino, idx);
         if offset >= CHUNK_BYTES / 2 {
             tier.queue_restore(ino, idx + 1);
@@ -1224,5 +1269,69 @@ impl FsService {
         let mut v = tier.status_json();
         v["node"] = serde_json::json!(self.cluster().map(|c| c.node_id()).unwrap_or(0));
         Ok(bytes::Bytes::from(v.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(chunk: u64, written_ms: u64) -> Cand {
+        Cand {
+            ino: InodeId(100 + chunk),
+            idx: 0,
+            chunk: ChunkId(chunk),
+            len: 1 << 20,
+            written_ms,
+            pinned: false,
+            version: 1,
+            extent: Some(TierExtent {
+                blob: 7,
+                blob_offset: 4096 * chunk,
+                len: 1 << 20,
+                crc32c: 0,
+                version: 1,
+                evicted: false,
+            }),
+        }
+    }
+
+    /// Of two flushed chunks, the one written earlier but read since stays on flash: the
+    /// round hands the policy this node's read times.
+    #[test]
+    fn eviction_takes_the_least_recently_read() {
+        let s = Scan {
+            cands: vec![cand(1, 1_000), cand(2, 2_000)],
+            blobs: Vec::new(),
+            pending: Vec::new(),
+        };
+        let mut reads = ReadTimes::default();
+        reads.note(1, 5_000);
+        let cfg = PolicyConfig {
+            evict_above_pct: 50,
+            evict_to_pct: 50,
+            ..PolicyConfig::default()
+        };
+        // 2 MiB used of 3 MiB: one chunk must go.
+        let pick = |flash: &[FlashExtent]| policy::to_evict(&cfg, 2 << 20, 3 << 20, flash);
+        assert_eq!(pick(&s.on_flash(|c| reads.last(c))), vec![2]);
+        assert_eq!(pick(&s.on_flash(|_| 0)), vec![1], "by write time alone");
+    }
+
+    #[test]
+    fn read_times_stay_bounded_keeping_the_newest() {
+        let mut r = ReadTimes::default();
+        for c in 0..READS_REMEMBERED as u64 {
+            r.note(c, c);
+        }
+        assert_eq!(r.at.len(), READS_REMEMBERED);
+        r.note(u64::MAX, u64::MAX);
+        assert!(r.at.len() <= READS_REMEMBERED / 2 + 1);
+        assert_eq!(r.last(u64::MAX), u64::MAX);
+        assert_eq!(
+            r.last(READS_REMEMBERED as u64 - 1),
+            READS_REMEMBERED as u64 - 1
+        );
+        assert_eq!(r.last(0), 0, "the oldest are forgotten");
     }
 }
